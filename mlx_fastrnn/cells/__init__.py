@@ -1,0 +1,50 @@
+"""Recurrent cells. Each folder holds one cell's math once (``naive.py``) and its
+fused kernels (``kernels.py``); this module only describes them to the driver."""
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What the sequence driver needs to know about a cell.
+
+    ``forward_step`` / ``backward_step`` follow the step contract in docs/DESIGN.md.
+    ``param_grads(dhp_seq)`` turns the stacked ``dhp`` [L, B, G*H] into the
+    cotangents of the cell's extra params (GRU: ``bhn``).
+    """
+
+    name: str
+    num_gates: int
+    num_states: int
+    forward_step: Callable
+    backward_step: Callable
+    kernels: str  # module holding the fused steps, imported only on a GPU
+    step_kwargs: dict = field(default_factory=dict)
+    param_grads: Callable = lambda dhp_seq: ()
+
+    @functools.cached_property
+    def compiled_steps(self):
+        """The reference steps fused by mx.compile: the CPU fast path."""
+        fwd = functools.partial(self.forward_step, **self.step_kwargs)
+        bwd = functools.partial(self.backward_step, **self.step_kwargs)
+        return mx.compile(fwd), mx.compile(bwd)
+
+    def kernel_steps(self, target):
+        """The fused-kernel steps for ``target`` ('metal' or 'cuda')."""
+        import importlib
+
+        module = importlib.import_module(self.kernels)
+        kw = dict(self.step_kwargs, target=target)
+        return (
+            functools.partial(module.forward_step, **kw),
+            functools.partial(module.backward_step, **kw),
+        )
+
+
+from .gru import GRU_CELL  # noqa: E402
+from .lstm import LSTM_CELL  # noqa: E402
+from .rnn import RNN_RELU_CELL, RNN_TANH_CELL  # noqa: E402

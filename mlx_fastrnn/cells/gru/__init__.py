@@ -1,0 +1,18 @@
+from .. import Cell
+from . import naive
+
+
+def _bhn_grad(dhp_seq):
+    hidden = dhp_seq.shape[-1] // 3
+    return (dhp_seq[..., 2 * hidden :].reshape(-1, hidden).sum(axis=0),)
+
+
+GRU_CELL = Cell(
+    name="gru",
+    num_gates=3,
+    num_states=1,
+    forward_step=naive.forward_step,
+    backward_step=naive.backward_step,
+    kernels=__name__ + ".kernels",
+    param_grads=_bhn_grad,
+)

@@ -1,0 +1,50 @@
+"""GRU step in plain MLX ops: the reference every GRU kernel is tested against.
+
+Shapes (any leading batch axes ``...``; ``H`` hidden size):
+  x   [..., 3H]  input pre-activations ``x W_x^T + b`` in gate order r, z, n (any float dtype)
+  hp  [..., 3H]  recurrent projection ``h W_h^T`` (float32)
+  h   [..., H]   previous hidden state (float32)
+  bhn [H]        hidden bias of the candidate gate (float32; zeros when bias=False)
+
+    r = sigmoid(x_r + hp_r)          z = sigmoid(x_z + hp_z)
+    n = tanh(x_n + r * (hp_n + bhn)) h' = (1 - z) * n + z * h
+"""
+
+import mlx.core as mx
+
+
+def _gates(x, hp, bhn):
+    xr, xz, xn = mx.split(x.astype(mx.float32), 3, axis=-1)
+    hr, hz, hn = mx.split(hp, 3, axis=-1)
+    r = mx.sigmoid(xr + hr)
+    z = mx.sigmoid(xz + hz)
+    hn = hn + bhn
+    n = mx.tanh(xn + r * hn)
+    return r, z, n, hn
+
+
+def forward_step(x, hp, states, params):
+    """One time step. ``states = (h,)``, ``params = (bhn,)``; returns ``(h',)``."""
+    (h,), (bhn,) = states, params
+    _, z, n, _ = _gates(x, hp, bhn)
+    return ((1 - z) * n + z * h,)
+
+
+def backward_step(d_out, d_rec, x, hp, states, params):
+    """Adjoint of :func:`forward_step`, recomputing the gates from ``x`` and ``hp``.
+
+    ``d_out`` is the cotangent of this step's output ``(h',)``, ``d_rec`` the one
+    flowing back from step t+1. Returns ``(dx, dhp, direct)``: the cotangents of
+    ``x`` and ``hp`` (they differ only in the n block, where ``hp`` is scaled by
+    ``r``) and ``(dh_direct,)``, the part of ``dh`` that does not pass through
+    ``hp``: ``dh = dh_direct + dhp @ W_h``.
+    """
+    (h,), (bhn,) = states, params
+    r, z, n, hn = _gates(x, hp, bhn)
+    dh = d_out[0] + d_rec[0]
+    dn = dh * (1 - z) * (1 - n * n)
+    dz = dh * (h - n) * z * (1 - z)
+    dr = dn * hn * r * (1 - r)
+    dx = mx.concatenate([dr, dz, dn], axis=-1)
+    dhp = mx.concatenate([dr, dz, dn * r], axis=-1)
+    return dx, dhp, (dh * z,)

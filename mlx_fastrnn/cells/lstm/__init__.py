@@ -1,0 +1,11 @@
+from .. import Cell
+from . import naive
+
+LSTM_CELL = Cell(
+    name="lstm",
+    num_gates=4,
+    num_states=2,
+    forward_step=naive.forward_step,
+    backward_step=naive.backward_step,
+    kernels=__name__ + ".kernels",
+)

@@ -1,0 +1,133 @@
+"""Functional GRU / LSTM / RNN: validate, project the input, run the recurrence.
+
+Each op computes what the stock ``mlx.nn`` layer computes, with states and
+accumulation in float32 and the result in the dtype stock would return.
+Shapes are checked here, before any kernel is launched, and bad input raises
+the exception type stock raises (with a message naming the expected shape).
+"""
+
+import mlx.core as mx
+
+from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
+from .sequence import recurrence
+
+FAST_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None):
+    hidden_size = w_h.shape[1]
+    batch = _check(x, w_x, hidden_size, "GRU", hidden=hidden)
+    extras = [b, bhn, hidden, w_h if x.shape[-2] > 1 or hidden is not None else None]
+    bhn32 = bhn.astype(mx.float32) if bhn is not None else mx.zeros((hidden_size,))
+    (hs,), dtype = _run(GRU_CELL, x, w_x, b, w_h, batch, (hidden,), (bhn32,), extras, steps)
+    return hs.astype(dtype)
+
+
+def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None):
+    hidden_size = w_h.shape[1]
+    batch = _check(x, w_x, hidden_size, "LSTM", hidden=hidden, cell=cell, hidden_sets_batch=True)
+    extras = [bias, hidden, cell, w_h if x.shape[-2] > 1 or hidden is not None else None]
+    (hs, cs), dtype = _run(LSTM_CELL, x, w_x, bias, w_h, batch, (hidden, cell), (), extras, steps)
+    return hs.astype(dtype), cs.astype(dtype)
+
+
+def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None):
+    hidden_size = w_hh.shape[1]
+    batch = _check(x, w_xh, hidden_size, "RNN", hidden=hidden, hidden_sets_batch=True)
+    extras = [bias, hidden, w_hh if x.shape[-2] > 1 or hidden is not None else None]
+    cell = RNN_RELU_CELL if relu else RNN_TANH_CELL
+    (hs,), dtype = _run(cell, x, w_xh, bias, w_hh, batch, (hidden,), (), extras, steps)
+    return hs.astype(dtype)
+
+
+def fast_path_supports(x, *arrays):
+    """The fused path covers float32/float16/bfloat16 results; others (float64) go to stock."""
+    dtype = _result_dtype(x, *arrays)
+    return dtype in FAST_DTYPES
+
+
+def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
+    """Project the input, broadcast states to the batch, run the recurrence."""
+    length, hidden_size = x.shape[-2], w_h.shape[1]
+    # Input projection for the whole sequence in one matmul, produced time-major.
+    xt = x.reshape(-1, *x.shape[-2:]).swapaxes(0, 1)
+    xp = mx.addmm(b, xt, w_x.T) if b is not None else xt @ w_x.T
+    dtype = _result_dtype(xp, *extras)
+    n_batch = 1
+    for d in batch:
+        n_batch *= d
+    if xp.shape[1] != n_batch:
+        xp = mx.broadcast_to(xp.reshape(length, *x.shape[:-2], -1), (length, *batch, xp.shape[-1]))
+        xp = xp.reshape(length, n_batch, -1)
+    xp = mx.contiguous(xp)
+    states0 = tuple(
+        mx.zeros((n_batch, hidden_size))
+        if s is None
+        else mx.broadcast_to(s.astype(mx.float32), (*batch, hidden_size)).reshape(n_batch, hidden_size)
+        for s in states
+    )
+    if steps is None:
+        steps = default_steps(cell)
+    seqs = recurrence(cell, steps, xp, w_h.astype(mx.float32), states0, params, states[0] is None)
+    return tuple(mx.moveaxis(s.reshape(length, *batch, hidden_size), 0, -2) for s in seqs), dtype
+
+
+def default_steps(cell):
+    """Fused kernels on a GPU that has them, the compiled reference step elsewhere."""
+    device = mx.default_device()
+    if device.type == mx.gpu:
+        target = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else None
+        if target is not None:
+            try:
+                return (target,) + cell.kernel_steps(target)
+            except ImportError:
+                pass
+    return ("compiled",) + cell.compiled_steps
+
+
+def _result_dtype(*arrays):
+    dtype = None
+    for a in arrays:
+        if a is not None:
+            dtype = a.dtype if dtype is None else mx.result_type(dtype, a.dtype)
+    return dtype
+
+
+def _check(x, w_x, hidden_size, layer, hidden=None, cell=None, hidden_sets_batch=False):
+    """Validate shapes like stock would (same exception types); return the batch shape."""
+    input_size = w_x.shape[1]
+    expected = f"{layer} expects input of shape (N, L, {input_size}) or (L, {input_size})"
+    if x.ndim == 0:
+        raise ValueError(f"{expected}; got a 0-d array.")
+    if x.ndim == 1:
+        raise IndexError(f"{expected}; got shape {tuple(x.shape)} (no sequence axis).")
+    if x.shape[-1] != input_size:
+        raise ValueError(f"{expected}; got shape {tuple(x.shape)} (feature size {x.shape[-1]}).")
+    if x.shape[-2] == 0:
+        raise ValueError(f"{layer} got an empty sequence (length 0): input shape {tuple(x.shape)}.")
+    batch = tuple(x.shape[:-2])
+    for name, s in (("hidden", hidden), ("cell", cell)):
+        if s is None:
+            continue
+        if s.ndim == 0 or s.shape[-1] != hidden_size:
+            raise ValueError(
+                f"{layer} expects {name} of shape (N, {hidden_size}) or ({hidden_size},); "
+                f"got {tuple(s.shape)}."
+            )
+        s_batch = tuple(s.shape[:-1])
+        try:
+            new_batch = mx.broadcast_shapes(batch, s_batch)
+        except ValueError:
+            raise ValueError(
+                f"{layer}: {name} batch shape {s_batch} does not broadcast with the "
+                f"input batch shape {batch}."
+            ) from None
+        if name == "hidden" and hidden_sets_batch and tuple(new_batch) != s_batch:
+            # Stock adds x_t into the hidden projection with addmm, whose output
+            # takes hidden's batch shape: x's batch must broadcast into it.
+            raise ValueError(
+                f"{layer}: the input batch shape {batch} must broadcast to hidden's "
+                f"batch shape {s_batch} (hidden shape {tuple(s.shape)})."
+            )
+        batch = tuple(new_batch)
+    return batch

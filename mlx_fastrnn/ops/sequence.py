@@ -1,0 +1,106 @@
+"""The recurrence driver: the time loop of any cell, with a fused backward.
+
+``recurrence`` runs ``cell`` over a time-major sequence of input pre-activations.
+It is one ``mx.custom_function`` whose VJP walks time backwards with the cell's
+fused backward step and then forms the weight gradient as ONE matmul over the
+whole sequence (instead of one small matmul per step, as autodiff of the loop
+would). Nothing but the output sequences is kept for the backward: the
+recurrent projections ``h_{t-1} W_h^T`` are recomputed there in one batched
+matmul, the gates are recomputed by the backward step.
+"""
+
+import mlx.core as mx
+
+_FUNCTIONS = {}
+
+
+def recurrence(cell, steps, xp, w_h, states0, params, h0_is_zero):
+    """Run ``cell`` over ``xp``.
+
+    Args:
+        cell: a :class:`mlx_fastrnn.cells.Cell`.
+        steps: ``(steps_name, forward_step, backward_step)``, the step
+            implementation (compiled reference or fused kernels).
+        xp: [L, B, G*H] input pre-activations, row contiguous (any float dtype).
+        w_h: [G*H, H] float32 recurrent weights.
+        states0: initial states, each [B, H] float32.
+        params: the cell's extra float32 params (GRU: ``(bhn,)``).
+        h0_is_zero: the initial hidden state is zero (the caller passed none),
+            so the first recurrent matmul is skipped.
+
+    Returns:
+        One [L, B, H] float32 sequence per state.
+    """
+    key = (cell.name, steps[0], h0_is_zero, len(states0), len(params))
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        fn = _FUNCTIONS[key] = _make_function(cell, steps[1], steps[2], h0_is_zero)
+    return fn(xp, w_h, *states0, *params)
+
+
+def _split_time(a):
+    # One multi-output op instead of L slices; pieces keep a leading axis of 1.
+    return mx.split(a, a.shape[0], axis=0) if a.shape[0] > 1 else [a]
+
+
+def _make_function(cell, forward_step, backward_step, h0_is_zero):
+    n = cell.num_states
+
+    def forward(xp, w_h, *rest):
+        states = tuple(s[None] for s in rest[:n])
+        params = rest[n:]
+        w_h_t = w_h.T
+        seqs = [[] for _ in range(n)]
+        for t, x_t in enumerate(_split_time(xp)):
+            if t == 0 and h0_is_zero:
+                hp = mx.zeros(x_t.shape, mx.float32)
+            else:
+                hp = states[0] @ w_h_t
+            states = forward_step(x_t, hp, states, params)
+            for seq, s in zip(seqs, states):
+                seq.append(s)
+        return tuple(mx.concatenate(seq, axis=0) for seq in seqs)
+
+    @mx.custom_function
+    def run(xp, w_h, *rest):
+        return forward(xp, w_h, *rest)
+
+    @run.vjp
+    def run_vjp(primals, cotangents, outputs):
+        xp, w_h, *rest = primals
+        states0 = tuple(s[None] for s in rest[:n])
+        params = tuple(rest[n:])
+        length, hidden = xp.shape[0], w_h.shape[1]
+
+        # State entering each step, and the recurrent projections, for all t at once.
+        prev_seqs = [
+            mx.concatenate([s0, seq[:-1]], axis=0) for s0, seq in zip(states0, outputs)
+        ]
+        hp_seq = prev_seqs[0] @ w_h.T
+        xs, hps = _split_time(xp), _split_time(hp_seq)
+        prevs = [_split_time(p) for p in prev_seqs]
+        d_outs = [_split_time(c) for c in cotangents[:n]]
+
+        d_rec = tuple(mx.zeros_like(s) for s in states0)
+        dxs, dhps = [None] * length, [None] * length
+        for t in reversed(range(length)):
+            dx, dhp, direct = backward_step(
+                tuple(d[t] for d in d_outs),
+                d_rec,
+                xs[t],
+                hps[t],
+                tuple(p[t] for p in prevs),
+                params,
+            )
+            dxs[t], dhps[t] = dx, dhp
+            dh = dhp @ w_h if direct[0] is None else mx.addmm(direct[0], dhp, w_h)
+            d_rec = (dh,) + tuple(direct[1:])
+
+        dx_seq = mx.concatenate(dxs, axis=0)
+        dhp_seq = mx.concatenate(dhps, axis=0) if dhps[0] is not dxs[0] else dx_seq
+        gh = dhp_seq.shape[-1]
+        d_w_h = dhp_seq.reshape(-1, gh).T @ prev_seqs[0].reshape(-1, hidden)
+        d_states0 = tuple(d[0] for d in d_rec)
+        return (dx_seq.astype(xp.dtype), d_w_h, *d_states0, *cell.param_grads(dhp_seq))
+
+    return run
