@@ -12,7 +12,9 @@ import mlx.core as mx
 class Cell:
     """What the sequence driver needs to know about a cell.
 
-    ``forward_step`` / ``backward_step`` follow the step contract in docs/DESIGN.md.
+    ``forward_step`` / ``backward_step`` follow the step contract in docs/DESIGN.md;
+    ``backward_sequence`` is the CPU backward (vectorized over time around a
+    minimal serial loop).
     ``param_grads(dhp_seq)`` turns the stacked ``dhp`` [L, B, G*H] into the
     cotangents of the cell's extra params (GRU: ``bhn``).
     """
@@ -22,16 +24,30 @@ class Cell:
     num_states: int
     forward_step: Callable
     backward_step: Callable
+    backward_sequence: Callable
     kernels: str  # module holding the fused steps, imported only on a GPU
     step_kwargs: dict = field(default_factory=dict)
     param_grads: Callable = lambda dhp_seq: ()
 
     @functools.cached_property
     def compiled_steps(self):
-        """The reference steps fused by mx.compile: the CPU fast path."""
+        """The CPU fast path: the reference step fused by mx.compile, and the
+        sequence backward. (mx.compile does not fuse under a gradient
+        transformation, hence a backward built from few, large ops.)"""
         fwd = functools.partial(self.forward_step, **self.step_kwargs)
-        bwd = functools.partial(self.backward_step, **self.step_kwargs)
-        return mx.compile(fwd), mx.compile(bwd)
+        bwd = functools.partial(self.backward_sequence, **self.step_kwargs)
+        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd)
+
+    @functools.cached_property
+    def reference_steps(self):
+        """The reference steps unfused, one backward step at a time: the
+        oracle the fused kernels are compared with."""
+        kw = self.step_kwargs
+        return Steps(
+            "reference",
+            functools.partial(self.forward_step, **kw),
+            backward_step=functools.partial(self.backward_step, **kw),
+        )
 
     def kernel_steps(self, target):
         """The fused-kernel steps for ``target`` ('metal' or 'cuda')."""
@@ -39,10 +55,22 @@ class Cell:
 
         module = importlib.import_module(self.kernels)
         kw = dict(self.step_kwargs, target=target)
-        return (
+        return Steps(
+            target,
             functools.partial(module.forward_step, **kw),
-            functools.partial(module.backward_step, **kw),
+            backward_step=functools.partial(module.backward_step, **kw),
         )
+
+
+@dataclass(frozen=True)
+class Steps:
+    """One implementation of a cell's steps: a forward step, and either a
+    per-step backward (kernels) or a whole-sequence backward (CPU)."""
+
+    name: str
+    forward_step: Callable
+    backward_step: Callable = None
+    backward_sequence: Callable = None
 
 
 from .gru import GRU_CELL  # noqa: E402

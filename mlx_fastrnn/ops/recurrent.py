@@ -18,9 +18,9 @@ def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None):
     hidden_size = w_h.shape[1]
     batch = _check(x, w_x, hidden_size, "GRU", hidden=hidden)
     extras = [b, bhn, hidden, w_h if x.shape[-2] > 1 or hidden is not None else None]
-    bhn32 = bhn.astype(mx.float32) if bhn is not None else mx.zeros((hidden_size,))
+    bhn32 = _f32(bhn) if bhn is not None else mx.zeros((hidden_size,))
     (hs,), dtype = _run(GRU_CELL, x, w_x, b, w_h, batch, (hidden,), (bhn32,), extras, steps)
-    return hs.astype(dtype)
+    return _cast(hs, dtype)
 
 
 def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None):
@@ -28,7 +28,7 @@ def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None):
     batch = _check(x, w_x, hidden_size, "LSTM", hidden=hidden, cell=cell, hidden_sets_batch=True)
     extras = [bias, hidden, cell, w_h if x.shape[-2] > 1 or hidden is not None else None]
     (hs, cs), dtype = _run(LSTM_CELL, x, w_x, bias, w_h, batch, (hidden, cell), (), extras, steps)
-    return hs.astype(dtype), cs.astype(dtype)
+    return _cast(hs, dtype), _cast(cs, dtype)
 
 
 def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None):
@@ -37,7 +37,7 @@ def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None):
     extras = [bias, hidden, w_hh if x.shape[-2] > 1 or hidden is not None else None]
     cell = RNN_RELU_CELL if relu else RNN_TANH_CELL
     (hs,), dtype = _run(cell, x, w_xh, bias, w_hh, batch, (hidden,), (), extras, steps)
-    return hs.astype(dtype)
+    return _cast(hs, dtype)
 
 
 def fast_path_supports(x, *arrays):
@@ -47,29 +47,51 @@ def fast_path_supports(x, *arrays):
 
 
 def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
-    """Project the input, broadcast states to the batch, run the recurrence."""
+    """Project the input, broadcast states to the batch, run the recurrence.
+
+    Every op here costs microseconds on the CPU, which is the whole budget of a
+    streaming (batch 1, length 1) call: no reshape, copy or cast that isn't needed.
+    """
     length, hidden_size = x.shape[-2], w_h.shape[1]
-    # Input projection for the whole sequence in one matmul, produced time-major.
-    xt = x.reshape(-1, *x.shape[-2:]).swapaxes(0, 1)
-    xp = mx.addmm(b, xt, w_x.T) if b is not None else xt @ w_x.T
-    dtype = _result_dtype(xp, *extras)
     n_batch = 1
     for d in batch:
         n_batch *= d
+    # Input projection for the whole sequence in one matmul, produced time-major.
+    xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])
+    xt = xt.swapaxes(0, 1) if length > 1 else xt.reshape(1, -1, x.shape[-1])
+    xp = mx.addmm(b, xt, w_x.T) if b is not None else xt @ w_x.T
+    dtype = _result_dtype(xp, *extras)
     if xp.shape[1] != n_batch:
+        # A state with more batch axes than the input: stock broadcasts x to it.
         xp = mx.broadcast_to(xp.reshape(length, *x.shape[:-2], -1), (length, *batch, xp.shape[-1]))
-        xp = xp.reshape(length, n_batch, -1)
-    xp = mx.contiguous(xp)
+        xp = mx.contiguous(xp.reshape(length, n_batch, -1))
     states0 = tuple(
-        mx.zeros((n_batch, hidden_size))
-        if s is None
-        else mx.broadcast_to(s.astype(mx.float32), (*batch, hidden_size)).reshape(n_batch, hidden_size)
+        mx.zeros((n_batch, hidden_size)) if s is None else _state(s, batch, n_batch)
         for s in states
     )
     if steps is None:
         steps = default_steps(cell)
-    seqs = recurrence(cell, steps, xp, w_h.astype(mx.float32), states0, params, states[0] is None)
-    return tuple(mx.moveaxis(s.reshape(length, *batch, hidden_size), 0, -2) for s in seqs), dtype
+    seqs = recurrence(cell, steps, xp, _f32(w_h), states0, params, states[0] is None)
+    if batch != (n_batch,):
+        seqs = tuple(s.reshape(length, *batch, hidden_size) for s in seqs)
+    if length == 1:
+        return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
+    return tuple(mx.moveaxis(s, 0, -2) for s in seqs), dtype
+
+
+def _cast(a, dtype):
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def _f32(a):
+    return a if a.dtype == mx.float32 else a.astype(mx.float32)
+
+
+def _state(s, batch, n_batch):
+    s = _f32(s)
+    if s.shape[:-1] != batch:
+        s = mx.broadcast_to(s, (*batch, s.shape[-1]))
+    return s if s.ndim == 2 else s.reshape(n_batch, s.shape[-1])
 
 
 def default_steps(cell):
@@ -79,10 +101,10 @@ def default_steps(cell):
         target = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else None
         if target is not None:
             try:
-                return (target,) + cell.kernel_steps(target)
+                return cell.kernel_steps(target)
             except ImportError:
                 pass
-    return ("compiled",) + cell.compiled_steps
+    return cell.compiled_steps
 
 
 def _result_dtype(*arrays):

@@ -1,16 +1,18 @@
 """The recurrence driver: the time loop of any cell, with a fused backward.
 
-``recurrence`` runs ``cell`` over a time-major sequence of input pre-activations.
-It is one ``mx.custom_function`` whose VJP walks time backwards with the cell's
-fused backward step and then forms the weight gradient as ONE matmul over the
-whole sequence (instead of one small matmul per step, as autodiff of the loop
-would). Besides the output sequences only the recurrent projections
-``h_{t-1} W_h^T`` are kept for the backward (recomputing them would cost a
-third more matmul work, which dominates on the CPU); the gates are recomputed
-elementwise by the backward step.
+``recurrence`` runs a cell over a time-major sequence of input pre-activations.
+It is one ``mx.custom_function``; its VJP walks time backwards (per-step fused
+kernels on a GPU, the cell's vectorized ``backward_sequence`` on the CPU) and
+then forms the weight gradient as ONE matmul over the whole sequence instead
+of one small matmul per step, as autodiff of the loop would. Besides the
+output sequences only the recurrent projections ``h_{t-1} W_h^T`` are kept for
+the backward (recomputing them would cost a third more matmul work, which
+dominates on the CPU); the gates are recomputed elementwise.
 """
 
 import mlx.core as mx
+
+from ..cells.timeaxis import split_time
 
 _FUNCTIONS = {}
 
@@ -20,106 +22,108 @@ def recurrence(cell, steps, xp, w_h, states0, params, h0_is_zero):
 
     Args:
         cell: a :class:`mlx_fastrnn.cells.Cell`.
-        steps: ``(steps_name, forward_step, backward_step)``, the step
-            implementation (compiled reference or fused kernels).
+        steps: a :class:`mlx_fastrnn.cells.Steps` (compiled reference, kernels).
         xp: [L, B, G*H] input pre-activations, row contiguous (any float dtype).
         w_h: [G*H, H] float32 recurrent weights.
         states0: initial states, each [B, H] float32.
         params: the cell's extra float32 params (GRU: ``(bhn,)``).
-        h0_is_zero: the initial hidden state is zero (the caller passed none),
-            so the first recurrent matmul is skipped.
+        h0_is_zero: the caller passed no hidden state (zeros), so the first
+            recurrent matmul and the initial state's cotangent are skipped.
 
     Returns:
         One [L, B, H] float32 sequence per state.
     """
-    return _function(cell, steps, h0_is_zero, len(states0), len(params))(
-        xp, w_h, *states0, *params
-    )[: cell.num_states]
-
-
-def _function(cell, steps, h0_is_zero, n_states, n_params):
-    key = (cell.name, steps[0], h0_is_zero, n_states, n_params)
+    key = (cell.name, steps, h0_is_zero, len(states0), len(params))
     fn = _FUNCTIONS.get(key)
     if fn is None:
-        fn = _FUNCTIONS[key] = _make_function(cell, steps[1], steps[2], h0_is_zero)
-    return fn
+        fn = _FUNCTIONS[key] = _make_function(cell, steps, h0_is_zero)
+    return fn(xp, w_h, *states0, *params)[: cell.num_states]
 
 
-def _split_time(a):
-    # One multi-output op instead of L slices; pieces keep a leading axis of 1.
-    return mx.split(a, a.shape[0], axis=0) if a.shape[0] > 1 else [a]
-
-
-def _make_function(cell, forward_step, backward_step, h0_is_zero):
+def _make_function(cell, steps, h0_is_zero):
     n = cell.num_states
 
-    def forward(xp, w_h, *rest):
-        states = tuple(s[None] for s in rest[:n])
-        params = rest[n:]
+    @mx.custom_function
+    def run(xp, w_h, *rest):
+        states, params = rest[:n], rest[n:]
+        length, batch, hidden = xp.shape[0], xp.shape[1], w_h.shape[1]
         w_h_t = w_h.T
-        seqs = [[] for _ in range(n)]
-        hps = []
-        for t, x_t in enumerate(_split_time(xp)):
+        seqs = [[] for _ in range(n + 1)]  # each state, then hp
+        for t, x_t in enumerate(split_time(xp)):
             if t == 0 and h0_is_zero:
                 hp = mx.zeros(x_t.shape, mx.float32)
             else:
                 hp = states[0] @ w_h_t
-            hps.append(hp)
-            states = forward_step(x_t, hp, states, params)
-            for seq, s in zip(seqs, states):
-                seq.append(s)
-        return tuple(mx.concatenate(seq, axis=0) for seq in seqs + [hps])
-
-    @mx.custom_function
-    def run(xp, w_h, *rest):
-        return forward(xp, w_h, *rest)
+            states = steps.forward_step(x_t, hp, states, params)
+            for seq, a in zip(seqs, (*states, hp)):
+                seq.append(a)
+        return tuple(_concat_time(seq, length, batch) for seq in seqs)
 
     @run.vjp
     def run_vjp(primals, cotangents, outputs):
         xp, w_h, *rest = primals
-        states0 = tuple(s[None] for s in rest[:n])
-        params = tuple(rest[n:])
+        states0, params = tuple(rest[:n]), tuple(rest[n:])
         length, hidden = xp.shape[0], w_h.shape[1]
-
+        hp = outputs[n]
         # The state entering each step.
-        prev_seqs = [
-            mx.concatenate([s0, seq[:-1]], axis=0) for s0, seq in zip(states0, outputs)
-        ]
-        xs, hps = _split_time(xp), _split_time(outputs[n])
-        prevs = [_split_time(p) for p in prev_seqs]
-        d_outs = [_split_time(c) for c in cotangents[:n]]
-
-        d_rec = tuple(mx.zeros_like(s) for s in states0)
-        dxs, dhps = [None] * length, [None] * length
-        for t in reversed(range(length)):
-            dx, dhp, direct = backward_step(
-                tuple(d[t] for d in d_outs),
-                d_rec,
-                xs[t],
-                hps[t],
-                tuple(p[t] for p in prevs),
-                params,
+        prevs = tuple(
+            mx.concatenate([s0[None], seq[:-1]], axis=0) for s0, seq in zip(states0, outputs)
+        )
+        d_outs = tuple(
+            mx.zeros_like(o) if c is None else c for c, o in zip(cotangents[:n], outputs)
+        )
+        if steps.backward_sequence is not None:
+            dx, dhp, d_states0 = steps.backward_sequence(
+                d_outs, xp, hp, prevs, params, w_h, not h0_is_zero
             )
-            dxs[t], dhps[t] = dx, dhp
-            if t == 0 and h0_is_zero:
-                break  # the caller passed no state: its cotangent is not needed
-            dh = dhp @ w_h if direct[0] is None else mx.addmm(direct[0], dhp, w_h)
-            d_rec = (dh,) + tuple(direct[1:])
-
-        dx_seq = mx.concatenate(dxs, axis=0)
-        dhp_seq = mx.concatenate(dhps, axis=0) if dhps[0] is not dxs[0] else dx_seq
-        gh = dhp_seq.shape[-1]
+        else:
+            dx, dhp, d_states0 = _backward_by_steps(
+                steps.backward_step, d_outs, xp, hp, prevs, params, w_h, h0_is_zero
+            )
+        if h0_is_zero:
+            d_states0 = tuple(mx.zeros_like(s) for s in states0)
         # d W_h = sum_t dhp_t^T h_{t-1}: one matmul over the whole sequence. A zero
         # initial state contributes nothing, so its step is left out.
         first = 1 if h0_is_zero else 0
+        gh = dhp.shape[-1]
         if length > first:
-            d_w_h = dhp_seq[first:].reshape(-1, gh).T @ prev_seqs[0][first:].reshape(-1, hidden)
+            d_w_h = dhp[first:].reshape(-1, gh).T @ prevs[0][first:].reshape(-1, hidden)
         else:
             d_w_h = mx.zeros_like(w_h)
-        if h0_is_zero:
-            d_states0 = tuple(mx.zeros_like(s[0]) for s in states0)
-        else:
-            d_states0 = tuple(d[0] for d in d_rec)
-        return (dx_seq.astype(xp.dtype), d_w_h, *d_states0, *cell.param_grads(dhp_seq))
+        return (dx.astype(xp.dtype), d_w_h, *d_states0, *cell.param_grads(dhp))
 
     return run
+
+
+def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, h0_is_zero):
+    """The generic backward: one fused backward step (and one matmul) per time step."""
+    length, batch = xp.shape[0], xp.shape[1]
+    xs, hps = split_time(xp), split_time(hp)
+    prev_steps = [split_time(p) for p in prevs]
+    d_out_steps = [split_time(d) for d in d_outs]
+    d_rec = tuple(mx.zeros_like(s[0]) for s in prev_steps)
+    dxs, dhps = [None] * length, [None] * length
+    for t in reversed(range(length)):
+        dx, dhp, direct = backward_step(
+            tuple(d[t] for d in d_out_steps),
+            d_rec,
+            xs[t],
+            hps[t],
+            tuple(p[t] for p in prev_steps),
+            params,
+        )
+        dxs[t], dhps[t] = dx, dhp
+        if t == 0 and h0_is_zero:
+            break  # the caller passed no state: its cotangent is not needed
+        dh = dhp @ w_h if direct[0] is None else mx.addmm(direct[0], dhp, w_h)
+        d_rec = (dh,) + tuple(direct[1:])
+    dx = _concat_time(dxs, length, batch)
+    dhp = dx if dhps[0] is dxs[0] else _concat_time(dhps, length, batch)
+    return dx, dhp, d_rec
+
+
+def _concat_time(pieces, length, batch):
+    """[B, K] pieces -> [L, B, K]."""
+    if length == 1:
+        return pieces[0][None]
+    return mx.concatenate(pieces, axis=0).reshape(length, batch, -1)

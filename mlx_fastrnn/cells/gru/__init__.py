@@ -13,6 +13,7 @@ GRU_CELL = Cell(
     num_states=1,
     forward_step=naive.forward_step,
     backward_step=naive.backward_step,
+    backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
     param_grads=_bhn_grad,
 )

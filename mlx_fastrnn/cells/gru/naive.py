@@ -12,6 +12,8 @@ Shapes (any leading batch axes ``...``; ``H`` hidden size):
 
 import mlx.core as mx
 
+from ..timeaxis import split_time
+
 
 def _gates(x, hp, bhn):
     xr, xz, xn = mx.split(x.astype(mx.float32), 3, axis=-1)
@@ -48,3 +50,38 @@ def backward_step(d_out, d_rec, x, hp, states, params):
     dx = mx.concatenate([dr, dz, dn], axis=-1)
     dhp = mx.concatenate([dr, dz, dn * r], axis=-1)
     return dx, dhp, (dh * z,)
+
+
+def backward_sequence(d_outs, x, hp, prevs, params, w_h, need_d_state0):
+    """Adjoint of the whole sequence, the CPU way: everything but the serial
+    recurrence runs vectorized over time.
+
+    The cotangents of the gates are linear in ``g_t`` (the total cotangent of
+    h_t) with coefficients that depend only on the forward pass, so they are
+    computed for all t at once; the loop then only carries
+    ``g_{t-1} = d_out_{t-1} + g_t z_t + (g_t * coef_t) @ W_h``.
+
+    Args are time-major [L, B, ...]: ``d_outs = (dh_seq,)``, ``x``/``hp`` the
+    step inputs, ``prevs = (h_{t-1} seq,)``. Returns ``(dx, dhp, d_states0)``,
+    with ``d_states0 = None`` unless ``need_d_state0``.
+    """
+    (bhn,), (h,), (d_h,) = params, prevs, d_outs
+    length, batch, hidden = h.shape
+    r, z, n, hn = _gates(x, hp, bhn)
+    a_n = (1 - z) * (1 - n * n)
+    coef = mx.stack([a_n * hn * r * (1 - r), (h - n) * z * (1 - z), a_n * r], axis=-2)
+    coefs, zs, d_hs = split_time(coef), split_time(z), split_time(d_h)
+    gs = [None] * length
+    g = d_hs[-1]
+    for t in reversed(range(length)):
+        gs[t] = g
+        if t == 0 and not need_d_state0:
+            break
+        dhp_t = (g[:, None, :] * coefs[t]).reshape(batch, 3 * hidden)
+        rec = mx.addmm(g * zs[t], dhp_t, w_h)
+        g = rec if t == 0 else d_hs[t - 1] + rec
+    g = mx.concatenate(gs, axis=0).reshape(length, batch, 1, hidden)
+    dhp = (g * coef).reshape(length, batch, 3 * hidden)
+    dx = mx.concatenate([dhp[..., : 2 * hidden], g[..., 0, :] * a_n], axis=-1)
+    return dx, dhp, ((rec,) if need_d_state0 else None)
+

@@ -7,5 +7,6 @@ LSTM_CELL = Cell(
     num_states=2,
     forward_step=naive.forward_step,
     backward_step=naive.backward_step,
+    backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
 )

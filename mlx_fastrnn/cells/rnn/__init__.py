@@ -7,6 +7,7 @@ RNN_TANH_CELL = Cell(
     num_states=1,
     forward_step=naive.forward_step,
     backward_step=naive.backward_step,
+    backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
     step_kwargs={"relu": False},
 )
@@ -16,6 +17,7 @@ RNN_RELU_CELL = Cell(
     num_states=1,
     forward_step=naive.forward_step,
     backward_step=naive.backward_step,
+    backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
     step_kwargs={"relu": True},
 )

@@ -8,6 +8,8 @@ hp [..., H] recurrent projection ``h W_hh^T`` (float32), h [..., H] (float32).
 
 import mlx.core as mx
 
+from ..timeaxis import split_time
+
 
 def forward_step(x, hp, states, params, relu=False):
     """One time step. ``states = (h,)``, ``params = ()``; returns ``(h',)``."""
@@ -25,3 +27,27 @@ def backward_step(d_out, d_rec, x, hp, states, params, relu=False):
         t = mx.tanh(pre)
         dpre = dh * (1 - t * t)
     return dpre, dpre, (None,)
+
+
+def backward_sequence(d_outs, x, hp, prevs, params, w_h, need_d_state0, relu=False):
+    """Adjoint of the whole sequence, the CPU way: the activation's derivative
+    for all t at once, then ``g_{t-1} = d_out_{t-1} + (g_t * act'_t) @ W_h``."""
+    (d_h,) = d_outs
+    length = d_h.shape[0]
+    pre = x.astype(mx.float32) + hp
+    if relu:
+        deriv = (pre > 0).astype(mx.float32)
+    else:
+        act = mx.tanh(pre)
+        deriv = 1 - act * act
+    derivs, d_hs = split_time(deriv), split_time(d_h)
+    dpres = [None] * length
+    g = d_hs[-1]
+    for t in reversed(range(length)):
+        dpres[t] = g * derivs[t]
+        if t == 0 and not need_d_state0:
+            break
+        rec = dpres[t] @ w_h
+        g = rec if t == 0 else d_hs[t - 1] + rec
+    dpre = mx.concatenate(dpres, axis=0).reshape(pre.shape)
+    return dpre, dpre, ((rec,) if need_d_state0 else None)
