@@ -92,6 +92,31 @@ def _make_function(cell, steps, h0_is_zero):
             d_w_h = mx.zeros_like(w_h)
         return (dx.astype(xp.dtype), d_w_h, *d_states0, *cell.param_grads(dhp))
 
+    @run.vmap
+    def run_vmap(inputs, axes):
+        # A vmapped batch of sequences is just a bigger batch: fold the mapped
+        # axis into B. Mapping over the weights has no such reading.
+        xp, w_h, *rest = inputs
+        x_axis, w_axis, *rest_axes = axes
+        if w_axis is not None or any(a is not None for a in rest_axes[n:]):
+            raise ValueError(
+                "mlx_fastrnn: vmap over the recurrent weights is not supported; "
+                "map over the inputs and states, or use MLX_RNN_IMPL=legacy."
+            )
+        size = next(a.shape[ax] for a, ax in zip(inputs, axes) if ax is not None)
+        if x_axis is None:
+            xp = mx.broadcast_to(xp[:, None], (xp.shape[0], size, *xp.shape[1:]))
+        else:
+            xp = mx.moveaxis(xp, x_axis, 1)
+        length, batch = xp.shape[0], xp.shape[2]
+        xp = mx.contiguous(xp.reshape(length, size * batch, -1))
+        states = []
+        for state, ax in zip(rest[:n], rest_axes[:n]):
+            state = mx.broadcast_to(state, (size, *state.shape)) if ax is None else mx.moveaxis(state, ax, 0)
+            states.append(state.reshape(size * batch, -1))
+        outs = run(xp, w_h, *states, *rest[n:])
+        return tuple(o.reshape(length, size, batch, -1) for o in outs), (1,) * len(outs)
+
     return run
 
 
