@@ -55,8 +55,9 @@ class RNN(_stock.RNN):
 
 def _fused_activation(fn):
     """False for tanh, True for relu, None for anything the kernels don't fuse."""
-    if fn in _TANH or isinstance(fn, nn.Tanh):
+    # Exact types: a subclass may compute something else.
+    if fn in _TANH or type(fn) is nn.Tanh:
         return False
-    if fn in _RELU or isinstance(fn, nn.ReLU):
+    if fn in _RELU or type(fn) is nn.ReLU:
         return True
     return None

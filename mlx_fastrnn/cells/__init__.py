@@ -36,7 +36,7 @@ class Cell:
         transformation, hence a backward built from few, large ops.)"""
         fwd = functools.partial(self.forward_step, **self.step_kwargs)
         bwd = functools.partial(self.backward_sequence, **self.step_kwargs)
-        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd)
+        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd, differentiable=True)
 
     @functools.cached_property
     def reference_steps(self):
@@ -47,6 +47,7 @@ class Cell:
             "reference",
             functools.partial(self.forward_step, **kw),
             backward_step=functools.partial(self.backward_step, **kw),
+            differentiable=True,
         )
 
     def kernel_steps(self, target):
@@ -71,6 +72,8 @@ class Steps:
     forward_step: Callable
     backward_step: Callable = None
     backward_sequence: Callable = None
+    # The forward step is made of MLX ops, so autodiff can go through it.
+    differentiable: bool = False
 
 
 from .gru import GRU_CELL  # noqa: E402

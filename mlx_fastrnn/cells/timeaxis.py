@@ -8,5 +8,10 @@ def split_time(a):
     CPU, and the loop runs one per time step).
     """
     length = a.shape[0]
-    flat = a.reshape(-1, *a.shape[2:])
+    flat = a.reshape(length * a.shape[1], *a.shape[2:])
     return mx.split(flat, length, axis=0) if length > 1 else [flat]
+
+
+def f32(a):
+    """``a`` as float32, without an op when it already is (ops cost time on the CPU)."""
+    return a if a.dtype == mx.float32 else a.astype(mx.float32)

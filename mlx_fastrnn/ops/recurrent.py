@@ -41,9 +41,14 @@ def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None):
 
 
 def fast_path_supports(x, *arrays):
-    """The fused path covers float32/float16/bfloat16 results; others (float64) go to stock."""
-    dtype = _result_dtype(x, *arrays)
-    return dtype in FAST_DTYPES
+    """Whether the fused path covers this call: MLX arrays with a float32, float16
+    or bfloat16 result and no empty axis. Anything else (float64, empty batches,
+    numpy input) runs the stock code, which also raises stock's errors for it."""
+    if not all(a is None or isinstance(a, mx.array) for a in (x, *arrays)):
+        return False
+    if x.size == 0:
+        return False
+    return _result_dtype(x, *arrays) in FAST_DTYPES
 
 
 def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
@@ -56,6 +61,10 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
     n_batch = 1
     for d in batch:
         n_batch *= d
+    if steps is None:
+        steps = default_steps(cell)
+    if length == 1 and steps.differentiable and tuple(x.shape[:-2]) == batch:
+        return _single_step(cell, x, w_x, b, w_h, batch, n_batch, states, params, extras, steps)
     # Input projection for the whole sequence in one matmul, produced time-major.
     xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])
     xt = xt.swapaxes(0, 1) if length > 1 else xt.reshape(1, -1, x.shape[-1])
@@ -63,20 +72,35 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
     dtype = _result_dtype(xp, *extras)
     if xp.shape[1] != n_batch:
         # A state with more batch axes than the input: stock broadcasts x to it.
-        xp = mx.broadcast_to(xp.reshape(length, *x.shape[:-2], -1), (length, *batch, xp.shape[-1]))
-        xp = mx.contiguous(xp.reshape(length, n_batch, -1))
+        gh = xp.shape[-1]
+        x_batch = (1,) * (len(batch) - (x.ndim - 2)) + tuple(x.shape[:-2])
+        xp = mx.broadcast_to(xp.reshape(length, *x_batch, gh), (length, *batch, gh))
+        xp = mx.contiguous(xp.reshape(length, n_batch, gh))
     states0 = tuple(
-        mx.zeros((n_batch, hidden_size)) if s is None else _state(s, batch, n_batch)
+        mx.zeros((n_batch, hidden_size)) if s is None else _state(s, batch, n_batch, hidden_size)
         for s in states
     )
-    if steps is None:
-        steps = default_steps(cell)
-    seqs = recurrence(cell, steps, xp, _f32(w_h), states0, params, states[0] is None)
+    given = tuple(s is not None for s in states)
+    seqs = recurrence(cell, steps, xp, _f32(w_h), states0, params, given)
     if batch != (n_batch,):
         seqs = tuple(s.reshape(length, *batch, hidden_size) for s in seqs)
     if length == 1:
         return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
     return tuple(mx.moveaxis(s, 0, -2) for s in seqs), dtype
+
+
+def _single_step(cell, x, w_x, b, w_h, batch, n_batch, states, params, extras, steps):
+    """Length 1 (streaming): one step, differentiated by autodiff. No time loop to
+    reverse, so the sequence VJP would only add its fixed cost; states the caller
+    did not pass stay None (zero) so the step skips their terms, as stock does."""
+    xt = x.reshape(n_batch, x.shape[-1])
+    xp = mx.addmm(b, xt, w_x.T) if b is not None else xt @ w_x.T
+    dtype = _result_dtype(xp, *extras)
+    hidden_size = w_h.shape[1]
+    states = tuple(None if s is None else _state(s, batch, n_batch, hidden_size) for s in states)
+    hp = None if states[0] is None else states[0] @ _f32(w_h).T
+    new_states = steps.forward_step(xp, hp, states, params)
+    return tuple(s.reshape(*batch, 1, s.shape[-1]) for s in new_states), dtype
 
 
 def _cast(a, dtype):
@@ -87,11 +111,11 @@ def _f32(a):
     return a if a.dtype == mx.float32 else a.astype(mx.float32)
 
 
-def _state(s, batch, n_batch):
+def _state(s, batch, n_batch, hidden_size):
     s = _f32(s)
-    if s.shape[:-1] != batch:
-        s = mx.broadcast_to(s, (*batch, s.shape[-1]))
-    return s if s.ndim == 2 else s.reshape(n_batch, s.shape[-1])
+    if tuple(s.shape) != (*batch, hidden_size):
+        s = mx.broadcast_to(s, (*batch, hidden_size))
+    return s if s.ndim == 2 else s.reshape(n_batch, hidden_size)
 
 
 def default_steps(cell):
@@ -130,6 +154,18 @@ def _check(x, w_x, hidden_size, layer, hidden=None, cell=None, hidden_sets_batch
     batch = tuple(x.shape[:-2])
     for name, s in (("hidden", hidden), ("cell", cell)):
         if s is None:
+            continue
+        if name == "cell":
+            # Stock only multiplies the cell state elementwise: anything that
+            # broadcasts against (batch..., H) is accepted.
+            try:
+                full = mx.broadcast_shapes((*batch, hidden_size), tuple(s.shape))
+            except ValueError:
+                raise ValueError(
+                    f"{layer}: cell of shape {tuple(s.shape)} does not broadcast with "
+                    f"(batch..., {hidden_size}) = {(*batch, hidden_size)}."
+                ) from None
+            batch = tuple(full[:-1])
             continue
         if s.ndim == 0 or s.shape[-1] != hidden_size:
             raise ValueError(

@@ -17,7 +17,7 @@ from ..cells.timeaxis import split_time
 _FUNCTIONS = {}
 
 
-def recurrence(cell, steps, xp, w_h, states0, params, h0_is_zero):
+def recurrence(cell, steps, xp, w_h, states0, params, given):
     """Run ``cell`` over ``xp``.
 
     Args:
@@ -27,21 +27,23 @@ def recurrence(cell, steps, xp, w_h, states0, params, h0_is_zero):
         w_h: [G*H, H] float32 recurrent weights.
         states0: initial states, each [B, H] float32.
         params: the cell's extra float32 params (GRU: ``(bhn,)``).
-        h0_is_zero: the caller passed no hidden state (zeros), so the first
-            recurrent matmul and the initial state's cotangent are skipped.
+        given: per state, whether the caller passed it. States not given are
+            zero: the first recurrent matmul is skipped when h is not given,
+            and no cotangent is formed for them.
 
     Returns:
         One [L, B, H] float32 sequence per state.
     """
-    key = (cell.name, steps, h0_is_zero, len(states0), len(params))
+    key = (cell.name, steps, tuple(given), len(params))
     fn = _FUNCTIONS.get(key)
     if fn is None:
-        fn = _FUNCTIONS[key] = _make_function(cell, steps, h0_is_zero)
+        fn = _FUNCTIONS[key] = _make_function(cell, steps, tuple(given))
     return fn(xp, w_h, *states0, *params)[: cell.num_states]
 
 
-def _make_function(cell, steps, h0_is_zero):
+def _make_function(cell, steps, given):
     n = cell.num_states
+    h0_is_zero, need_d_states0 = not given[0], any(given)
 
     @mx.custom_function
     def run(xp, w_h, *rest):
@@ -61,36 +63,53 @@ def _make_function(cell, steps, h0_is_zero):
 
     @run.vjp
     def run_vjp(primals, cotangents, outputs):
-        xp, w_h, *rest = primals
-        states0, params = tuple(rest[:n]), tuple(rest[n:])
+        d_outs = tuple(
+            mx.zeros_like(o) if c is None else c for c, o in zip(cotangents[:n], outputs)
+        )
+        return backward(*primals, *outputs, *d_outs)
+
+    # The backward is itself a custom function whose VJP refuses: its formulas
+    # take the saved outputs as constants, so a gradient of the gradient
+    # (gradient penalties, Hessian-vector products) would be silently wrong.
+    @mx.custom_function
+    def backward(xp, w_h, *rest):
+        k = len(rest) - 2 * n - 1
+        states0, params = tuple(rest[:n]), tuple(rest[n:k])
+        outputs, d_outs = rest[k : k + n + 1], rest[k + n + 1 :]
         length, hidden = xp.shape[0], w_h.shape[1]
         hp = outputs[n]
         # The state entering each step.
         prevs = tuple(
             mx.concatenate([s0[None], seq[:-1]], axis=0) for s0, seq in zip(states0, outputs)
         )
-        d_outs = tuple(
-            mx.zeros_like(o) if c is None else c for c, o in zip(cotangents[:n], outputs)
-        )
         if steps.backward_sequence is not None:
             dx, dhp, d_states0 = steps.backward_sequence(
-                d_outs, xp, hp, prevs, params, w_h, not h0_is_zero
+                d_outs, xp, hp, prevs, params, w_h, need_d_states0
             )
         else:
             dx, dhp, d_states0 = _backward_by_steps(
-                steps.backward_step, d_outs, xp, hp, prevs, params, w_h, h0_is_zero
+                steps.backward_step, d_outs, xp, hp, prevs, params, w_h, need_d_states0
             )
-        if h0_is_zero:
-            d_states0 = tuple(mx.zeros_like(s) for s in states0)
+        d_states0 = tuple(
+            d if g else mx.zeros_like(s) for d, g, s in zip(d_states0 or states0, given, states0)
+        )
         # d W_h = sum_t dhp_t^T h_{t-1}: one matmul over the whole sequence. A zero
         # initial state contributes nothing, so its step is left out.
         first = 1 if h0_is_zero else 0
         gh = dhp.shape[-1]
         if length > first:
-            d_w_h = dhp[first:].reshape(-1, gh).T @ prevs[0][first:].reshape(-1, hidden)
+            rows = (length - first) * xp.shape[1]
+            d_w_h = dhp[first:].reshape(rows, gh).T @ prevs[0][first:].reshape(rows, hidden)
         else:
             d_w_h = mx.zeros_like(w_h)
         return (dx.astype(xp.dtype), d_w_h, *d_states0, *cell.param_grads(dhp))
+
+    @backward.vjp
+    def backward_vjp(primals, cotangents, outputs):
+        raise NotImplementedError(
+            "mlx_fastrnn: second-order gradients through the fused recurrence are not "
+            "supported; run this model with MLX_RNN_IMPL=legacy (or use_impl('legacy'))."
+        )
 
     @run.vmap
     def run_vmap(inputs, axes):
@@ -109,18 +128,18 @@ def _make_function(cell, steps, h0_is_zero):
         else:
             xp = mx.moveaxis(xp, x_axis, 1)
         length, batch = xp.shape[0], xp.shape[2]
-        xp = mx.contiguous(xp.reshape(length, size * batch, -1))
+        xp = mx.contiguous(xp.reshape(length, size * batch, xp.shape[-1]))
         states = []
         for state, ax in zip(rest[:n], rest_axes[:n]):
             state = mx.broadcast_to(state, (size, *state.shape)) if ax is None else mx.moveaxis(state, ax, 0)
-            states.append(state.reshape(size * batch, -1))
+            states.append(state.reshape(size * batch, state.shape[-1]))
         outs = run(xp, w_h, *states, *rest[n:])
-        return tuple(o.reshape(length, size, batch, -1) for o in outs), (1,) * len(outs)
+        return tuple(o.reshape(length, size, batch, o.shape[-1]) for o in outs), (1,) * len(outs)
 
     return run
 
 
-def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, h0_is_zero):
+def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, need_d_states0):
     """The generic backward: one fused backward step (and one matmul) per time step."""
     length, batch = xp.shape[0], xp.shape[1]
     xs, hps = split_time(xp), split_time(hp)
@@ -138,7 +157,7 @@ def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, h0_is_
             params,
         )
         dxs[t], dhps[t] = dx, dhp
-        if t == 0 and h0_is_zero:
+        if t == 0 and not need_d_states0:
             break  # the caller passed no state: its cotangent is not needed
         dh = dhp @ w_h if direct[0] is None else mx.addmm(direct[0], dhp, w_h)
         d_rec = (dh,) + tuple(direct[1:])
@@ -151,4 +170,4 @@ def _concat_time(pieces, length, batch):
     """[B, K] pieces -> [L, B, K]."""
     if length == 1:
         return pieces[0][None]
-    return mx.concatenate(pieces, axis=0).reshape(length, batch, -1)
+    return mx.concatenate(pieces, axis=0).reshape(length, batch, pieces[0].shape[-1])

@@ -4,7 +4,7 @@ from . import naive
 
 def _bhn_grad(dhp_seq):
     hidden = dhp_seq.shape[-1] // 3
-    return (dhp_seq[..., 2 * hidden :].reshape(-1, hidden).sum(axis=0),)
+    return (dhp_seq[..., 2 * hidden :].sum(axis=tuple(range(dhp_seq.ndim - 1))),)
 
 
 GRU_CELL = Cell(

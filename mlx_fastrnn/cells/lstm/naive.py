@@ -11,19 +11,23 @@ Shapes (any leading batch axes ``...``; ``H`` hidden size):
 
 import mlx.core as mx
 
-from ..timeaxis import split_time
+from ..timeaxis import f32, split_time
 
 
 def _gates(x, hp):
-    i, f, g, o = mx.split(x.astype(mx.float32) + hp, 4, axis=-1)
+    pre = f32(x) if hp is None else f32(x) + hp
+    i, f, g, o = mx.split(pre, 4, axis=-1)
     return mx.sigmoid(i), mx.sigmoid(f), mx.tanh(g), mx.sigmoid(o)
 
 
 def forward_step(x, hp, states, params):
-    """One time step. ``states = (h, c)``, ``params = ()``; returns ``(h', c')``."""
+    """One time step. ``states = (h, c)``, ``params = ()``; returns ``(h', c')``.
+
+    ``hp = None`` (no previous h) and ``c = None`` stand for zero states.
+    """
     _, c = states
     i, f, g, o = _gates(x, hp)
-    c = f * c + i * g
+    c = i * g if c is None else f * c + i * g
     return o * mx.tanh(c), c
 
 

@@ -8,18 +8,19 @@ hp [..., H] recurrent projection ``h W_hh^T`` (float32), h [..., H] (float32).
 
 import mlx.core as mx
 
-from ..timeaxis import split_time
+from ..timeaxis import f32, split_time
 
 
 def forward_step(x, hp, states, params, relu=False):
-    """One time step. ``states = (h,)``, ``params = ()``; returns ``(h',)``."""
-    pre = x.astype(mx.float32) + hp
+    """One time step. ``states = (h,)``, ``params = ()``; returns ``(h',)``.
+    ``hp = None`` stands for a zero previous state."""
+    pre = f32(x) if hp is None else f32(x) + hp
     return (mx.maximum(pre, 0.0) if relu else mx.tanh(pre),)
 
 
 def backward_step(d_out, d_rec, x, hp, states, params, relu=False):
     """Adjoint of :func:`forward_step`; returns ``(dpre, dpre, (None,))``."""
-    pre = x.astype(mx.float32) + hp
+    pre = f32(x) + hp
     dh = d_out[0] + d_rec[0]
     if relu:
         dpre = mx.where(pre > 0, dh, 0.0)
@@ -34,7 +35,7 @@ def backward_sequence(d_outs, x, hp, prevs, params, w_h, need_d_state0, relu=Fal
     for all t at once, then ``g_{t-1} = d_out_{t-1} + (g_t * act'_t) @ W_h``."""
     (d_h,) = d_outs
     length = d_h.shape[0]
-    pre = x.astype(mx.float32) + hp
+    pre = f32(x) + hp
     if relu:
         deriv = (pre > 0).astype(mx.float32)
     else:
