@@ -11,6 +11,7 @@ import threading
 IMPLS = {
     "fast": "fused kernels on the GPU, compiled cells on the CPU (default)",
     "legacy": "stock mlx.nn, bit for bit",
+    "cell": "fused per-step cells only, no whole-sequence kernels (for comparisons)",
 }
 DEFAULT_IMPL = "fast"
 

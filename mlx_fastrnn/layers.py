@@ -25,7 +25,7 @@ class GRU(_stock.GRU):
             x, self.Wx, self.Wh, self.b, self.bhn, hidden
         ):
             return super().__call__(x, hidden)
-        return ops.gru(x, self.Wx, self.Wh, self.b, self.bhn, hidden)
+        return ops.gru(x, self.Wx, self.Wh, self.b, self.bhn, hidden, whole_sequence=_whole())
 
 
 class LSTM(_stock.LSTM):
@@ -36,7 +36,7 @@ class LSTM(_stock.LSTM):
             x, self.Wx, self.Wh, self.bias, hidden, cell
         ):
             return super().__call__(x, hidden, cell)
-        return ops.lstm(x, self.Wx, self.Wh, self.bias, hidden, cell)
+        return ops.lstm(x, self.Wx, self.Wh, self.bias, hidden, cell, whole_sequence=_whole())
 
 
 class RNN(_stock.RNN):
@@ -50,7 +50,11 @@ class RNN(_stock.RNN):
             or not ops.fast_path_supports(x, self.Wxh, self.Whh, self.bias, hidden)
         ):
             return super().__call__(x, hidden)
-        return ops.rnn(x, self.Wxh, self.Whh, self.bias, hidden, relu=relu)
+        return ops.rnn(x, self.Wxh, self.Whh, self.bias, hidden, relu=relu, whole_sequence=_whole())
+
+
+def _whole():
+    return current_impl() != "cell"
 
 
 def _fused_activation(fn):

@@ -184,7 +184,7 @@ def test_use_impl_rejects_unknown():
         with mlx_fastrnn.use_impl("bogus"):
             pass
     assert "fast" in str(info.value) and "legacy" in str(info.value)
-    assert set(mlx_fastrnn.IMPLS) == {"fast", "legacy"}
+    assert set(mlx_fastrnn.IMPLS) == {"fast", "legacy", "cell"}
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)

@@ -8,7 +8,7 @@ from typing import Callable
 import mlx.core as mx
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: one instance per cell
 class Cell:
     """What the sequence driver needs to know about a cell.
 
@@ -50,16 +50,27 @@ class Cell:
             differentiable=True,
         )
 
-    def kernel_steps(self, target):
-        """The fused-kernel steps for ``target`` ('metal' or 'cuda')."""
+    @functools.lru_cache(maxsize=None)
+    def kernel_steps(self, target, whole_sequence=True):
+        """The fused-kernel steps for ``target`` ('metal' or 'cuda'); on CUDA,
+        with ``whole_sequence``, also the persistent whole-sequence kernels
+        (tried first; they decline shapes they can't run)."""
         import importlib
 
         module = importlib.import_module(self.kernels)
         kw = dict(self.step_kwargs, target=target)
+        forward_sequence = backward_sequence = None
+        if target == "cuda" and whole_sequence:
+            from ..kernels import persistent
+
+            forward_sequence = functools.partial(persistent.persistent_sequence, self.name)
+            backward_sequence = functools.partial(persistent.persistent_backward, self.name)
         return Steps(
-            target,
+            target + ("+sequence" if forward_sequence else ""),
             functools.partial(module.forward_step, **kw),
             backward_step=functools.partial(module.backward_step, **kw),
+            forward_sequence=forward_sequence,
+            backward_sequence_kernel=backward_sequence,
         )
 
 
@@ -74,6 +85,10 @@ class Steps:
     backward_sequence: Callable = None
     # The forward step is made of MLX ops, so autodiff can go through it.
     differentiable: bool = False
+    # Whole-sequence kernels, tried before the step loop; they return None
+    # for shapes they can't run (the step loop runs then).
+    forward_sequence: Callable = None
+    backward_sequence_kernel: Callable = None
 
 
 from .gru import GRU_CELL  # noqa: E402

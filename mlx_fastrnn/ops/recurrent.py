@@ -9,33 +9,37 @@ the exception type stock raises (with a message naming the expected shape).
 import mlx.core as mx
 
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
+from ..kernels.launch import gpu_target
 from .sequence import recurrence
 
 FAST_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
-def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None):
+def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None, whole_sequence=True):
     hidden_size = w_h.shape[1]
     batch = _check(x, w_x, hidden_size, "GRU", hidden=hidden)
     extras = [b, bhn, hidden, w_h if x.shape[-2] > 1 or hidden is not None else None]
     bhn32 = _f32(bhn) if bhn is not None else mx.zeros((hidden_size,))
+    steps = steps or default_steps(GRU_CELL, whole_sequence)
     (hs,), dtype = _run(GRU_CELL, x, w_x, b, w_h, batch, (hidden,), (bhn32,), extras, steps)
     return _cast(hs, dtype)
 
 
-def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None):
+def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None, whole_sequence=True):
     hidden_size = w_h.shape[1]
     batch = _check(x, w_x, hidden_size, "LSTM", hidden=hidden, cell=cell, hidden_sets_batch=True)
     extras = [bias, hidden, cell, w_h if x.shape[-2] > 1 or hidden is not None else None]
+    steps = steps or default_steps(LSTM_CELL, whole_sequence)
     (hs, cs), dtype = _run(LSTM_CELL, x, w_x, bias, w_h, batch, (hidden, cell), (), extras, steps)
     return _cast(hs, dtype), _cast(cs, dtype)
 
 
-def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None):
+def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None, whole_sequence=True):
     hidden_size = w_hh.shape[1]
     batch = _check(x, w_xh, hidden_size, "RNN", hidden=hidden, hidden_sets_batch=True)
     extras = [bias, hidden, w_hh if x.shape[-2] > 1 or hidden is not None else None]
     cell = RNN_RELU_CELL if relu else RNN_TANH_CELL
+    steps = steps or default_steps(cell, whole_sequence)
     (hs,), dtype = _run(cell, x, w_xh, bias, w_hh, batch, (hidden,), (), extras, steps)
     return _cast(hs, dtype)
 
@@ -61,8 +65,6 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
     n_batch = 1
     for d in batch:
         n_batch *= d
-    if steps is None:
-        steps = default_steps(cell)
     if length == 1 and steps.differentiable and tuple(x.shape[:-2]) == batch:
         return _single_step(cell, x, w_x, b, w_h, batch, n_batch, states, params, extras, steps)
     # Input projection for the whole sequence in one matmul, produced time-major.
@@ -118,16 +120,13 @@ def _state(s, batch, n_batch, hidden_size):
     return s if s.ndim == 2 else s.reshape(n_batch, hidden_size)
 
 
-def default_steps(cell):
-    """Fused kernels on a GPU that has them, the compiled reference step elsewhere."""
-    device = mx.default_device()
-    if device.type == mx.gpu:
-        target = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else None
-        if target is not None:
-            try:
-                return cell.kernel_steps(target)
-            except ImportError:
-                pass
+def default_steps(cell, whole_sequence=True):
+    """Fused kernels on a GPU that has them (on CUDA, whole-sequence kernels
+    first unless ``whole_sequence`` is False), the compiled reference step elsewhere.
+    Decided per call, from the device the call runs on."""
+    target = gpu_target()
+    if target is not None:
+        return cell.kernel_steps(target, whole_sequence)
     return cell.compiled_steps
 
 

@@ -48,6 +48,10 @@ def _make_function(cell, steps, given):
     @mx.custom_function
     def run(xp, w_h, *rest):
         states, params = rest[:n], rest[n:]
+        if steps.forward_sequence is not None:
+            out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
+            if out is not None:
+                return out
         length, batch, hidden = xp.shape[0], xp.shape[1], w_h.shape[1]
         w_h_t = w_h.T
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
@@ -82,7 +86,14 @@ def _make_function(cell, steps, given):
         prevs = tuple(
             mx.concatenate([s0[None], seq[:-1]], axis=0) for s0, seq in zip(states0, outputs)
         )
-        if steps.backward_sequence is not None:
+        whole = None
+        if steps.backward_sequence_kernel is not None:
+            whole = steps.backward_sequence_kernel(
+                d_outs, xp, hp, prevs, params, w_h, need_d_states0
+            )
+        if whole is not None:
+            dx, dhp, d_states0 = whole
+        elif steps.backward_sequence is not None:
             dx, dhp, d_states0 = steps.backward_sequence(
                 d_outs, xp, hp, prevs, params, w_h, need_d_states0
             )

@@ -1,0 +1,72 @@
+"""GRU step kernels: one body each in the common dialect (see kernels/dialect.py),
+the same math and operation order as naive.py.
+
+Row b of x/hp holds the gates r, z, n at [b*3H + j], [+H], [+2H]."""
+
+from ...kernels.dialect import KernelSource
+from ...kernels.launch import operand, run_step, step_shape, vector_operand
+
+_GATES = """
+if (gid >= dims[0] * H) {
+  return;
+}
+const int b = gid / H;
+const int j = gid - b * H;
+const int g = b * (3 * H) + j;
+const float r = rnn_sigmoid(static_cast<float>(x[g]) + hp[g]);
+const float z = rnn_sigmoid(static_cast<float>(x[g + H]) + hp[g + H]);
+const float hn = hp[g + 2 * H] + bhn[j];
+const float n = rnn_tanh(static_cast<float>(x[g + 2 * H]) + r * hn);
+"""
+
+FORWARD = KernelSource(
+    name="gru_forward",
+    input_names=("dims", "x", "hp", "h", "bhn"),
+    output_names=("h_out",),
+    body=_GATES + """
+h_out[gid] = (1.0f - z) * n + z * h[gid];
+""",
+)
+
+BACKWARD = KernelSource(
+    name="gru_backward",
+    input_names=("dims", "dh_out", "dh_rec", "x", "hp", "h", "bhn"),
+    output_names=("dx", "dhp", "dh_direct"),
+    body=_GATES + """
+const float dh = dh_out[gid] + dh_rec[gid];
+const float dn = dh * (1.0f - z) * (1.0f - n * n);
+const float dz = dh * (h[gid] - n) * z * (1.0f - z);
+const float dr = dn * hn * r * (1.0f - r);
+dx[g] = dr;
+dx[g + H] = dz;
+dx[g + 2 * H] = dn;
+dhp[g] = dr;
+dhp[g + H] = dz;
+dhp[g + 2 * H] = dn * r;
+dh_direct[gid] = dh * z;
+""",
+)
+
+
+def forward_step(x, hp, states, params, *, target):
+    """:func:`..naive.forward_step` on a fused kernel; returns ``(h',)``."""
+    (h,), (bhn,) = states, params
+    sh = step_shape(x, 3)
+    H = sh.hidden
+    (h_out,) = run_step(FORWARD, target, sh,
+                        [sh.x, operand(hp, sh, 3 * H), operand(h, sh, H), vector_operand(bhn, H)],
+                        [H])
+    return (h_out,)
+
+
+def backward_step(d_out, d_rec, x, hp, states, params, *, target):
+    """:func:`..naive.backward_step` on a fused kernel; returns ``(dx, dhp, (dh_direct,))``."""
+    (h,), (bhn,) = states, params
+    sh = step_shape(x, 3)
+    H = sh.hidden
+    dx, dhp, dh_direct = run_step(
+        BACKWARD, target, sh,
+        [operand(d_out[0], sh, H), operand(d_rec[0], sh, H), sh.x,
+         operand(hp, sh, 3 * H), operand(h, sh, H), vector_operand(bhn, H)],
+        [3 * H, 3 * H, H])
+    return dx, dhp, (dh_direct,)

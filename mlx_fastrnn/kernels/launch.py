@@ -1,0 +1,155 @@
+"""Build, cache and launch the fused step kernels.
+
+One thread per (row, hidden unit): ``grid = (B*H, 1, 1)``, threadgroups of
+up to 256 threads (CUDA rounds the grid up to whole blocks; the bodies
+bounds-check). Every output is float32. Inputs must be row-contiguous: MLX
+(``ensure_row_contiguous=True``) copies any that are not.
+
+``target`` is ``'metal'`` or ``'cuda'``; ``'host:metal'`` / ``'host:cuda'``
+run the same sources through :mod:`.host_harness` on the CPU (tests).
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from .dialect import TARGETS, kernel_name, source
+
+MAX_THREADGROUP = 256
+HOST_PREFIX = "host:"
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)  # accepted for x (template T)
+
+
+def gpu_target():
+    """'metal' or 'cuda' when the default device (now) is a GPU with that
+    backend, else None."""
+    if mx.default_device().type != mx.gpu:
+        return None
+    try:
+        if mx.metal.is_available():
+            return "metal"
+    except Exception:  # noqa: BLE001 - a build without the module
+        pass
+    try:
+        if mx.cuda.is_available():
+            return "cuda"
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def fused_kernel(ks, target):
+    """The ``mx.fast`` kernel object for ``ks`` on ``target``, built on first use.
+
+    Built lazily because creation can fail where the backend is missing
+    (``cuda_kernel`` raises "No CUDA back-end" at creation; ``metal_kernel``
+    only at call). A failure is not cached.
+    """
+    header, body = source(ks, target)
+    common = dict(
+        name=kernel_name(ks, target),
+        input_names=list(ks.input_names),
+        output_names=list(ks.output_names),
+        source=body,
+        header=header,
+        ensure_row_contiguous=True,
+    )
+    if target == "metal":
+        try:  # IEEE semantics for inf/NaN whatever MLX's default math mode is
+            return mx.fast.metal_kernel(**common, compile_options={"math_mode": "safe"})
+        except TypeError:  # an MLX without compile_options
+            return mx.fast.metal_kernel(**common)
+    return mx.fast.cuda_kernel(**common)
+
+
+def launch_config(output_shapes, threads=None):
+    """``(threads, grid, threadgroup)``: one thread per element of the last
+    output (``[B, H]`` in every step kernel) unless ``threads`` is given."""
+    if threads is None:
+        threads = math.prod(output_shapes[-1])
+    return threads, (threads, 1, 1), (max(1, min(MAX_THREADGROUP, threads)), 1, 1)
+
+
+def launch(ks, target, inputs, output_shapes, template, *, threads=None):
+    """Run ``ks`` on ``target``; returns the float32 outputs (a list)."""
+    output_shapes = [tuple(s) for s in output_shapes]
+    threads, grid, threadgroup = launch_config(output_shapes, threads)
+    if threads == 0:
+        return [mx.zeros(s, mx.float32) for s in output_shapes]
+    if target.startswith(HOST_PREFIX):
+        from . import host_harness
+
+        return host_harness.run(ks, target[len(HOST_PREFIX):], inputs, output_shapes,
+                                template, grid=grid, threadgroup=threadgroup)
+    if target not in TARGETS:
+        raise ValueError(f"unknown kernel target {target!r}; expected one of {TARGETS}")
+    return fused_kernel(ks, target)(
+        inputs=inputs,
+        output_shapes=output_shapes,
+        output_dtypes=[mx.float32] * len(output_shapes),
+        grid=grid,
+        threadgroup=threadgroup,
+        template=template,
+    )
+
+
+# ------------------------------------------------------------ step helpers
+# Shared by cells/<cell>/kernels.py. The step kernels take 2-D row-major
+# operands; leading batch axes are folded into B and restored on the outputs.
+
+class StepShape(NamedTuple):
+    x: mx.array  # [B, G*H] in a kernel dtype
+    batch: int  # B, the leading axes folded
+    hidden: int  # H
+    lead: tuple  # the leading axes of the step's arrays
+
+
+@functools.lru_cache(maxsize=64)
+def dims_array(batch):
+    """The ``dims`` input: int32[4], dims[0] = B rows."""
+    return mx.array([batch, 0, 0, 0], dtype=mx.int32)
+
+
+def step_shape(x, num_gates):
+    """``x`` [..., G*H] as [B, G*H] in a dtype the kernels take (any other
+    float dtype goes to float32), with the step's sizes."""
+    if x.dtype not in KERNEL_DTYPES:
+        x = x.astype(mx.float32)
+    lead, width = tuple(x.shape[:-1]), x.shape[-1]
+    batch = math.prod(lead)
+    x2 = x if x.ndim == 2 else x.reshape(batch, width)
+    return StepShape(x2, batch, width // num_gates, lead)
+
+
+def operand(a, sh, width):
+    """A float32 [B, width] kernel operand (``a`` is [*lead, width] or broadcasts
+    to it); ``None`` (a zero state) gives zeros."""
+    if a is None:
+        return mx.zeros((sh.batch, width), mx.float32)
+    if a.dtype != mx.float32:
+        a = a.astype(mx.float32)
+    if tuple(a.shape) != (*sh.lead, width):
+        a = mx.broadcast_to(a, (*sh.lead, width))
+    return a if a.ndim == 2 else a.reshape(sh.batch, width)
+
+
+def vector_operand(a, width):
+    """A float32 [width] kernel operand (a per-unit parameter); ``None`` gives zeros."""
+    if a is None:
+        return mx.zeros((width,), mx.float32)
+    if a.dtype != mx.float32:
+        a = a.astype(mx.float32)
+    return a if a.ndim == 1 else a.reshape(width)
+
+
+def run_step(ks, target, sh, inputs, out_widths, template_extra=()):
+    """Launch a step kernel on ``(dims, *inputs)``; outputs shaped ``[*lead, width]``."""
+    template = [("T", sh.x.dtype), ("H", sh.hidden), *template_extra]
+    outs = launch(ks, target, [dims_array(sh.batch), *inputs],
+                  [(sh.batch, w) for w in out_widths], template)
+    if len(sh.lead) != 1:
+        outs = [o.reshape(*sh.lead, o.shape[-1]) for o in outs]
+    return outs

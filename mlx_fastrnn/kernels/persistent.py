@@ -1,0 +1,626 @@
+"""Persistent (whole-sequence) recurrence kernels on MLX's CUDA backend.
+
+One launch runs all L steps of a GRU / LSTM / RNN layer (FlashRNN-style):
+
+* The grid has ``NU * NBB`` blocks, never more than the GPU has SMs, and each
+  block's shared memory is at most half of an SM's (so the grid is co-resident
+  with room for a second persistent grid beside it; see ``smem_budget``).
+  Block ``b`` owns hidden units ``[j0, j0+U)`` (all G gates of them) and batch
+  rows ``[r0, r0+BB)``: ``j0 = (b % NU) * U``, ``r0 = (b // NU) * BB``.
+* It keeps its slice of W_h (G*U rows of H forward, the U columns transposed
+  backward) in shared memory for the whole sequence, as float32 (bfloat16 only
+  when float32 does not fit and the input is already half precision).
+* Per step it stages its rows of h_{t-1} (backward: of dhp_{t+1}) from L2,
+  projects them on the W_h slice (fp32 FMA, warp-per-task, lanes over K), applies
+  the cell, writes its slice of h_t (c_t, hp_t / dx_t, dhp_t), then waits on a
+  barrier shared by the NU blocks of its batch group (monotone counter in an
+  output buffer of >= 128 bytes: never MLX's scalar pool).
+
+Entry points (the driver contract of ``ops/sequence.py``):
+
+* :func:`persistent_sequence` -> ``(seqs..., hp)`` or ``None``
+* :func:`persistent_backward` -> ``(dx, dhp, d_states0)`` or ``None``
+
+``None`` means "not here": no CUDA device, a shape or dtype this path does not
+take, or a problem whose W_h slice does not fit in shared memory; the caller
+then runs the per-step path. :func:`plan` is pure Python (unit-tested on the
+CPU), as are :func:`kernel_spec` and :func:`generate_source` (an exact replica
+of the source MLX builds around a body, used by the CPU emulator and the NVRTC
+compile check in the tests).
+"""
+
+import ctypes
+import hashlib
+import importlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .persistent_header import HEADER
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    module: str  # holds FORWARD_BODY / BACKWARD_BODY and their I/O names
+    num_gates: int
+    num_states: int
+    num_params: int
+
+
+CELLS = {
+    "gru": CellSpec("mlx_fastrnn.cells.gru.persistent", 3, 1, 1),
+    "lstm": CellSpec("mlx_fastrnn.cells.lstm.persistent", 4, 2, 0),
+    "rnn_tanh": CellSpec("mlx_fastrnn.cells.rnn.persistent", 1, 1, 0),
+    "rnn_relu": CellSpec("mlx_fastrnn.cells.rnn.persistent", 1, 1, 0),
+}
+
+X_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+SYNC_STRIDE = 32  # uint32 words between the barrier counters of two batch groups (FRNN_SYNC_STRIDE)
+MAX_N = 64  # most projection columns per block (accumulators per lane = RB * N)
+MAX_EPT = 4  # most cell elements per thread
+INDEX_LIMIT = 2**31 - 1
+
+
+def cell_module(cell_name):
+    return importlib.import_module(CELLS[cell_name].module)
+
+
+# --------------------------------------------------------------------------- device limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the planner needs to know about the GPU."""
+
+    num_sms: int
+    smem_per_block: int  # opt-in maximum of dynamic shared memory per block
+    smem_per_sm: int = 0  # 0: unknown (then smem_per_block + reserved is assumed)
+    reserved_smem_per_block: int = 1024
+    threads_per_sm: int = 2048
+    regs_per_sm: int = 65536
+
+    @property
+    def max_blocks(self):
+        env = _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS")
+        return min(self.num_sms, env) if env else self.num_sms
+
+
+def smem_budget(limits):
+    """Largest dynamic shared memory one persistent block may take.
+
+    Half an SM (less the per-block reservation), so that a second persistent
+    grid launched concurrently (MLX's CUDA graphs run independent nodes in
+    parallel, e.g. the two directions of a bidirectional layer) still fits
+    beside this one and neither can wait on blocks that never start.
+    ``MLX_FASTRNN_PERSISTENT_SMEM`` (bytes) overrides it, capped by the opt-in
+    maximum.
+    """
+    env = _env_int("MLX_FASTRNN_PERSISTENT_SMEM")
+    if env:
+        return min(env, limits.smem_per_block)
+    per_sm = limits.smem_per_sm or (limits.smem_per_block + limits.reserved_smem_per_block)
+    return min(limits.smem_per_block, per_sm // 2 - limits.reserved_smem_per_block)
+
+
+def _env_int(name):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 0
+
+
+# CUdevice_attribute values (cuda.h)
+_CU_ATTR = {
+    "num_sms": 16,  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    "threads_per_sm": 39,  # CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR
+    "smem_per_sm": 81,  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+    "regs_per_sm": 82,  # CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR
+    "smem_per_block": 97,  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    "reserved_smem_per_block": 111,  # CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK
+}
+_LIMITS_CACHE = {}
+
+
+def query_cuda_limits(ordinal=0, libname="libcuda.so.1"):
+    """Read the SM count and shared-memory sizes through the driver API
+    (ctypes on libcuda). ``None`` if the driver or the device is not there."""
+    try:
+        lib = ctypes.CDLL(libname)
+    except OSError:
+        return None
+    try:
+        lib.cuInit.argtypes = [ctypes.c_uint]
+        lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
+        if lib.cuInit(0) != 0:
+            return None
+        dev = ctypes.c_int(0)
+        if lib.cuDeviceGet(ctypes.byref(dev), int(ordinal)) != 0:
+            return None
+        values = {}
+        for key, attr in _CU_ATTR.items():
+            v = ctypes.c_int(0)
+            if lib.cuDeviceGetAttribute(ctypes.byref(v), attr, dev) == 0 and v.value > 0:
+                values[key] = v.value
+    except (AttributeError, OSError):
+        return None
+    if "num_sms" not in values or "smem_per_block" not in values:
+        return None
+    return Limits(**values)
+
+
+def _gpu_ordinal():
+    match = re.search(r"gpu,\s*(\d+)", repr(mx.default_device()))
+    return int(match.group(1)) if match else 0
+
+
+def device_limits():
+    """The current CUDA device's limits (cached), or ``None`` off CUDA.
+
+    ``mx.device_info()`` is consulted first (a later MLX may report the SM
+    count); the driver API gives the rest.
+    """
+    if not cuda_available():
+        return None
+    ordinal = _gpu_ordinal()
+    if ordinal in _LIMITS_CACHE:
+        return _LIMITS_CACHE[ordinal]
+    limits = query_cuda_limits(ordinal)
+    try:
+        info = mx.device_info()
+        sms = next((int(info[k]) for k in ("multiprocessor_count", "num_sms", "sm_count") if k in info), 0)
+        if sms and limits is not None and sms != limits.num_sms:
+            limits = None  # two sources disagree: take neither
+    except Exception:  # noqa: BLE001 - device_info is best effort
+        pass
+    _LIMITS_CACHE[ordinal] = limits
+    return limits
+
+
+def cuda_available():
+    try:
+        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.gpu
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def enabled():
+    return os.environ.get("MLX_FASTRNN_PERSISTENT", "1").strip() not in ("0", "false", "off", "no")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one persistent launch splits the work (all ints are template constants)."""
+
+    direction: str  # "forward" | "backward"
+    cell: str
+    G: int
+    H: int
+    B: int
+    U: int  # hidden units per block
+    NU: int  # blocks per batch group
+    BB: int  # batch rows per group
+    NBB: int  # batch groups
+    BBP: int  # BB rounded up to RB
+    RB: int  # rows per warp task
+    KS: int  # K-splits
+    KCH: int  # K-chunk staged at once
+    TPB: int  # threads per block
+    EPT: int  # cell elements per thread
+    w_bf16: bool  # W_h slice held as bfloat16
+    smem: int  # dynamic shared memory bytes
+    cost: float = field(default=0.0, compare=False)  # model cycles per step
+
+    @property
+    def K(self):
+        return self.H if self.direction == "forward" else self.G * self.H
+
+    @property
+    def N(self):
+        return self.G * self.U if self.direction == "forward" else self.U
+
+    @property
+    def nblocks(self):
+        return self.NU * self.NBB
+
+    @property
+    def sync_words(self):
+        return self.NBB * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
+
+
+def smem_bytes(K, N, BBP, KCH, KS, w_bytes):
+    """Shared memory of one block (``frnn::carve``'s layout)."""
+    return 4 * (BBP * KCH + KS * BBP * N) + N * K * w_bytes
+
+
+def _weight_options(weights, x_dtype):
+    if weights == "float32":
+        return (False,)
+    if weights == "bfloat16":
+        return (True,)
+    if weights != "auto":
+        raise ValueError(f"weights must be 'auto', 'float32' or 'bfloat16', not {weights!r}")
+    # bfloat16 W only when float32 does not fit and the input is already half.
+    return (False, True) if x_dtype in (mx.float16, mx.bfloat16) else (False,)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes):
+    """A rough cycles-per-step model of one block (to rank candidates; tune on
+    the device): a fixed barrier + latency term, staging from L2 (~32 B/clk),
+    shared-memory loads and shuffles at one warp instruction per clock, FMAs at
+    four, and the cell's elementwise work."""
+    chunks = _cdiv(K, KCH)
+    tasks = (BBP // RB) * KS
+    iters = _cdiv(_cdiv(KCH, 32), KS)  # k-iterations of one lane per task and chunk
+    per_task = iters * (RB + N + RB * N / 4.0) + RB * N * 5
+    matvec = tasks * chunks * per_task
+    stage = BBP * K * 4 / 32.0 + chunks * 600.0
+    cell = EPT * (G * 40 + 60) * (2 if direction == "backward" else 1)
+    return 2000.0 + stage + matvec + cell
+
+
+def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None):
+    """The cheapest feasible split for one launch, or ``None``.
+
+    ``None`` when nothing fits: the W_h slice of the smallest unit split (or
+    the accumulators) exceeds the shared-memory / register budget.
+    ``nbb`` restricts the candidates to that many batch groups (for tuning).
+    """
+    if direction not in ("forward", "backward") or cell not in CELLS:
+        raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
+    if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
+        return None
+    G = CELLS[cell].num_gates
+    K = H if direction == "forward" else G * H
+    budget = smem_budget(limits)
+    max_blocks = limits.max_blocks
+    if max_blocks < 1 or budget <= 0:
+        return None
+    nw = tpb // 32
+    best = None
+    seen = set()
+    nbb_try = 1
+    while nbb_try <= min(B, max_blocks):
+        BB = -(-B // nbb_try)
+        NBB = -(-B // BB)
+        nbb_try *= 2
+        if (BB, NBB) in seen or (nbb is not None and NBB != nbb):
+            continue
+        seen.add((BB, NBB))
+        max_nu = max_blocks // NBB
+        if max_nu < 1:
+            continue
+        U = -(-H // max_nu)
+        NU = -(-H // U)
+        N = G * U if direction == "forward" else U
+        if N > MAX_N:
+            continue
+        RB = next((rb for rb in (4, 2) if rb * N <= 32 and rb <= BB), 1)
+        BBP = -(-BB // RB) * RB
+        rg = BBP // RB
+        EPT = -(-(BB * U) // tpb)
+        if EPT > MAX_EPT:
+            continue
+        for w_bf16 in _weight_options(weights, x_dtype):
+            w_bytes = 2 if w_bf16 else 4
+            KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
+            room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes)
+            if room < 4 * BBP * 32:
+                continue
+            KCH = K if 4 * BBP * K <= room else (room // (4 * BBP)) // 32 * 32
+            KS = max(1, min(KS, -(-KCH // 32)))
+            smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes)
+            if smem > budget:
+                continue
+            cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes)
+            p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
+                     w_bf16, smem, cost)
+            key = (cost, p.nblocks, w_bf16)
+            if best is None or key < (best.cost, best.nblocks, best.w_bf16):
+                best = p
+            break  # float32 fits: no need for bfloat16
+    return best
+
+
+# --------------------------------------------------------------------------- sources
+
+
+MLX_DEFAULT_HEADER = (
+    '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+    "#define inf cuda::std::numeric_limits<float>::infinity()\n\n"
+)
+_CUDA_TYPES = {
+    mx.float32: "float",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.int32: "int32_t",
+    mx.uint32: "uint32_t",
+}
+_TYPE_STRINGS = {
+    mx.float32: "float32",
+    mx.float16: "float16",
+    mx.bfloat16: "bfloat16",
+    mx.int32: "int32",
+    mx.uint32: "uint32",
+}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything ``mx.fast.cuda_kernel`` gets for one persistent kernel."""
+
+    name: str
+    input_names: tuple
+    output_names: tuple
+    header: str
+    body: str
+    template: tuple  # ((name, int | bool | mx.Dtype), ...)
+    shared_memory: int
+    grid: tuple
+    threadgroup: tuple
+
+
+def kernel_spec(p, x_dtype, flag):
+    """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward)."""
+    mod = cell_module(p.cell)
+    fwd = p.direction == "forward"
+    body = mod.FORWARD_BODY if fwd else mod.BACKWARD_BODY
+    w_dtype = mx.bfloat16 if p.w_bf16 else mx.float32
+    template = (
+        ("T", x_dtype),
+        ("WT", w_dtype),
+        ("H", p.H),
+        ("U", p.U),
+        ("NU", p.NU),
+        ("BB", p.BB),
+        ("BBP", p.BBP),
+        ("RB", p.RB),
+        ("KS", p.KS),
+        ("KCH", p.KCH),
+        ("TPB", p.TPB),
+        ("EPT", p.EPT),
+        ("H0Z" if fwd else "NEED_D0", bool(flag)),
+        *mod.template_extras(p.cell),
+    )
+    # MLX caches the compiled module by kernel name, in memory and on disk
+    # (its PTX cache): the name must change whenever the source does.
+    digest = hashlib.sha1((HEADER + body).encode()).hexdigest()[:12]
+    name = f"frnn_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
+    return KernelSpec(
+        name=name,
+        input_names=tuple(mod.FORWARD_INPUTS if fwd else mod.BACKWARD_INPUTS),
+        output_names=tuple(mod.FORWARD_OUTPUTS if fwd else mod.BACKWARD_OUTPUTS),
+        header=HEADER,
+        body=body,
+        template=template,
+        shared_memory=p.smem,
+        grid=(p.nblocks * p.TPB, 1, 1),
+        threadgroup=(p.TPB, 1, 1),
+    )
+
+
+def template_hash(template):
+    """MLX's suffix of the kernel name (``template_arguments_hash``)."""
+    out = ""
+    for _, v in template:
+        if isinstance(v, bool):
+            out += "_t" if v else "_f"
+        elif isinstance(v, int):
+            out += f"_{v}"
+        else:
+            out += "_" + _TYPE_STRINGS[v]
+    return out
+
+
+def generate_source(spec, input_dtypes, input_ndims, output_dtypes, default_header=MLX_DEFAULT_HEADER):
+    """The full translation unit MLX (``build_kernel`` in
+    ``mlx/backend/cuda/custom_kernel.cpp``, 0.32) compiles for ``spec``.
+
+    Returns ``(function name, source)``. An input ``n`` gets a
+    ``const __grid_constant__ Shape n_shape`` parameter (likewise ``_strides``,
+    ``_ndim``) when the body mentions that name.
+    """
+    fname = "custom_kernel_" + spec.name + template_hash(spec.template)
+    src = default_header + spec.header
+    src += "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    src += "__global__ void " + fname + "(\n"
+    for name, dt, nd in zip(spec.input_names, input_dtypes, input_ndims):
+        src += f"    const {_CUDA_TYPES[dt]}* {name},\n"
+        if nd > 0:
+            if name + "_shape" in spec.body:
+                src += f"    const __grid_constant__ Shape {name}_shape,\n"
+            if name + "_strides" in spec.body:
+                src += f"    const __grid_constant__ Strides {name}_strides,\n"
+            if name + "_ndim" in spec.body:
+                src += f"    const __grid_constant__ int {name}_ndim,\n"
+    for i, (name, dt) in enumerate(zip(spec.output_names, output_dtypes)):
+        src += f"    {_CUDA_TYPES[dt]}* {name}"
+        src += ",\n" if i < len(spec.output_names) - 1 else ") {\n"
+    if spec.template:
+        for name, v in spec.template:
+            if isinstance(v, bool):
+                src += f"  constexpr bool {name} = {'true' if v else 'false'};\n"
+            elif isinstance(v, int):
+                src += f"  constexpr int {name} = {v};\n"
+            else:
+                src += f"  using {name} = {_CUDA_TYPES[v]};\n"
+        src += "\n"
+    src += spec.body
+    src += "\n}\n\n} // namespace mlx::core::cu\n"
+    return fname, src
+
+
+# --------------------------------------------------------------------------- launching
+
+_KERNELS = {}
+
+
+def _kernel(spec):
+    key = (spec.name, spec.shared_memory)
+    kern = _KERNELS.get(key)
+    if kern is None:
+        kern = _KERNELS[key] = mx.fast.cuda_kernel(
+            name=spec.name,
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            source=spec.body,
+            header=spec.header,
+            ensure_row_contiguous=True,
+            shared_memory=spec.shared_memory,
+        )
+    return kern
+
+
+def _launch(spec, inputs, output_shapes, output_dtypes):
+    kern = _kernel(spec)
+    return kern(
+        inputs=list(inputs),
+        template=list(spec.template),
+        grid=spec.grid,
+        threadgroup=spec.threadgroup,
+        output_shapes=list(output_shapes),
+        output_dtypes=list(output_dtypes),
+        init_value=0,  # also zeroes the barrier counters
+    )
+
+
+def _shape_ok(a, shape, dtype=mx.float32):
+    return a is not None and tuple(a.shape) == tuple(shape) and a.dtype == dtype
+
+
+def _check_common(cell_name, xp, w_h):
+    """(G, L, B, H) if xp / w_h are what the persistent path takes, else None."""
+    if cell_name not in CELLS or not enabled():
+        return None
+    G = CELLS[cell_name].num_gates
+    if xp.ndim != 3 or xp.dtype not in X_DTYPES or w_h.ndim != 2 or w_h.dtype != mx.float32:
+        return None
+    L, B, GH = xp.shape
+    H = w_h.shape[1]
+    if L < 1 or B < 1 or H < 1 or GH != G * H or tuple(w_h.shape) != (G * H, H):
+        return None
+    if L * B * GH > INDEX_LIMIT or G * H * H > INDEX_LIMIT:
+        return None
+    return G, L, B, H
+
+
+def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
+    """The plan the entry points would use, or ``None`` (fallback)."""
+    dims = _check_common(cell_name, xp, w_h)
+    if dims is None:
+        return None
+    G, L, B, H = dims
+    if limits is None:
+        limits = device_limits()
+    p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights=weights)
+    if p is None or p.nblocks > limits.num_sms or p.NU * (L + 1) >= 2**31:
+        return None
+    return p
+
+
+def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limits=None, tpb=256,
+                        weights="auto"):
+    """Run the whole forward recurrence in one kernel.
+
+    Args follow ``ops.sequence.recurrence``: ``xp`` [L, B, G*H] (float32/16,
+    bfloat16), ``w_h`` [G*H, H] float32, ``states0`` (each [B, H] float32),
+    ``params`` (GRU: ``(bhn,)``), ``h0_is_zero``.
+
+    Returns ``(h_seq, hp)`` (GRU, RNN) or ``(h_seq, c_seq, hp)`` (LSTM), all
+    float32 ([L, B, H] and hp [L, B, G*H], ``hp_t = h_{t-1} W_h^T``, zero at t=0
+    when ``h0_is_zero``), or ``None`` when the caller must use the per-step path.
+    """
+    if not cuda_available():
+        return None
+    p = select("forward", cell_name, xp, w_h, limits, tpb, weights)
+    if p is None:
+        return None
+    spec_cell = CELLS[cell_name]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[1]
+    states0, params = tuple(states0), tuple(params)
+    if len(states0) != spec_cell.num_states or len(params) != spec_cell.num_params:
+        return None
+    if not all(_shape_ok(s, (B, H)) for s in states0):
+        return None
+    if not all(_shape_ok(q, (H,)) for q in params):
+        return None
+    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
+    spec = kernel_spec(p, xp.dtype, h0_is_zero)
+    inputs = (xp, w, *states0, *params)
+    seq = (L, B, H)
+    shapes = [seq] * spec_cell.num_states + [(L, B, spec_cell.num_gates * H), (p.sync_words,)]
+    dtypes = [mx.float32] * (spec_cell.num_states + 1) + [mx.uint32]
+    outs = _launch(spec, inputs, shapes, dtypes)
+    return tuple(outs[:-1])
+
+
+def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, *, limits=None,
+                        tpb=256, weights="auto"):
+    """Adjoint of :func:`persistent_sequence` in one reverse-time kernel.
+
+    Same meaning as the cells' ``naive.backward_sequence``: ``d_outs`` the
+    cotangents of the state sequences ([L, B, H] each), ``xp`` / ``hp`` the
+    forward's step inputs, ``prevs`` the state entering each step ([L, B, H]
+    each: ``concat(s0, seq[:-1])``). Returns ``(dx, dhp, d_states0)`` with
+    ``dx``, ``dhp`` [L, B, G*H] float32 (the same array unless GRU) and
+    ``d_states0`` a tuple of [B, H] (``None`` unless ``need_d_state0``), or
+    ``None`` for the per-step path. The weight gradient stays outside
+    (``dhp^T h_prev``, one matmul).
+    """
+    if not cuda_available():
+        return None
+    p = select("backward", cell_name, xp, w_h, limits, tpb, weights)
+    if p is None:
+        return None
+    spec_cell = CELLS[cell_name]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[1]
+    GH = spec_cell.num_gates * H
+    d_outs, prevs, params = tuple(d_outs), tuple(prevs), tuple(params)
+    if len(d_outs) != spec_cell.num_states or len(prevs) != spec_cell.num_states:
+        return None
+    if len(params) != spec_cell.num_params or not all(_shape_ok(q, (H,)) for q in params):
+        return None
+    if tuple(hp.shape) != (L, B, GH) or hp.dtype != mx.float32:
+        return None
+    if not all(tuple(a.shape) == (L, B, H) for a in (*d_outs, *prevs)):
+        return None
+    if not all(a.dtype == mx.float32 for a in prevs):
+        return None
+    d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
+    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
+    spec = kernel_spec(p, xp.dtype, need_d_state0)
+    f32 = mx.float32
+    if cell_name == "gru":
+        inputs = (d_outs[0], xp, hp, prevs[0], w, params[0])
+        shapes = [(L, B, GH), (L, B, GH), (B, H), (p.sync_words,)]
+        dtypes = [f32, f32, f32, mx.uint32]
+        dx, dhp, dh0, _ = _launch(spec, inputs, shapes, dtypes)
+        d0 = (dh0,)
+    elif cell_name == "lstm":
+        inputs = (d_outs[0], d_outs[1], xp, hp, prevs[1], w)
+        shapes = [(L, B, GH), (B, H), (B, H), (p.sync_words,)]
+        dtypes = [f32, f32, f32, mx.uint32]
+        dx, dh0, dc0, _ = _launch(spec, inputs, shapes, dtypes)
+        dhp, d0 = dx, (dh0, dc0)
+    else:
+        inputs = (d_outs[0], xp, hp, w)
+        shapes = [(L, B, GH), (B, H), (p.sync_words,)]
+        dtypes = [f32, f32, mx.uint32]
+        dx, dh0, _ = _launch(spec, inputs, shapes, dtypes)
+        dhp, d0 = dx, (dh0,)
+    return dx, dhp, (d0 if need_d_state0 else None)

@@ -1,0 +1,300 @@
+"""Shared device code of the persistent (whole-sequence) recurrence kernels.
+
+``HEADER`` goes into ``mx.fast.cuda_kernel(header=...)``: MLX places it after its
+own default header (``mlx/backend/cuda/device/utils.cuh`` and
+``cooperative_groups.h``, which bring ``cuda_bf16.h`` / ``cuda_fp16.h``) and
+before the generated ``__global__`` function, at global scope. Everything here
+is in ``namespace frnn`` and marked ``__device__`` (NVRTC compiles without
+``-default-device``).
+
+The only CUDA-specific primitives (dynamic shared memory, the L2-only load, the
+acquire load, the global timer, trap) sit behind ``#if defined(__CUDACC__)``;
+the ``#else`` branch is what the CPU emulator in the tests provides, so the rest
+of this header and every cell body run unchanged on the host under test.
+
+Layout of the dynamic shared memory of one block (``carve``), in this order:
+  hs   float [BBP][KCH]       the block's rows of the projected operand (one K-chunk)
+  part float [KS][BBP][N]     per-K-split partial sums of the projection
+  Ws   WT    [N][K]           the block's slice of W_h (rows, or transposed columns)
+Python's ``smem_bytes`` computes the same total.
+"""
+
+HEADER = r"""
+// ---------------------------------------------------------------- mlx_fastrnn
+// persistent recurrence kernels: shared device code
+#ifndef FRNN_PERSISTENT_HEADER
+#define FRNN_PERSISTENT_HEADER
+
+#ifndef FRNN_TIMEOUT_NS
+// A grid barrier that waits longer than this traps (a loud CUDA error instead
+// of a hang): the blocks of a grid were not all co-resident.
+#define FRNN_TIMEOUT_NS 10000000000ULL
+#endif
+// Barrier counters of different batch groups sit 128 bytes apart.
+#define FRNN_SYNC_STRIDE 32
+
+namespace frnn {
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename WT> __device__ __forceinline__ WT zero();
+template <> __device__ __forceinline__ float zero<float>() { return 0.0f; }
+template <> __device__ __forceinline__ __nv_bfloat16 zero<__nv_bfloat16>() { return __float2bfloat16(0.0f); }
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+__device__ __forceinline__ unsigned char* dyn_smem() {
+  extern __shared__ float4 frnn_dynamic_smem[];
+  return reinterpret_cast<unsigned char*>(frnn_dynamic_smem);
+}
+// Data written by other blocks during this kernel: read through L2 only.
+__device__ __forceinline__ float ldcg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned long long now_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void fail() { __trap(); }
+__device__ __forceinline__ void spin_pause() {}
+#else
+// CPU emulation (tests/persistent_emulator.py provides frnn_emu).
+__device__ __forceinline__ unsigned char* dyn_smem() { return frnn_emu::smem(); }
+__device__ __forceinline__ float ldcg(const float* p) {
+  float v;
+  __atomic_load(p, &v, __ATOMIC_RELAXED);
+  return v;
+}
+__device__ __forceinline__ float4 ldcg4(const float* p) {
+  float4 v;
+  v.x = ldcg(p);
+  v.y = ldcg(p + 1);
+  v.z = ldcg(p + 2);
+  v.w = ldcg(p + 3);
+  return v;
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+__device__ __forceinline__ unsigned long long now_ns() { return frnn_emu::now_ns(); }
+__device__ __forceinline__ void fail() { frnn_emu::fail(); }
+__device__ __forceinline__ void spin_pause() { frnn_emu::spin_pause(); }
+#endif
+
+// Grid-wide (batch-group-wide) barrier on a monotone counter: every block of
+// the group adds 1 after each step, and step t's barrier waits for
+// target = (blocks in the group) * (t + 1). No reset, no sense flip.
+// Memory order: __syncthreads orders the block's writes before thread 0's
+// __threadfence + atomicAdd (release); thread 0 spins with ld.acquire.gpu,
+// then __syncthreads hands the acquired view to the whole block.
+__device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+    unsigned spins = 0;
+    unsigned long long t0 = 0;
+    while (ld_acquire(counter) < target) {
+      if ((++spins & 1023u) == 0u) {
+        const unsigned long long t = now_ns();
+        if (t0 == 0) {
+          t0 = t;
+        } else if (t - t0 > FRNN_TIMEOUT_NS) {
+          fail();
+          break;
+        }
+      }
+      spin_pause();
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+template <int BBP, int KCH, int KS, int N, typename WT>
+__device__ __forceinline__ void carve(float*& hs, float*& part, WT*& Ws) {
+  unsigned char* base = dyn_smem();
+  hs = reinterpret_cast<float*>(base);
+  part = hs + BBP * KCH;
+  Ws = reinterpret_cast<WT*>(part + KS * BBP * N);
+}
+
+// Ws[(g*U + u)*H + k] = w[(g*H + j0 + u)*H + k]: the block's G*U rows of W_h
+// (forward: hp = h W_h^T). Units past H are zero rows.
+template <int G, int U, int H, int TPB, typename WT>
+__device__ __forceinline__ void load_w_rows(WT* Ws, const WT* w, int j0) {
+  for (int i = threadIdx.x; i < G * U * H; i += TPB) {
+    const int n = i / H;
+    const int k = i - n * H;
+    const int g = n / U;
+    const int j = j0 + (n - g * U);
+    Ws[i] = j < H ? w[(long long)(g * H + j) * H + k] : zero<WT>();
+  }
+  __syncthreads();
+}
+
+// Ws[u*(G*H) + m] = w[m*H + j0 + u]: the block's U columns of W_h, transposed
+// (backward: dh = dhp W_h). Units past H are zero rows.
+template <int G, int U, int H, int TPB, typename WT>
+__device__ __forceinline__ void load_w_cols(WT* Ws, const WT* w, int j0) {
+  constexpr int GH = G * H;
+  for (int i = threadIdx.x; i < U * GH; i += TPB) {
+    const int m = i / U;
+    const int u = i - m * U;
+    const int j = j0 + u;
+    Ws[u * GH + m] = j < H ? w[(long long)m * H + j] : zero<WT>();
+  }
+  __syncthreads();
+}
+
+// hs[r*KCH + k] = src[r*ld + k0 + k] for r < nrows, k < klen; 0 elsewhere.
+// 16-byte loads when every row start is 16-byte aligned (KCH, ld, k0 and the
+// pointer multiples of 4 floats), else scalar loads.
+template <int BBP, int KCH, int TPB>
+__device__ __forceinline__ void stage_rows(
+    float* hs, const float* src, int ld, int nrows, int k0, int klen) {
+  if ((KCH % 4) == 0 && (ld % 4) == 0 && (k0 % 4) == 0 &&
+      (reinterpret_cast<unsigned long long>(src) % 16) == 0) {
+    constexpr int KQ = KCH / 4;
+    float4* hs4 = reinterpret_cast<float4*>(hs);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
+      const int r = i / KQ;
+      const int k = 4 * (i - r * KQ);
+      const float* p = src + (long long)r * ld + k0 + k;
+      float4 v;
+      if (r < nrows && k + 3 < klen) {
+        v = ldcg4(p);
+      } else {
+        v.x = (r < nrows && k < klen) ? ldcg(p) : 0.0f;
+        v.y = (r < nrows && k + 1 < klen) ? ldcg(p + 1) : 0.0f;
+        v.z = (r < nrows && k + 2 < klen) ? ldcg(p + 2) : 0.0f;
+        v.w = 0.0f;
+      }
+      hs4[i] = v;
+    }
+  } else {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < BBP * KCH; i += TPB) {
+      const int r = i / KCH;
+      const int k = i - r * KCH;
+      hs[i] = (r < nrows && k < klen) ? ldcg(src + (long long)r * ld + k0 + k) : 0.0f;
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 16);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v;
+}
+
+// part[(ks*BBP + r)*N + n] (+)= sum_{k in split ks of the chunk} hs[r][k] * Ws[n][k0 + k].
+// A warp takes a task (row group of RB rows, K-split ks); its lanes stride over
+// k, so hs and Ws reads are consecutive words (no bank conflicts), then a
+// butterfly reduction. The same lane owns the same part element in every
+// chunk, so accumulation across chunks needs no synchronisation.
+template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT>
+__device__ __forceinline__ void matvec_chunk(
+    const float* hs, const WT* Ws, int k0, int klen, float* part, bool accumulate) {
+  constexpr int RG = BBP / RB;
+  constexpr int NW = TPB / 32;
+  constexpr int KC = (((KCH + 31) / 32 + KS - 1) / KS) * 32;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int task = warp; task < RG * KS; task += NW) {
+    const int rg = task / KS;
+    const int ks = task - rg * KS;
+    float acc[RB][N];
+#pragma unroll
+    for (int rr = 0; rr < RB; ++rr) {
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        acc[rr][n] = 0.0f;
+      }
+    }
+    const int kb = ks * KC;
+    const int ke = imin(klen, kb + KC);
+    const float* hrow = hs + rg * RB * KCH;
+    const WT* wk = Ws + k0;
+    for (int k = kb + lane; k < ke; k += 32) {
+      float hv[RB];
+#pragma unroll
+      for (int rr = 0; rr < RB; ++rr) {
+        hv[rr] = hrow[rr * KCH + k];
+      }
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float wv = to_f(wk[n * K + k]);
+#pragma unroll
+        for (int rr = 0; rr < RB; ++rr) {
+          acc[rr][n] = fmaf(hv[rr], wv, acc[rr][n]);
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < RB; ++rr) {
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float v = warp_sum(acc[rr][n]);
+        if (lane == ((rr * N + n) & 31)) {
+          float* p = part + (ks * BBP + rg * RB + rr) * N + n;
+          *p = accumulate ? *p + v : v;
+        }
+      }
+    }
+  }
+}
+
+// part <- the block's rows of src (rows r0.., row stride ld, K columns) times
+// Ws^T, K-chunk by K-chunk. Ends with __syncthreads: part is ready to read.
+template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT>
+__device__ __forceinline__ void project(
+    const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part) {
+  for (int k0 = 0; k0 < K; k0 += KCH) {
+    const int klen = imin(KCH, K - k0);
+    stage_rows<BBP, KCH, TPB>(hs, src, ld, nrows, k0, klen);
+    __syncthreads();
+    matvec_chunk<K, KCH, BBP, N, RB, KS, TPB, WT>(hs, Ws, k0, klen, part, k0 > 0);
+    __syncthreads();
+  }
+}
+
+template <int KS, int BBP, int N>
+__device__ __forceinline__ float part_sum(const float* part, int r, int n) {
+  float s = 0.0f;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    s += part[(ks * BBP + r) * N + n];
+  }
+  return s;
+}
+
+} // namespace frnn
+
+#endif // FRNN_PERSISTENT_HEADER
+"""
+
+# The constants every body reads (template arguments), documented once:
+#   T     dtype of x (float / __half / __nv_bfloat16)      WT   dtype of the W_h slice (float / __nv_bfloat16)
+#   H     hidden size                                     U    hidden units per block
+#   NU    blocks per batch group (= ceil(H / U))          BB   batch rows per block (group)
+#   BBP   BB rounded up to a multiple of RB               RB   rows per warp task
+#   KS    K-splits of one chunk                           KCH  K-chunk staged at once
+#   TPB   threads per block                               EPT  cell elements per thread (ceil(BB*U / TPB))
+#   H0Z   forward: the initial state is zero (step 0 skips the projection)
+#   NEED_D0  backward: also produce the initial states' cotangents
+#   RELU  RNN: relu instead of tanh
+# Block b of the grid owns units [j0, j0+U) with j0 = (b % NU) * U and batch rows
+# [r0, r0+BB) with r0 = (b / NU) * BB; the barrier is per batch group (b / NU).

@@ -1,0 +1,283 @@
+"""The persistent CUDA kernels, checked without a GPU.
+
+* planning / selection / validation / source generation: pure Python;
+* the exact kernel sources, run by the CPU emulator (``persistent_emulator``:
+  fake-CUDA prelude, one OS thread per CUDA thread, a real grid barrier) and
+  compared with the cells' reference steps: skipped without a C++20 compiler;
+* an NVRTC + ptxas compile of every kernel (registers, no spills): skipped
+  unless ``MLX_FASTRNN_NVRTC`` / ``MLX_FASTRNN_JIT_HEADERS`` point at a libnvrtc
+  and MLX's device headers (see ``persistent_emulator``).
+"""
+
+import pytest
+
+import mlx.core as mx
+
+import persistent_emulator as emu
+import persistent_reference as ref
+from mlx_fastrnn.kernels import persistent as P
+
+H100 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
+SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS"):
+        monkeypatch.delenv(k, raising=False)
+
+
+# --------------------------------------------------------------------------- planning
+
+SHAPES = [(1, 1), (1, 33), (5, 200), (32, 200), (64, 256), (16, 512), (3, 1000), (256, 128)]
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("B,H", SHAPES)
+@pytest.mark.parametrize("limits", [H100, SMALL], ids=["h100", "small"])
+def test_plan_invariants(cell, direction, B, H, limits):
+    p = P.plan(direction, cell, H, B, limits)
+    if p is None:
+        return
+    G = P.CELLS[cell].num_gates
+    assert p.nblocks <= limits.num_sms  # co-resident: one block per SM at most
+    assert p.smem <= P.smem_budget(limits) <= limits.smem_per_block
+    assert 2 * (p.smem + limits.reserved_smem_per_block) <= limits.smem_per_sm
+    assert p.NU * p.U >= H and (p.NU - 1) * p.U < H
+    assert p.NBB * p.BB >= B and (p.NBB - 1) * p.BB < B
+    assert p.BBP % p.RB == 0 and p.BB <= p.BBP < p.BB + p.RB
+    assert p.EPT * p.TPB >= p.BB * p.U
+    assert p.K == (H if direction == "forward" else G * H)
+    assert p.N == (G * p.U if direction == "forward" else p.U)
+    assert p.RB * p.N <= max(32, p.N) and p.N <= P.MAX_N
+    assert 1 <= p.KCH <= p.K and (p.KCH == p.K or p.KCH % 32 == 0)
+    assert p.smem == P.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, 2 if p.w_bf16 else 4)
+    assert p.sync_words * 4 >= 16  # never MLX's scalar pool
+    assert not p.w_bf16  # float32 inputs never get bfloat16 weights
+
+
+def test_plan_benchmark_shapes_fit_h100():
+    for cell in ref.CELL_NAMES:
+        for B, H in [(32, 200), (64, 256), (16, 512)]:
+            for d in ("forward", "backward"):
+                p = P.plan(d, cell, H, B, H100)
+                assert p is not None, (cell, d, B, H)
+                assert p.nblocks >= 64  # uses most of the GPU
+
+
+def test_plan_none_when_weights_do_not_fit():
+    # LSTM H=2048: the smallest slice is 16 units * 4 gates * 2048 * 4 B = 512 KiB.
+    assert P.plan("forward", "lstm", 2048, 8, H100) is None
+    assert P.plan("backward", "lstm", 2048, 8, H100) is None
+    # A GPU with 1 SM cannot hold GRU H=256 in 48 KiB.
+    one = P.Limits(num_sms=1, smem_per_block=48 * 1024, smem_per_sm=96 * 1024)
+    assert P.plan("forward", "gru", 256, 4, one) is None
+    # Nothing at all.
+    assert P.plan("forward", "gru", 8, 4, None) is None
+    assert P.plan("forward", "gru", 8, 4, P.Limits(num_sms=0, smem_per_block=1 << 16)) is None
+
+
+def test_bf16_weights_only_for_half_inputs_when_needed():
+    # GRU H=1024, B=64 does not fit in float32 with one chunk...
+    p32 = P.plan("forward", "lstm", 1024, 16, H100, x_dtype=mx.float32)
+    pbf = P.plan("forward", "lstm", 1024, 16, H100, x_dtype=mx.bfloat16)
+    assert p32 is None
+    assert pbf is not None and pbf.w_bf16
+    small = P.plan("forward", "gru", 64, 4, H100, x_dtype=mx.bfloat16)
+    assert small is not None and not small.w_bf16  # float32 fits: keep it
+    forced = P.plan("forward", "gru", 64, 4, H100, x_dtype=mx.float32, weights="bfloat16")
+    assert forced.w_bf16
+    with pytest.raises(ValueError):
+        P.plan("forward", "gru", 64, 4, H100, weights="int8")
+
+
+def test_env_overrides(monkeypatch):
+    base = P.plan("forward", "gru", 512, 16, H100)
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_BLOCKS", "16")
+    p = P.plan("forward", "gru", 512, 16, H100)
+    assert p is None or p.nblocks <= 16
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_BLOCKS")
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SMEM", "4096")
+    assert P.plan("forward", "gru", 512, 16, H100) is None
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SMEM", str(10**9))
+    assert P.smem_budget(H100) == H100.smem_per_block
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_SMEM")
+    assert P.plan("forward", "gru", 512, 16, H100) == base
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT", "0")
+    xp, w_h, _, _ = ref.problem("gru", 2, 2, 8)
+    assert P.select("forward", "gru", xp, w_h, H100) is None
+
+
+def test_plan_nbb_option():
+    for nbb in (1, 2, 4):
+        p = P.plan("forward", "gru", 256, 64, H100, nbb=nbb)
+        assert p is not None and p.NBB == nbb
+
+
+def test_select_validates():
+    xp, w_h, _, _ = ref.problem("gru", 3, 2, 8)
+    assert P.select("forward", "gru", xp, w_h, H100) is not None
+    assert P.select("forward", "lstm", xp, w_h, H100) is None  # G*H mismatch
+    assert P.select("forward", "nope", xp, w_h, H100) is None
+    assert P.select("forward", "gru", xp[0], w_h, H100) is None  # not 3-D
+    assert P.select("forward", "gru", xp, w_h.astype(mx.float16), H100) is None  # W must be f32
+    assert P.select("forward", "gru", xp.astype(mx.int32), w_h, H100) is None
+    assert P.select("forward", "gru", xp[:, :, :-1], w_h, H100) is None
+    assert P.select("forward", "gru", xp, w_h[:, :-1], H100) is None
+    assert P.select("forward", "gru", xp, w_h, None) is None  # no device limits (CPU)
+
+
+def test_entry_points_fall_back_off_cuda():
+    if P.cuda_available():
+        pytest.skip("this machine has CUDA")
+    xp, w_h, s0, params = ref.problem("gru", 3, 2, 8)
+    assert P.persistent_sequence("gru", xp, w_h, s0, params, False) is None
+    assert P.persistent_sequence("gru", xp, w_h, s0, params, False, limits=H100) is None
+    seqs = ref.forward("gru", xp, w_h, s0, params, False)
+    prevs = ref.prevs_of(s0, seqs[:-1])
+    d = ref.cotangents("gru", 3, 2, 8)
+    assert P.persistent_backward("gru", d, xp, seqs[-1], prevs, params, w_h, True) is None
+    assert P.device_limits() is None
+
+
+def test_query_limits_without_driver():
+    assert P.query_cuda_limits(libname="libdefinitely_not_cuda.so.9") is None
+
+
+def test_generated_source_matches_mlx_layout():
+    p = P.plan("forward", "gru", 33, 3, H100)
+    spec = P.kernel_spec(p, mx.bfloat16, True)
+    fname, src = P.generate_source(spec, [mx.bfloat16, mx.float32, mx.float32, mx.float32],
+                                   [3, 2, 2, 1], [mx.float32, mx.float32, mx.uint32])
+    assert fname.startswith("custom_kernel_" + spec.name + "_bfloat16_float32_33_")
+    assert fname.endswith("_t")
+    assert src.startswith(P.MLX_DEFAULT_HEADER + P.HEADER)
+    assert "__global__ void " + fname + "(\n    const __nv_bfloat16* x,\n" \
+           "    const __grid_constant__ Shape x_shape,\n    const float* w,\n" in src
+    assert "    uint32_t* sync) {\n" in src
+    assert "  using T = __nv_bfloat16;\n" in src and "  constexpr bool H0Z = true;\n" in src
+    assert "w_shape" not in src and "h0_shape" not in src and "_strides" not in src
+    assert src.endswith("\n}\n\n} // namespace mlx::core::cu\n")
+
+
+def test_kernel_names_follow_the_source():
+    p = P.plan("backward", "rnn_relu", 16, 2, H100)
+    a = P.kernel_spec(p, mx.float32, True)
+    b = P.kernel_spec(p, mx.float32, False)
+    assert a.name == b.name and P.template_hash(a.template) != P.template_hash(b.template)
+    assert dict(a.template)["RELU"] is True
+    assert P.kernel_spec(P.plan("backward", "rnn_tanh", 16, 2, H100), mx.float32, True).name != a.name
+    fwd = P.kernel_spec(P.plan("forward", "rnn_relu", 16, 2, H100), mx.float32, True)
+    assert fwd.name != a.name and fwd.grid[0] == fwd.threadgroup[0] * P.plan("forward", "rnn_relu", 16, 2, H100).nblocks
+
+
+def test_bodies_use_only_their_names():
+    """MLX adds a shape/strides/ndim parameter for every input name it finds
+    followed by _shape etc. in the body: only x_shape may appear."""
+    for cell in ref.CELL_NAMES:
+        mod = P.cell_module(cell)
+        for body, names in ((mod.FORWARD_BODY, mod.FORWARD_INPUTS), (mod.BACKWARD_BODY, mod.BACKWARD_INPUTS)):
+            assert "x_shape" in body
+            for n in names:
+                for suffix in ("_strides", "_ndim") + (() if n == "x" else ("_shape",)):
+                    assert n + suffix not in body, (cell, n + suffix)
+
+
+# --------------------------------------------------------------------------- emulator parity
+
+needs_cxx = pytest.mark.skipif(emu.host_compiler() is None, reason="no C++ compiler for the emulator")
+
+# (cell, L, B, H, x dtype, h0 zero / need d0, limits)
+EMU_CASES = [
+    ("gru", 5, 3, 33, mx.float32, False, SMALL),
+    ("gru", 4, 5, 20, mx.bfloat16, True, P.Limits(num_sms=4, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)),
+    ("lstm", 5, 3, 33, mx.float32, False, SMALL),
+    ("lstm", 3, 1, 1, mx.float16, True, SMALL),
+    ("rnn_tanh", 6, 2, 17, mx.float32, False, SMALL),
+    ("rnn_relu", 1, 4, 9, mx.bfloat16, False, SMALL),
+    ("lstm", 3, 7, 40, mx.float32, False, P.Limits(num_sms=8, smem_per_block=6 * 1024, smem_per_sm=16 * 1024)),
+]
+
+
+def _ids(c):
+    return f"{c[0]}-L{c[1]}-B{c[2]}-H{c[3]}-{str(c[4]).split('.')[-1]}-{'zero' if c[5] else 'state'}"
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", EMU_CASES, ids=_ids)
+def test_emulated_forward_backward(case):
+    cell, L, B, H, xdt, zero, limits = case
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    if zero:
+        s0 = tuple(mx.zeros_like(s) for s in s0)
+    expected = ref.forward(cell, xp, w_h, s0, params, zero)
+    got, (p, sync) = emu.forward(cell, xp, w_h, s0, params, zero, limits)
+    assert p is not None
+    for a, e in zip(got, expected):
+        assert ref.max_rel_err(a, e) < 2e-6
+    # the barrier ran L-1 times in every batch group
+    assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * (L - 1)] * p.NBB
+
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    need = not zero
+    (dx, dhp, d0), (pb, sync_b) = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, need, limits)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, need)
+    assert ref.max_rel_err(dx, rdx) < 2e-6
+    assert ref.max_rel_err(dhp, rdhp) < 2e-6
+    if need:
+        assert len(d0) == len(rd0)
+        for a, e in zip(d0, rd0):
+            assert ref.max_rel_err(a, e) < 2e-6
+    else:
+        assert d0 is None
+    assert [int(v) for v in sync_b.tolist()[:: P.SYNC_STRIDE]] == [pb.NU * (L - 1 + need)] * pb.NBB
+
+
+@needs_cxx
+def test_emulated_chunked_and_bf16_weights():
+    """K in several chunks (tiny shared memory) and bfloat16 W slices."""
+    limits = P.Limits(num_sms=8, smem_per_block=4 * 1024, smem_per_sm=10 * 1024)
+    cell, L, B, H = "gru", 3, 4, 64
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, mx.bfloat16)
+    p = P.plan("forward", cell, H, B, limits, x_dtype=mx.bfloat16, tpb=64, weights="bfloat16")
+    assert p is not None and p.KCH < p.K and p.w_bf16
+    got, _ = emu.forward(cell, xp, w_h, s0, params, False, limits, weights="bfloat16")
+    w_rounded = w_h.astype(mx.bfloat16).astype(mx.float32)
+    expected = ref.forward(cell, xp, w_rounded, s0, params, False)
+    for a, e in zip(got, expected):
+        assert ref.max_rel_err(a, e) < 2e-6
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    pb = P.plan("backward", cell, H, B, limits, x_dtype=mx.bfloat16, tpb=64, weights="bfloat16")
+    assert pb is not None and pb.KCH < pb.K
+    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, limits, weights="bfloat16")
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_rounded, True)
+    assert ref.max_rel_err(dx, rdx) < 2e-6
+    assert ref.max_rel_err(dhp, rdhp) < 2e-6
+    assert ref.max_rel_err(d0[0], rd0[0]) < 2e-6
+
+
+# --------------------------------------------------------------------------- NVRTC
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_without_spills(cell, direction):
+    for (B, H), xdt in (((32, 200), mx.float32), ((16, 512), mx.bfloat16), ((1, 1), mx.float16)):
+        p = P.plan(direction, cell, H, B, H100, x_dtype=xdt, weights="bfloat16" if H == 512 else "auto")
+        spec = P.kernel_spec(p, xdt, True)
+        dts = [xdt if n == "x" else (mx.bfloat16 if n == "w" and p.w_bf16 else mx.float32)
+               for n in spec.input_names]
+        nds = [1 if n == "bhn" else 2 if n in ("w", "h0", "c0") else 3 for n in spec.input_names]
+        odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
+        _, src = P.generate_source(spec, dts, nds, odts)
+        ok, log = emu.nvrtc_compile(src)
+        assert ok, log[-4000:]
+        regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
+        assert regs is not None and regs <= 128, log  # two 256-thread blocks per SM
+        assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+

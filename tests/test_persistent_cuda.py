@@ -1,0 +1,211 @@
+"""The persistent (whole-sequence) CUDA kernels on a real GPU.
+
+Parity with the cells' reference steps (computed on the CPU stream, so no
+TF32 or other GPU matmul shortcuts leak into the oracle), fallback selection,
+co-residency, repeatability, and a deadlock guard that runs the kernels in a
+subprocess with a timeout. Skipped unless MLX's CUDA backend is available.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import mlx.core as mx
+
+import persistent_reference as ref
+from mlx_fastrnn.kernels import persistent as P
+
+
+def _cuda():
+    try:
+        return bool(mx.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend"),
+]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def _on_cpu(fn, *args):
+    with mx.stream(mx.cpu):
+        out = fn(*args)
+        mx.eval(out)
+    return out
+
+
+def _tol(L):
+    return 2e-5 if L <= 64 else 2e-4
+
+
+def _check_sequence(cell, L, B, H, xdt, h0_zero, weights="auto", need=None):
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    if h0_zero:
+        s0 = tuple(mx.zeros_like(s) for s in s0)
+    mx.eval(xp, w_h, s0, params)
+    got = P.persistent_sequence(cell, xp, w_h, s0, params, h0_zero, weights=weights)
+    assert got is not None, "the persistent path declined a shape it should take"
+    mx.eval(got)
+    p = P.select("forward", cell, xp, w_h, weights=weights)
+    w_ref = w_h.astype(mx.bfloat16).astype(mx.float32) if p.w_bf16 else w_h
+    expected = _on_cpu(ref.forward, cell, xp, w_ref, s0, params, h0_zero)
+    assert len(got) == len(expected)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert a.dtype == mx.float32 and a.shape == e.shape
+        err = ref.max_rel_err(a, e)
+        assert err < _tol(L), f"forward output {i}: rel err {err:.2e} ({p})"
+
+    need = (not h0_zero) if need is None else need
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    mx.eval(prevs, d_outs)
+    bw = P.persistent_backward(cell, d_outs, xp, hp, prevs, params, w_h, need, weights=weights)
+    assert bw is not None
+    dx, dhp, d0 = bw
+    mx.eval(dx, dhp, d0)
+    rdx, rdhp, rd0 = _on_cpu(ref.backward, cell, d_outs, xp, hp, prevs, params, w_ref, need)
+    pb = P.select("backward", cell, xp, w_h, weights=weights)
+    assert ref.max_rel_err(dx, rdx) < _tol(L), pb
+    assert ref.max_rel_err(dhp, rdhp) < _tol(L), pb
+    if need:
+        assert len(d0) == len(rd0)
+        for a, e in zip(d0, rd0):
+            assert ref.max_rel_err(a, e) < _tol(L), pb
+    else:
+        assert d0 is None
+
+
+SHAPES = [  # (L, B, H)
+    (1, 1, 1),
+    (1, 4, 33),
+    (3, 1, 33),
+    (7, 5, 200),
+    (5, 3, 1),
+    (12, 33, 64),
+    (40, 32, 200),
+]
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("L,B,H", SHAPES)
+def test_parity(cell, xdt, L, B, H):
+    _check_sequence(cell, L, B, H, xdt, h0_zero=False)
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("L,B,H", [(1, 2, 33), (6, 3, 200)])
+def test_parity_zero_initial_state(cell, L, B, H):
+    _check_sequence(cell, L, B, H, mx.float32, h0_zero=True)
+    _check_sequence(cell, L, B, H, mx.float32, h0_zero=True, need=True)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_tanh"])
+def test_parity_long_sequence(cell):
+    _check_sequence(cell, 1024, 2, 33, mx.float32, h0_zero=False)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("L,B,H", [(8, 64, 256), (4, 16, 512)])
+def test_parity_benchmark_like_shapes(cell, L, B, H):
+    _check_sequence(cell, L, B, H, mx.float32, h0_zero=False)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_parity_bf16_weight_slices(cell):
+    _check_sequence(cell, 9, 6, 96, mx.bfloat16, h0_zero=False, weights="bfloat16")
+
+
+def test_parity_float16_input():
+    _check_sequence("lstm", 5, 3, 40, mx.float16, h0_zero=False)
+
+
+def test_repeatable():
+    """Bitwise equal across runs: a race in the barrier would show up here."""
+    xp, w_h, s0, params = ref.problem("gru", 64, 16, 256)
+    a = P.persistent_sequence("gru", xp, w_h, s0, params, False)
+    b = P.persistent_sequence("gru", xp, w_h, s0, params, False)
+    mx.eval(a, b)
+    for x, y in zip(a, b):
+        assert mx.array_equal(x, y).item()
+
+
+def test_device_limits_and_grid():
+    limits = P.device_limits()
+    assert limits is not None and limits.num_sms >= 1 and limits.smem_per_block >= 48 * 1024
+    for cell in ref.CELL_NAMES:
+        for B, H in [(1, 1), (32, 200), (64, 256), (16, 512), (256, 128)]:
+            for d in ("forward", "backward"):
+                p = P.plan(d, cell, H, B, limits)
+                if p is not None:
+                    assert p.nblocks <= limits.num_sms
+                    assert p.smem <= limits.smem_per_block
+
+
+def test_selector_falls_back():
+    xp, w_h, s0, params = ref.problem("lstm", 3, 2, 64)
+    tiny = P.Limits(num_sms=1, smem_per_block=1024, smem_per_sm=4096)
+    assert P.persistent_sequence("lstm", xp, w_h, s0, params, False, limits=tiny) is None
+    # W_h slice too large for shared memory (LSTM H=2048 on 132 SMs: 512 KiB per block).
+    big_x = mx.zeros((2, 1, 4 * 2048))
+    big_w = mx.zeros((4 * 2048, 2048))
+    states = (mx.zeros((1, 2048)), mx.zeros((1, 2048)))
+    assert P.persistent_sequence("lstm", big_x, big_w, states, (), False) is None
+    # wrong state shapes / params
+    assert P.persistent_sequence("lstm", xp, w_h, s0[:1], params, False) is None
+    assert P.persistent_sequence("gru", *ref.problem("gru", 2, 2, 8)[:3], (), False) is None
+    os.environ["MLX_FASTRNN_PERSISTENT"] = "0"
+    try:
+        assert P.persistent_sequence("lstm", xp, w_h, s0, params, False) is None
+    finally:
+        del os.environ["MLX_FASTRNN_PERSISTENT"]
+
+
+_GUARD = textwrap.dedent(
+    """
+    import sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import mlx.core as mx
+    import persistent_reference as ref
+    from mlx_fastrnn.kernels import persistent as P
+    outs = []
+    # Two independent recurrences in one evaluation: MLX may run them as
+    # concurrent graph nodes, so two persistent grids share the GPU.
+    for cell, seed in (("gru", 0), ("gru", 1), ("lstm", 2)):
+        xp, w_h, s0, params = ref.problem(cell, 256, 64, 256, seed=seed)
+        fwd = P.persistent_sequence(cell, xp, w_h, s0, params, False)
+        assert fwd is not None
+        seqs, hp = fwd[:-1], fwd[-1]
+        prevs = ref.prevs_of(s0, seqs)
+        d = ref.cotangents(cell, 256, 64, 256)
+        bwd = P.persistent_backward(cell, d, xp, hp, prevs, params, w_h, True)
+        outs += [fwd, bwd[0], bwd[2]]
+    mx.eval(outs)
+    print("OK")
+    """
+)
+
+
+def test_deadlock_guard():
+    """Forward and backward, several grids in one evaluation, in a subprocess:
+    a barrier that never opens fails this test instead of hanging the run."""
+    code = _GUARD.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("persistent kernels did not finish in 240 s (grid barrier deadlock?)")
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
