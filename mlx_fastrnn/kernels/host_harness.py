@@ -141,7 +141,9 @@ inline float tanh(float x) { return std::tanh(x); }
 #define threadgroup
 """
 
-# Stands in for MLX's CUDA default header (utils.cuh, cooperative_groups, `inf`).
+# Stands in for MLX's CUDA default header (mlx/backend/cuda/device/utils.cuh and
+# <cooperative_groups.h>; some MLX versions also `#define inf`, kept here so a
+# body using `inf` as a name fails on the host too).
 HOST_CUDA_PRELUDE = _HOST_TYPES + r"""
 typedef rnn_host_half __half;
 typedef rnn_host_bfloat16 __nv_bfloat16;

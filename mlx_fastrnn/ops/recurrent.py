@@ -65,8 +65,12 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
     n_batch = 1
     for d in batch:
         n_batch *= d
-    if length == 1 and steps.differentiable and tuple(x.shape[:-2]) == batch:
-        return _single_step(cell, x, w_x, b, w_h, batch, n_batch, states, params, extras, steps)
+    if length == 1 and tuple(x.shape[:-2]) == batch:
+        # One step (streaming): the compiled MLX-op step on every device. On the
+        # H100 the kernel path lost to stock at length 1 (a sequence launch and
+        # the custom VJP cost more than one step saves); see benchmarks/RESULTS.md.
+        step = steps if steps.differentiable else cell.compiled_steps
+        return _single_step(cell, x, w_x, b, w_h, batch, n_batch, states, params, extras, step)
     # Input projection for the whole sequence in one matmul, produced time-major.
     xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])
     xt = xt.swapaxes(0, 1) if length > 1 else xt.reshape(1, -1, x.shape[-1])
