@@ -1,0 +1,64 @@
+"""Benchmark configurations shared by recurrent_bench.py, torch_baseline.py,
+test_recurrent_bench.py and report.py.
+
+Pure Python on purpose: torch_baseline.py imports it and must never import MLX.
+"""
+
+LAYERS = ("GRU", "LSTM", "RNN")
+MODES = ("fwd", "fwdbwd")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# (name, batch, length, hidden); input size = hidden.
+SHAPES = (
+    ("32x40x200", 32, 40, 200),
+    ("64x256x256", 64, 256, 256),
+    ("16x1024x512", 16, 1024, 512),
+    ("16x100x32", 16, 100, 32),
+    ("1x1x640", 1, 1, 640),  # streaming: one step, carried state passed in
+)
+SHAPE_BY_NAME = {s[0]: s for s in SHAPES}
+
+
+def is_streaming(shape):
+    """Length-1 shapes are benchmarked as a streaming step: the carried state is passed in."""
+    return shape[2] == 1
+
+
+def parse_list(text, allowed, what):
+    """'a,b' -> ['a', 'b'] (case-insensitive against ``allowed``); None/'all' -> all."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return list(allowed)
+    lookup = {a.lower(): a for a in allowed}
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.lower() not in lookup:
+            raise SystemExit(f"unknown {what} {item!r}; choose from: {', '.join(allowed)}")
+        out.append(lookup[item.lower()])
+    return out
+
+
+def parse_shapes(text):
+    """'32x40x200,1x1x640' -> shape tuples; an index into SHAPES (0..4) works too.
+
+    Shapes not in SHAPES are allowed (any BxLxH, input size = H)."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return list(SHAPES)
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if item.isdigit() and int(item) < len(SHAPES):
+            out.append(SHAPES[int(item)])
+            continue
+        try:
+            b, l, h = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise SystemExit(
+                f"bad shape {item!r}: use BxLxH (e.g. 32x40x200) or an index 0..{len(SHAPES) - 1}"
+            ) from None
+        out.append(SHAPE_BY_NAME.get(f"{b}x{l}x{h}", (f"{b}x{l}x{h}", b, l, h)))
+    return out

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The one script to run on the CUDA device machine (H100), from the repo root:
+#
+#   run  carry [".device-mlx/device-mlx.sh", ...]   (see /work/shared/device/README.md)
+#        command: source .device-mlx/device-mlx.sh && bash benchmarks/device_run.sh
+#
+# Stages, each under its own time limit; results are written as they come (a
+# timeout keeps what was measured) and results.md is re-rendered after every stage:
+#   1. python3 -m pytest -q -m gpu tests
+#   2. recurrent_bench.py --compare, float32 then bfloat16     -> $OUT/mlx_float32.json, mlx_bfloat16.json
+#   3. torch_baseline.py (cuDNN; PYTHONPATH without MLX)       -> $OUT/torch.json
+#   4. report.py                                               -> $OUT/results.md (+ speedup.png if matplotlib)
+# Everything printed goes to $OUT/device_run.log too; $OUT/status.txt has one line
+# per stage (exit code, seconds). At most 7 files in $OUT (the device tool returns 8).
+# On the H100 (Nov 2026) the whole run took about 4-5 minutes (bf16 is the slowest
+# stage: it also runs a float32 reference per config). The limits below sum to
+# 480 s; override with T_TESTS, T_F32, T_BF16, T_TORCH (seconds), BUDGET (timed
+# seconds per config and impl, default 0.5), STAGES (default "tests f32 bf16 torch").
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/device_run_out}
+mkdir -p "$OUT"
+T_TESTS=${T_TESTS:-100}
+T_F32=${T_F32:-150}
+T_BF16=${T_BF16:-150}
+T_TORCH=${T_TORCH:-80}
+BUDGET=${BUDGET:-0.5}
+STAGES=${STAGES:-"tests f32 bf16 torch"}
+T0=$(date +%s)
+: >"$OUT/status.txt"
+
+main() {
+
+# MLX's CUDA build: device-mlx.sh exports PYTHONPATH=/tmp/mlx-site (idempotent once assembled).
+if ! python3 -c "import mlx.core" >/dev/null 2>&1; then
+  if [[ -f .device-mlx/device-mlx.sh ]]; then
+    # shellcheck disable=SC1091
+    source .device-mlx/device-mlx.sh || { echo "device_run: MLX is not assembled (stage both parts first)"; exit 3; }
+  else
+    echo "device_run: mlx is not importable and .device-mlx/device-mlx.sh was not carried"; exit 3
+  fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# For torch: the same path without MLX's site (torch + MLX CUDA clash on cuDNN).
+TORCH_PYTHONPATH=$(printf '%s' "$PYTHONPATH" | tr ':' '\n' | grep -v 'mlx-site' | paste -sd: -)
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "uname: $(uname -a)"
+  echo "nproc: $(nproc)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+  python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.device_info())" 2>&1
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed files"
+}
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+GPU_NAME=${GPU_NAME:-no GPU}
+
+report() {
+  python3 benchmarks/report.py "$OUT"/mlx_*.json "$OUT"/torch.json \
+    --title "device_run.sh results: $GPU_NAME, $(date -u +%F)" \
+    --out "$OUT/results.md" --png "$OUT/speedup.png" 2>&1 | grep -v 'does not exist'
+  return 0
+}
+
+# stage NAME LIMIT CMD...: run CMD under `timeout`, record its rc and seconds, re-render the report.
+stage() {
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "=== [$(( t - T0 ))s] $name (limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t ))
+  [[ $rc == 124 || $rc == 137 ]] && echo "=== $name TIMED OUT after ${dt}s (partial results kept)"
+  echo "$name rc=$rc ${dt}s" | tee -a "$OUT/status.txt"
+  report
+  return 0
+}
+
+for s in $STAGES; do
+  case $s in
+    tests) stage tests "$T_TESTS" python3 -m pytest -q -m gpu tests ;;
+    f32)   stage bench_float32 "$T_F32" python3 benchmarks/recurrent_bench.py --compare \
+             --dtype float32 --budget "$BUDGET" --json "$OUT/mlx_float32.json" ;;
+    bf16)  stage bench_bfloat16 "$T_BF16" python3 benchmarks/recurrent_bench.py --compare \
+             --dtype bfloat16 --budget "$BUDGET" --json "$OUT/mlx_bfloat16.json" ;;
+    torch) stage torch "$T_TORCH" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/torch_baseline.py \
+             --dtype float32,bfloat16 --budget "$BUDGET" --json "$OUT/torch.json" ;;
+    *) echo "device_run: unknown stage $s" ;;
+  esac
+done
+
+echo "=== [$(( $(date +%s) - T0 ))s] done; $OUT/results.md:"
+cat "$OUT/results.md" 2>/dev/null
+cat "$OUT/status.txt"
+}
+
+main 2>&1 | tee -a "$OUT/device_run.log"

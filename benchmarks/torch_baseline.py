@@ -1,0 +1,220 @@
+"""PyTorch cuDNN baseline: torch.nn.GRU / LSTM / RNN on the shapes of recurrent_bench.py.
+
+    python benchmarks/torch_baseline.py --json /tmp/torch.json
+    python benchmarks/torch_baseline.py --dtype float32,bfloat16 --layers GRU --shapes 32x40x200
+
+Run it in its OWN process, never where MLX is imported (on the CUDA machine
+torch and MLX's CUDA build clash on cuDNN), with PYTHONPATH not pointing at
+MLX's site (/tmp/mlx-site on the device machine). This file imports no MLX.
+
+Same cases as recurrent_bench.py: one layer, hidden = input, batch_first,
+``fwd`` = forward under ``torch.no_grad()`` (inference), ``fwdbwd`` = forward and
+backward of ``mean(h)`` w.r.t. all parameters and the input. Length-1 shapes pass
+a carried state as a streaming loop would. Timing: CUDA events around each call
+plus a synchronize, median over repeats adapted to --budget seconds. Exits 0 with
+a message when torch or CUDA is missing.
+
+PyTorch does not flatten bfloat16 cuDNN RNN weights (flatten_parameters leaves them), so
+cuDNN re-packs them on every call; such results carry ``weights_repacked_per_call`` (``†``
+in report.py's tables) and are a pessimistic baseline, mostly for small shapes.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shapes import DTYPES, LAYERS, MODES, is_streaming, parse_list, parse_shapes  # noqa: E402
+
+if "mlx" in sys.modules or "mlx.core" in sys.modules:
+    sys.exit("torch_baseline.py must run in a process without MLX")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
+    p.add_argument("--layers", default=None, help="comma-separated subset of GRU,LSTM,RNN")
+    p.add_argument("--shapes", default=None, help="comma-separated BxLxH (input = H) or indices")
+    p.add_argument("--modes", default=None, help="comma-separated subset of fwd,fwdbwd")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per config (default 0.5)")
+    p.add_argument("--min-repeats", type=int, default=5)
+    p.add_argument("--max-repeats", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark")
+    p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no CUDA (slow)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results here (after every config)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def write_json(path, meta, results):
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import torch
+    except Exception as e:  # ImportError, or a broken install
+        print(f"torch_baseline: PyTorch is not available ({type(e).__name__}: {e}); nothing to do.")
+        return 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.allow_cpu:
+        device = torch.device("cpu")
+    else:
+        print("torch_baseline: CUDA is not available (pass --allow-cpu to time torch on the CPU); nothing to do.")
+        return 0
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+
+    dtypes = parse_list(args.dtype, DTYPES, "dtype")
+    layers = parse_list(args.layers, LAYERS, "layer")
+    shapes = parse_shapes(args.shapes)
+    modes = parse_list(args.modes, MODES, "mode")
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+    meta = {
+        "tool": "torch_baseline",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "impl": "cudnn" if cuda else "torch-cpu",
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": torch.backends.cudnn.version() if cuda else None,
+        "cudnn_benchmark": bool(args.cudnn_benchmark),
+        "device": str(device),
+        "device_type": "gpu" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor(),
+        "backend": "cudnn" if cuda else "cpu",
+        "dtypes": dtypes,
+        "budget_s": args.budget,
+        "machine": {"uname": " ".join(platform.uname()), "hostname": socket.gethostname(),
+                    "nproc": os.cpu_count(), "python": sys.version.split()[0]},
+        "complete": False,
+    }
+    results = []
+    write_json(args.json, meta, results)
+    print(f"# torch baseline: {meta['device_name']}, torch {torch.__version__}, cuDNN "
+          f"{meta['cudnn_version']}, {datetime.date.today()}; median ms ±IQR")
+    header = f"{'dtype':8} {'layer':5} {'shape BxLxH':12} {'mode':6} {'cudnn ms':>16} {'n':>4}"
+    print(header)
+    print("-" * len(header))
+    sys.stdout.flush()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    if cuda:  # initialise CUDA, cuBLAS and cuDNN outside the first timed config
+        warm_layer = torch.nn.LSTM(8, 8, batch_first=True).to(device)
+        warm_layer(torch.randn(2, 3, 8, device=device))[0].sum().backward()
+        sync()
+        del warm_layer
+
+    t_start = time.perf_counter()
+    for dtype in dtypes:
+        for layer_name in layers:
+            for shape in shapes:
+                for mode in modes:
+                    _, b, length, h = shape
+                    base = dict(layer=layer_name, shape=shape[0], batch=b, length=length, hidden=h,
+                                input=h, mode=mode, dtype=dtype, impl=meta["impl"],
+                                streaming=is_streaming(shape))
+                    try:
+                        torch.manual_seed(args.seed)
+                        cls = getattr(torch.nn, layer_name)
+                        layer = cls(h, h, batch_first=True).to(device=device, dtype=tdt[dtype])
+                        layer.flatten_parameters()  # one cuDNN weight buffer (else re-packed every call)
+                        x = torch.randn(b, length, h, device=device, dtype=tdt[dtype])
+                        state = None
+                        if is_streaming(shape):
+                            s = [0.5 * torch.randn(1, b, h, device=device, dtype=tdt[dtype])
+                                 for _ in range(2 if layer_name == "LSTM" else 1)]
+                            state = tuple(s) if layer_name == "LSTM" else s[0]
+
+                        if mode == "fwd":
+                            def fn():
+                                with torch.no_grad():
+                                    return layer(x, state)
+                        else:
+                            xg = x.clone().requires_grad_(True)
+                            params = [p for p in layer.parameters()]
+
+                            def fn():
+                                out, _ = layer(xg, state)
+                                loss = out.float().mean()
+                                return torch.autograd.grad(loss, params + [xg])
+
+                        sync()
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            first = timed(fn)
+                        # PyTorch leaves bfloat16 cuDNN weights unflattened: re-packed on every call
+                        repacked = any("contiguous chunk" in str(w.message) for w in caught)
+                        if cuda:  # flattened = every weight a view of one buffer
+                            try:
+                                ptrs = {w.untyped_storage().data_ptr() for w in layer._flat_weights
+                                        if w is not None}
+                                repacked = repacked or len(ptrs) > 1
+                            except Exception:  # private attribute; the warning check stands alone
+                                pass
+                        warm, spent, last = 1, 0.0, first
+                        # at least one more warm-up (the first call carries cuDNN plan set-up)
+                        while warm < 2 or (warm < args.warmup and spent + last < 250 * args.budget):
+                            last = timed(fn)
+                            spent += last
+                            warm += 1
+                        repeats = int(min(args.max_repeats, max(args.min_repeats, args.budget * 1e3 / max(last, 1e-3))))
+                        times = sorted(timed(fn) for _ in range(repeats))
+                        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+                        stats = dict(median_ms=statistics.median(times), iqr_ms=q3 - q1, q1_ms=q1, q3_ms=q3,
+                                     min_ms=times[0], max_ms=times[-1], repeats=len(times), warmup=warm,
+                                     first_ms=first, single_call=False, weights_repacked_per_call=repacked)
+                        results.append({**base, **stats})
+                        m = stats["median_ms"]
+                        d = 3 if m < 1 else 2 if m < 100 else 1
+                        print(f"{dtype:8} {layer_name:5} {shape[0]:12} {mode:6} "
+                              f"{m:>9.{d}f} ±{stats['iqr_ms']:<5.{d}f} {len(times):>4}"
+                              f"{'  (weights re-packed every call)' if repacked else ''}", flush=True)
+                        del layer, x, fn
+                    except Exception as e:
+                        msg = f"{type(e).__name__}: {e}"
+                        print(f"{dtype:8} {layer_name:5} {shape[0]:12} {mode:6} FAILED {msg[:200]}", flush=True)
+                        results.append({**base, "error": msg[:2000]})
+                    write_json(args.json, meta, results)
+                    if cuda:
+                        torch.cuda.empty_cache()
+    meta["complete"] = True
+    meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    write_json(args.json, meta, results)
+    print(f"# done in {meta['elapsed_s']} s" + (f"; results in {args.json}" if args.json else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
