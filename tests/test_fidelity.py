@@ -101,8 +101,8 @@ def test_weight_files_round_trip(name, direction, fmt, tmp_path):
     for k in fs:
         assert_equal_bits(fd[k], fs[k], k)
     x = rand((2, 3, 4), 3)
-    stock_layer = src if direction == "ours_to_stock" else dst
-    ours_layer = dst if direction == "ours_to_stock" else src
+    stock_layer = src if direction == "stock_to_ours" else dst
+    ours_layer = dst if direction == "stock_to_ours" else src
     ref = forward(stock_layer, x)
     for a, b in zip(forward(ours_layer, x, impl="legacy"), ref):
         assert_equal_bits(a, b, "legacy after load")

@@ -138,12 +138,14 @@ def test_odd_sizes(cell, target, shape):
 @pytest.mark.parametrize("target", RUN_ON)
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_leading_axes_and_zero_states(cell, target):
-    """Extra leading axes fold into B; None (a zero state / no hp) as in naive."""
+    """Extra leading axes fold into B; None (a zero state / no hp) acts as zeros."""
     case = make_case(cell, (2, 3), H, seed=11)
     check(cell, case, target, "forward")
     check(cell, case, target, "backward")
     zero = dict(case, hp=None, states=tuple(None for _ in case["states"]))
-    assert_same(forward(cell, zero, target), forward(cell, zero), f"{cell} zero-state {target}")
+    zeros = dict(case, hp=mx.zeros_like(case["hp"]),
+                 states=tuple(mx.zeros_like(s) for s in case["states"]))
+    assert_same(forward(cell, zero, target), forward(cell, zeros), f"{cell} zero-state {target}")
 
 
 # --------------------------------------------------------------------- extreme values

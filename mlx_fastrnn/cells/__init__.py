@@ -36,7 +36,7 @@ class Cell:
         transformation, hence a backward built from few, large ops.)"""
         fwd = functools.partial(self.forward_step, **self.step_kwargs)
         bwd = functools.partial(self.backward_sequence, **self.step_kwargs)
-        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd, differentiable=True)
+        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd)
 
     @functools.cached_property
     def reference_steps(self):
@@ -47,7 +47,6 @@ class Cell:
             "reference",
             functools.partial(self.forward_step, **kw),
             backward_step=functools.partial(self.backward_step, **kw),
-            differentiable=True,
         )
 
     @functools.lru_cache(maxsize=None)
@@ -83,8 +82,6 @@ class Steps:
     forward_step: Callable
     backward_step: Callable = None
     backward_sequence: Callable = None
-    # The forward step is made of MLX ops, so autodiff can go through it.
-    differentiable: bool = False
     # Whole-sequence kernels, tried before the step loop; they return None
     # for shapes they can't run (the step loop runs then).
     forward_sequence: Callable = None

@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
 from ..kernels.launch import gpu_target
+from .projection import project, transposed
 from .sequence import recurrence
 
 FAST_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -65,16 +66,10 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
     n_batch = 1
     for d in batch:
         n_batch *= d
-    if length == 1 and tuple(x.shape[:-2]) == batch:
-        # One step (streaming): the compiled MLX-op step on every device. On the
-        # H100 the kernel path lost to stock at length 1 (a sequence launch and
-        # the custom VJP cost more than one step saves); see benchmarks/RESULTS.md.
-        step = steps if steps.differentiable else cell.compiled_steps
-        return _single_step(cell, x, w_x, b, w_h, batch, n_batch, states, params, extras, step)
     # Input projection for the whole sequence in one matmul, produced time-major.
     xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])
     xt = xt.swapaxes(0, 1) if length > 1 else xt.reshape(1, -1, x.shape[-1])
-    xp = mx.addmm(b, xt, w_x.T) if b is not None else xt @ w_x.T
+    xp = project(xt, w_x, b)
     dtype = _result_dtype(xp, *extras)
     if xp.shape[1] != n_batch:
         # A state with more batch axes than the input: stock broadcasts x to it.
@@ -93,20 +88,6 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
     if length == 1:
         return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
     return tuple(mx.moveaxis(s, 0, -2) for s in seqs), dtype
-
-
-def _single_step(cell, x, w_x, b, w_h, batch, n_batch, states, params, extras, steps):
-    """Length 1 (streaming): one step, differentiated by autodiff. No time loop to
-    reverse, so the sequence VJP would only add its fixed cost; states the caller
-    did not pass stay None (zero) so the step skips their terms, as stock does."""
-    xt = x.reshape(n_batch, x.shape[-1])
-    xp = mx.addmm(b, xt, w_x.T) if b is not None else xt @ w_x.T
-    dtype = _result_dtype(xp, *extras)
-    hidden_size = w_h.shape[1]
-    states = tuple(None if s is None else _state(s, batch, n_batch, hidden_size) for s in states)
-    hp = None if states[0] is None else states[0] @ _f32(w_h).T
-    new_states = steps.forward_step(xp, hp, states, params)
-    return tuple(s.reshape(*batch, 1, s.shape[-1]) for s in new_states), dtype
 
 
 def _cast(a, dtype):

@@ -13,6 +13,7 @@ dominates on the CPU); the gates are recomputed elementwise.
 import mlx.core as mx
 
 from ..cells.timeaxis import split_time
+from .projection import transposed
 
 _FUNCTIONS = {}
 
@@ -53,7 +54,7 @@ def _make_function(cell, steps, given):
             if out is not None:
                 return out
         length, batch, hidden = xp.shape[0], xp.shape[1], w_h.shape[1]
-        w_h_t = w_h.T
+        w_h_t = transposed(w_h, length * batch)  # reused by every step
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
         for t, x_t in enumerate(split_time(xp)):
             if t == 0 and h0_is_zero:

@@ -17,23 +17,17 @@ from ..timeaxis import f32, split_time
 
 def _gates(x, hp, bhn):
     xr, xz, xn = mx.split(f32(x), 3, axis=-1)
-    if hp is None:  # no previous state: h = 0, as stock's first step without `hidden`
-        r, z, hn = mx.sigmoid(xr), mx.sigmoid(xz), bhn
-    else:
-        hr, hz, hn = mx.split(hp, 3, axis=-1)
-        r, z, hn = mx.sigmoid(xr + hr), mx.sigmoid(xz + hz), hn + bhn
+    hr, hz, hn = mx.split(hp, 3, axis=-1)
+    r, z, hn = mx.sigmoid(xr + hr), mx.sigmoid(xz + hz), hn + bhn
     n = mx.tanh(xn + r * hn)
     return r, z, n, hn
 
 
 def forward_step(x, hp, states, params):
-    """One time step. ``states = (h,)``, ``params = (bhn,)``; returns ``(h',)``.
-
-    ``hp = None`` and ``h = None`` stand for a zero previous state.
-    """
+    """One time step. ``states = (h,)``, ``params = (bhn,)``; returns ``(h',)``."""
     (h,), (bhn,) = states, params
     _, z, n, _ = _gates(x, hp, bhn)
-    return ((1 - z) * n if h is None else (1 - z) * n + z * h,)
+    return ((1 - z) * n + z * h,)
 
 
 def backward_step(d_out, d_rec, x, hp, states, params):

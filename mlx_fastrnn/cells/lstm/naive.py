@@ -15,19 +15,15 @@ from ..timeaxis import f32, split_time
 
 
 def _gates(x, hp):
-    pre = f32(x) if hp is None else f32(x) + hp
-    i, f, g, o = mx.split(pre, 4, axis=-1)
+    i, f, g, o = mx.split(f32(x) + hp, 4, axis=-1)
     return mx.sigmoid(i), mx.sigmoid(f), mx.tanh(g), mx.sigmoid(o)
 
 
 def forward_step(x, hp, states, params):
-    """One time step. ``states = (h, c)``, ``params = ()``; returns ``(h', c')``.
-
-    ``hp = None`` (no previous h) and ``c = None`` stand for zero states.
-    """
+    """One time step. ``states = (h, c)``, ``params = ()``; returns ``(h', c')``."""
     _, c = states
     i, f, g, o = _gates(x, hp)
-    c = i * g if c is None else f * c + i * g
+    c = f * c + i * g
     return o * mx.tanh(c), c
 
 

@@ -12,9 +12,8 @@ from ..timeaxis import f32, split_time
 
 
 def forward_step(x, hp, states, params, relu=False):
-    """One time step. ``states = (h,)``, ``params = ()``; returns ``(h',)``.
-    ``hp = None`` stands for a zero previous state."""
-    pre = f32(x) if hp is None else f32(x) + hp
+    """One time step. ``states = (h,)``, ``params = ()``; returns ``(h',)``."""
+    pre = f32(x) + hp
     return (mx.maximum(pre, 0.0) if relu else mx.tanh(pre),)
 
 
