@@ -9,8 +9,9 @@ the exception type stock raises (with a message naming the expected shape).
 import mlx.core as mx
 
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
+from ..cells.timeaxis import f32
 from ..kernels.launch import gpu_target
-from .projection import project, transposed
+from .projection import project
 from .sequence import recurrence
 
 FAST_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -20,7 +21,7 @@ def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None, whole_sequence=True):
     hidden_size = w_h.shape[1]
     batch = _check(x, w_x, hidden_size, "GRU", hidden=hidden)
     extras = [b, bhn, hidden, w_h if x.shape[-2] > 1 or hidden is not None else None]
-    bhn32 = _f32(bhn) if bhn is not None else mx.zeros((hidden_size,))
+    bhn32 = f32(bhn) if bhn is not None else mx.zeros((hidden_size,))
     steps = steps or default_steps(GRU_CELL, whole_sequence)
     (hs,), dtype = _run(GRU_CELL, x, w_x, b, w_h, batch, (hidden,), (bhn32,), extras, steps)
     return _cast(hs, dtype)
@@ -58,10 +59,7 @@ def fast_path_supports(x, *arrays):
 
 def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
     """Project the input, broadcast states to the batch, run the recurrence.
-
-    Every op here costs microseconds on the CPU, which is the whole budget of a
-    streaming (batch 1, length 1) call: no reshape, copy or cast that isn't needed.
-    """
+    (Each op costs microseconds on the CPU: no reshape, copy or cast that isn't needed.)"""
     length, hidden_size = x.shape[-2], w_h.shape[1]
     n_batch = 1
     for d in batch:
@@ -82,7 +80,7 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
         for s in states
     )
     given = tuple(s is not None for s in states)
-    seqs = recurrence(cell, steps, xp, _f32(w_h), states0, params, given)
+    seqs = recurrence(cell, steps, xp, f32(w_h), states0, params, given)
     if batch != (n_batch,):
         seqs = tuple(s.reshape(length, *batch, hidden_size) for s in seqs)
     if length == 1:
@@ -94,12 +92,8 @@ def _cast(a, dtype):
     return a if a.dtype == dtype else a.astype(dtype)
 
 
-def _f32(a):
-    return a if a.dtype == mx.float32 else a.astype(mx.float32)
-
-
 def _state(s, batch, n_batch, hidden_size):
-    s = _f32(s)
+    s = f32(s)
     if tuple(s.shape) != (*batch, hidden_size):
         s = mx.broadcast_to(s, (*batch, hidden_size))
     return s if s.ndim == 2 else s.reshape(n_batch, hidden_size)

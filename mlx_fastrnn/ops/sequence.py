@@ -53,7 +53,7 @@ def _make_function(cell, steps, given):
             out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
             if out is not None:
                 return out
-        length, batch, hidden = xp.shape[0], xp.shape[1], w_h.shape[1]
+        length, batch = xp.shape[0], xp.shape[1]
         w_h_t = transposed(w_h, length * batch)  # reused by every step
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
         for t, x_t in enumerate(split_time(xp)):
