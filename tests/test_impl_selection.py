@@ -347,3 +347,29 @@ def test_runner_legacy_env_runs_stock_math(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["mlx_fastrnn.layers", "legacy"]
+
+
+def test_cell_impl_drops_only_the_whole_sequence_kernels():
+    """`cell` pins the per-step fused cells: same steps, no persistent kernels."""
+    from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL, RNN_TANH_CELL
+
+    for cell in (GRU_CELL, LSTM_CELL, RNN_TANH_CELL):
+        whole = cell.kernel_steps("cuda", True)
+        per_step = cell.kernel_steps("cuda", False)
+        assert whole.forward_sequence is not None and whole.backward_sequence_kernel is not None
+        assert per_step.forward_sequence is None and per_step.backward_sequence_kernel is None
+        assert cell.kernel_steps("metal").forward_sequence is None  # no grid barrier on Metal
+        assert per_step.backward_step is not None
+    with mlx_fastrnn.use_impl("cell"):
+        assert mlx_fastrnn.current_impl() == "cell"
+        m = mlx_fastrnn.GRU(3, 4)
+        x = mx.random.normal((2, 5, 3))
+        with mlx_fastrnn.use_impl("legacy"):
+            ref = m(x)
+        assert mx.allclose(m(x), ref, rtol=1e-5, atol=1e-6).item()
+
+
+def test_cell_value_from_the_environment():
+    r = _run_py("import mlx_fastrnn; print(mlx_fastrnn.IMPL)", impl="cell")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "cell"

@@ -1,5 +1,6 @@
-"""Recurrent cells. Each folder holds one cell's math once (``naive.py``) and its
-fused kernels (``kernels.py``); this module only describes them to the driver."""
+"""Recurrent cells. Each folder holds one cell's math once (``naive.py``), its fused
+step kernels (``kernels.py``) and its persistent CUDA kernels (``persistent.py``);
+this module only describes them to the driver."""
 
 import functools
 from dataclasses import dataclass, field
