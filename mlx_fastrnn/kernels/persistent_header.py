@@ -298,3 +298,40 @@ __device__ __forceinline__ float part_sum(const float* part, int r, int n) {
 #   RELU  RNN: relu instead of tanh
 # Block b of the grid owns units [j0, j0+U) with j0 = (b % NU) * U and batch rows
 # [r0, r0+BB) with r0 = (b / NU) * BB; the barrier is per batch group (b / NU).
+
+
+def block_prologue(direction, gates):
+    """The opening every persistent body shares, as body text.
+
+    It must stay in the body, not the header: MLX adds the ``x_shape`` kernel
+    parameter only when the body names it. Declares L, B, j0, r0, nrows,
+    counter, the shared-memory carve (hs, part, Ws) with this block's W_h
+    slice loaded (rows for the forward, transposed columns for the backward),
+    and the per-thread element slots ok/er/eu (filled by ``ELEMENT_SLOT``).
+    ``gates`` is the C++ expression for the number of gates (``"G"`` or ``"1"``).
+    """
+    width, load = ("N", "rows") if direction == "forward" else ("U", "cols")
+    return f"""  const int L = x_shape[0];
+  const int B = x_shape[1];
+  const int j0 = (blockIdx.x % NU) * U;
+  const int r0 = (blockIdx.x / NU) * BB;
+  const int nrows = frnn::imin(BB, B - r0);
+  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
+  float* hs;
+  float* part;
+  WT* Ws;
+  frnn::carve<BBP, KCH, KS, {width}>(hs, part, Ws);
+  frnn::load_w_{load}<{gates}, U, H, TPB>(Ws, w, j0);
+
+  bool ok[EPT];
+  int er[EPT], eu[EPT];
+"""
+
+
+# Inside `for (int e = 0; e < EPT; ++e)`: which (row er, unit eu) of the
+# block's BB x U tile thread element e handles, and whether it exists.
+ELEMENT_SLOT = """    const int i = threadIdx.x + e * TPB;
+    er[e] = i / U;
+    eu[e] = i - er[e] * U;
+    ok[e] = i < BB * U && er[e] < nrows && j0 + eu[e] < H;
+"""

@@ -5,6 +5,8 @@ Shared device code (barrier, W_h slice, projection) is in
 ``mlx_fastrnn.kernels.persistent_header``; constants are documented there.
 """
 
+from ...kernels.persistent_header import ELEMENT_SLOT, block_prologue
+
 NUM_GATES = 3
 
 FORWARD_INPUTS = ("x", "w", "h0", "bhn")
@@ -14,28 +16,10 @@ FORWARD_BODY = r"""
   constexpr int G = 3;
   constexpr int N = G * U;
   constexpr int GH = G * H;
-  const int L = x_shape[0];
-  const int B = x_shape[1];
-  const int j0 = (blockIdx.x % NU) * U;
-  const int r0 = (blockIdx.x / NU) * BB;
-  const int nrows = frnn::imin(BB, B - r0);
-  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
-  float* hs;
-  float* part;
-  WT* Ws;
-  frnn::carve<BBP, KCH, KS, N>(hs, part, Ws);
-  frnn::load_w_rows<G, U, H, TPB>(Ws, w, j0);
-
-  bool ok[EPT];
-  int er[EPT], eu[EPT];
-  float hreg[EPT], bn[EPT], xv[EPT][G];
+""" + block_prologue("forward", "G") + r"""  float hreg[EPT], bn[EPT], xv[EPT][G];
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
-    const int i = threadIdx.x + e * TPB;
-    er[e] = i / U;
-    eu[e] = i - er[e] * U;
-    ok[e] = i < BB * U && er[e] < nrows && j0 + eu[e] < H;
-    const long long b = r0 + er[e];
+""" + ELEMENT_SLOT + r"""    const long long b = r0 + er[e];
     const int j = j0 + eu[e];
     hreg[e] = ok[e] ? h0[b * H + j] : 0.0f;
     bn[e] = ok[e] ? bhn[j] : 0.0f;
@@ -93,28 +77,10 @@ BACKWARD_BODY = r"""
   constexpr int G = 3;
   constexpr int GH = G * H;
   constexpr int STOP = NEED_D0 ? -1 : 0;
-  const int L = x_shape[0];
-  const int B = x_shape[1];
-  const int j0 = (blockIdx.x % NU) * U;
-  const int r0 = (blockIdx.x / NU) * BB;
-  const int nrows = frnn::imin(BB, B - r0);
-  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
-  float* hs;
-  float* part;
-  WT* Ws;
-  frnn::carve<BBP, KCH, KS, U>(hs, part, Ws);
-  frnn::load_w_cols<G, U, H, TPB>(Ws, w, j0);
-
-  bool ok[EPT];
-  int er[EPT], eu[EPT];
-  float direct[EPT], bn[EPT], dov[EPT], hpr[EPT], xv[EPT][G], hpv[EPT][G];
+""" + block_prologue("backward", "G") + r"""  float direct[EPT], bn[EPT], dov[EPT], hpr[EPT], xv[EPT][G], hpv[EPT][G];
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
-    const int i = threadIdx.x + e * TPB;
-    er[e] = i / U;
-    eu[e] = i - er[e] * U;
-    ok[e] = i < BB * U && er[e] < nrows && j0 + eu[e] < H;
-    direct[e] = 0.0f;
+""" + ELEMENT_SLOT + r"""    direct[e] = 0.0f;
     bn[e] = ok[e] ? bhn[j0 + eu[e]] : 0.0f;
   }
   // Step inputs of step s into registers (issued early, used after the barrier).

@@ -6,6 +6,8 @@ units, so it is carried in registers across steps (and written out per step).
 Shared device code and constants: ``mlx_fastrnn.kernels.persistent_header``.
 """
 
+from ...kernels.persistent_header import ELEMENT_SLOT, block_prologue
+
 NUM_GATES = 4
 
 FORWARD_INPUTS = ("x", "w", "h0", "c0")
@@ -15,28 +17,10 @@ FORWARD_BODY = r"""
   constexpr int G = 4;
   constexpr int N = G * U;
   constexpr int GH = G * H;
-  const int L = x_shape[0];
-  const int B = x_shape[1];
-  const int j0 = (blockIdx.x % NU) * U;
-  const int r0 = (blockIdx.x / NU) * BB;
-  const int nrows = frnn::imin(BB, B - r0);
-  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
-  float* hs;
-  float* part;
-  WT* Ws;
-  frnn::carve<BBP, KCH, KS, N>(hs, part, Ws);
-  frnn::load_w_rows<G, U, H, TPB>(Ws, w, j0);
-
-  bool ok[EPT];
-  int er[EPT], eu[EPT];
-  float creg[EPT], xv[EPT][G];
+""" + block_prologue("forward", "G") + r"""  float creg[EPT], xv[EPT][G];
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
-    const int i = threadIdx.x + e * TPB;
-    er[e] = i / U;
-    eu[e] = i - er[e] * U;
-    ok[e] = i < BB * U && er[e] < nrows && j0 + eu[e] < H;
-    const long long b = r0 + er[e];
+""" + ELEMENT_SLOT + r"""    const long long b = r0 + er[e];
     const int j = j0 + eu[e];
     creg[e] = ok[e] ? c0[b * H + j] : 0.0f;
 #pragma unroll
@@ -94,28 +78,10 @@ BACKWARD_BODY = r"""
   constexpr int G = 4;
   constexpr int GH = G * H;
   constexpr int STOP = NEED_D0 ? -1 : 0;
-  const int L = x_shape[0];
-  const int B = x_shape[1];
-  const int j0 = (blockIdx.x % NU) * U;
-  const int r0 = (blockIdx.x / NU) * BB;
-  const int nrows = frnn::imin(BB, B - r0);
-  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
-  float* hs;
-  float* part;
-  WT* Ws;
-  frnn::carve<BBP, KCH, KS, U>(hs, part, Ws);
-  frnn::load_w_cols<G, U, H, TPB>(Ws, w, j0);
-
-  bool ok[EPT];
-  int er[EPT], eu[EPT];
-  float dcrec[EPT], dov[EPT], dcv[EPT], cpv[EPT], xv[EPT][G], hpv[EPT][G];
+""" + block_prologue("backward", "G") + r"""  float dcrec[EPT], dov[EPT], dcv[EPT], cpv[EPT], xv[EPT][G], hpv[EPT][G];
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
-    const int i = threadIdx.x + e * TPB;
-    er[e] = i / U;
-    eu[e] = i - er[e] * U;
-    ok[e] = i < BB * U && er[e] < nrows && j0 + eu[e] < H;
-    dcrec[e] = 0.0f;
+""" + ELEMENT_SLOT + r"""    dcrec[e] = 0.0f;
   }
   auto fetch = [&](int s) {
 #pragma unroll

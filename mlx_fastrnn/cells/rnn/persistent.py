@@ -5,6 +5,8 @@ set (``naive.py``). Shared device code and constants:
 ``mlx_fastrnn.kernels.persistent_header``.
 """
 
+from ...kernels.persistent_header import ELEMENT_SLOT, block_prologue
+
 NUM_GATES = 1
 
 FORWARD_INPUTS = ("x", "w", "h0")
@@ -12,28 +14,10 @@ FORWARD_OUTPUTS = ("h_seq", "hp", "sync")
 
 FORWARD_BODY = r"""
   constexpr int N = U;
-  const int L = x_shape[0];
-  const int B = x_shape[1];
-  const int j0 = (blockIdx.x % NU) * U;
-  const int r0 = (blockIdx.x / NU) * BB;
-  const int nrows = frnn::imin(BB, B - r0);
-  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
-  float* hs;
-  float* part;
-  WT* Ws;
-  frnn::carve<BBP, KCH, KS, N>(hs, part, Ws);
-  frnn::load_w_rows<1, U, H, TPB>(Ws, w, j0);
-
-  bool ok[EPT];
-  int er[EPT], eu[EPT];
-  float xv[EPT];
+""" + block_prologue("forward", "1") + r"""  float xv[EPT];
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
-    const int i = threadIdx.x + e * TPB;
-    er[e] = i / U;
-    eu[e] = i - er[e] * U;
-    ok[e] = i < BB * U && er[e] < nrows && j0 + eu[e] < H;
-    xv[e] = ok[e] ? frnn::to_f(x[(long long)(r0 + er[e]) * H + j0 + eu[e]]) : 0.0f;
+""" + ELEMENT_SLOT + r"""    xv[e] = ok[e] ? frnn::to_f(x[(long long)(r0 + er[e]) * H + j0 + eu[e]]) : 0.0f;
   }
 
   for (int t = 0; t < L; ++t) {
@@ -69,28 +53,10 @@ BACKWARD_OUTPUTS = ("dx", "dh0", "sync")
 
 BACKWARD_BODY = r"""
   constexpr int STOP = NEED_D0 ? -1 : 0;
-  const int L = x_shape[0];
-  const int B = x_shape[1];
-  const int j0 = (blockIdx.x % NU) * U;
-  const int r0 = (blockIdx.x / NU) * BB;
-  const int nrows = frnn::imin(BB, B - r0);
-  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
-  float* hs;
-  float* part;
-  WT* Ws;
-  frnn::carve<BBP, KCH, KS, U>(hs, part, Ws);
-  frnn::load_w_cols<1, U, H, TPB>(Ws, w, j0);
-
-  bool ok[EPT];
-  int er[EPT], eu[EPT];
-  float dov[EPT], pre[EPT];
+""" + block_prologue("backward", "1") + r"""  float dov[EPT], pre[EPT];
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
-    const int i = threadIdx.x + e * TPB;
-    er[e] = i / U;
-    eu[e] = i - er[e] * U;
-    ok[e] = i < BB * U && er[e] < nrows && j0 + eu[e] < H;
-    const long long idx = ((long long)(L - 1) * B + r0 + er[e]) * H + j0 + eu[e];
+""" + ELEMENT_SLOT + r"""    const long long idx = ((long long)(L - 1) * B + r0 + er[e]) * H + j0 + eu[e];
     dov[e] = ok[e] ? dh[idx] : 0.0f;
     pre[e] = ok[e] ? frnn::to_f(x[idx]) + hp[idx] : 0.0f;
   }
