@@ -375,8 +375,11 @@ class KernelSpec:
     threadgroup: tuple
 
 
-def kernel_spec(p, x_dtype, flag):
-    """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward)."""
+def kernel_spec(p, x_dtype, flag, header=HEADER):
+    """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward).
+
+    ``header`` replaces the shared device code (the tuning tools prepend the
+    ``FRNN_*`` switches documented in ``persistent_header``)."""
     mod = cell_module(p.cell)
     fwd = p.direction == "forward"
     body = mod.FORWARD_BODY if fwd else mod.BACKWARD_BODY
@@ -399,13 +402,13 @@ def kernel_spec(p, x_dtype, flag):
     )
     # MLX caches the compiled module by kernel name, in memory and on disk
     # (its PTX cache): the name must change whenever the source does.
-    digest = hashlib.sha1((HEADER + body).encode()).hexdigest()[:12]
+    digest = hashlib.sha1((header + body).encode()).hexdigest()[:12]
     name = f"frnn_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
     return KernelSpec(
         name=name,
         input_names=tuple(mod.FORWARD_INPUTS if fwd else mod.BACKWARD_INPUTS),
         output_names=tuple(mod.FORWARD_OUTPUTS if fwd else mod.BACKWARD_OUTPUTS),
-        header=HEADER,
+        header=header,
         body=body,
         template=template,
         shared_memory=p.smem,
@@ -533,8 +536,22 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     return p
 
 
+def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, weights):
+    if use_plan is None:
+        return select(direction, cell_name, xp, w_h, limits, tpb, weights)
+    dims = _check_common(cell_name, xp, w_h)
+    lim = limits if limits is not None else device_limits()
+    if dims is None or lim is None:
+        return None
+    B, H = dims[2], dims[3]
+    p = use_plan
+    if (p.direction, p.cell, p.H, p.B) != (direction, cell_name, H, B) or p.nblocks > lim.num_sms:
+        raise ValueError(f"plan {p} does not fit this {direction} {cell_name} problem (B={B}, H={H})")
+    return p
+
+
 def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limits=None, tpb=256,
-                        weights="auto"):
+                        weights="auto", use_plan=None, header=HEADER):
     """Run the whole forward recurrence in one kernel.
 
     Args follow ``ops.sequence.recurrence``: ``xp`` [L, B, G*H] (float32/16,
@@ -544,10 +561,12 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
     Returns ``(h_seq, hp)`` (GRU, RNN) or ``(h_seq, c_seq, hp)`` (LSTM), all
     float32 ([L, B, H] and hp [L, B, G*H], ``hp_t = h_{t-1} W_h^T``, zero at t=0
     when ``h0_is_zero``), or ``None`` when the caller must use the per-step path.
+    ``use_plan`` / ``header`` are for tuning (``benchmarks/persistent_tune.py``):
+    a plan from :func:`plan` for this problem, and replacement device code.
     """
     if not cuda_available():
         return None
-    p = select("forward", cell_name, xp, w_h, limits, tpb, weights)
+    p = _given_or_selected(use_plan, "forward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
     spec_cell = CELLS[cell_name]
@@ -560,7 +579,7 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
     if not all(_shape_ok(q, (H,)) for q in params):
         return None
     w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
-    spec = kernel_spec(p, xp.dtype, h0_is_zero)
+    spec = kernel_spec(p, xp.dtype, h0_is_zero, header)
     inputs = (xp, w, *states0, *params)
     seq = (L, B, H)
     shapes = [seq] * spec_cell.num_states + [(L, B, spec_cell.num_gates * H), (p.sync_words,)]
@@ -570,7 +589,7 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
 
 
 def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, *, limits=None,
-                        tpb=256, weights="auto"):
+                        tpb=256, weights="auto", use_plan=None, header=HEADER):
     """Adjoint of :func:`persistent_sequence` in one reverse-time kernel.
 
     Same meaning as the cells' ``naive.backward_sequence``: ``d_outs`` the
@@ -584,7 +603,7 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
     """
     if not cuda_available():
         return None
-    p = select("backward", cell_name, xp, w_h, limits, tpb, weights)
+    p = _given_or_selected(use_plan, "backward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
     spec_cell = CELLS[cell_name]
@@ -603,7 +622,7 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
         return None
     d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
     w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
-    spec = kernel_spec(p, xp.dtype, need_d_state0)
+    spec = kernel_spec(p, xp.dtype, need_d_state0, header)
     f32 = mx.float32
     if cell_name == "gru":
         inputs = (d_outs[0], xp, hp, prevs[0], w, params[0])
