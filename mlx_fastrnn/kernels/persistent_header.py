@@ -17,6 +17,13 @@ Layout of the dynamic shared memory of one block (``carve``), in this order:
   part float [KS][BBP][N]     per-K-split partial sums of the projection
   Ws   WT    [N][K]           the block's slice of W_h (rows, or transposed columns)
 Python's ``smem_bytes`` computes the same total.
+
+Switches for ``benchmarks/persistent_tune.py`` (defined before this header;
+never set by the library): ``FRNN_BARRIER_FENCE`` (the older fence + atomicAdd
+barrier), ``FRNN_STAGE_LDCG`` (staging through registers instead of cp.async),
+``FRNN_MATVEC_SCALAR`` (one k per lane and load instead of four), and the timing-only ``FRNN_DIAG_NO_BARRIER``, ``FRNN_DIAG_NO_MATVEC``,
+``FRNN_DIAG_NO_STAGE``, which leave a part of each step out (wrong results, by
+design) to show what that part costs.
 """
 
 HEADER = r"""
@@ -36,6 +43,7 @@ HEADER = r"""
 namespace frnn {
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -65,6 +73,23 @@ __device__ __forceinline__ unsigned long long now_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// Release-add at GPU scope (cumulative: after __syncthreads it publishes the
+// whole block's writes), as CUTLASS's GenericBarrier does.
+__device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" : : "l"(p), "r"(v) : "memory");
+}
+#if !defined(FRNN_STAGE_LDCG) && __CUDA_ARCH__ >= 800
+#define FRNN_CP_ASYNC 1
+// 16-byte global -> shared copy through L2 only, without a register round
+// trip: the first src_bytes (0..16) come from src, the rest is zero-filled.
+// All of a thread's copies are in flight together until cp_async_wait_all.
+__device__ __forceinline__ void cp_async16(void* dst, const float* src, int src_bytes) {
+  unsigned s;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" : : "r"(s), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" : : : "memory"); }
+#endif
 __device__ __forceinline__ void fail() { __trap(); }
 __device__ __forceinline__ void spin_pause() {}
 #else
@@ -84,6 +109,17 @@ __device__ __forceinline__ float4 ldcg4(const float* p) {
   return v;
 }
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+#if !defined(FRNN_STAGE_LDCG)
+#define FRNN_CP_ASYNC 1
+#endif
+__device__ __forceinline__ void cp_async16(void* dst, const float* src, int src_bytes) {
+  float* d = static_cast<float*>(dst);
+  for (int i = 0; i < 4; ++i) {
+    d[i] = 4 * i < src_bytes ? ldcg(src + i) : 0.0f;
+  }
+}
+__device__ __forceinline__ void cp_async_wait_all() {}
+__device__ __forceinline__ void red_release(unsigned* p, unsigned v) { __atomic_fetch_add(p, v, __ATOMIC_RELEASE); }
 __device__ __forceinline__ unsigned long long now_ns() { return frnn_emu::now_ns(); }
 __device__ __forceinline__ void fail() { frnn_emu::fail(); }
 __device__ __forceinline__ void spin_pause() { frnn_emu::spin_pause(); }
@@ -92,14 +128,24 @@ __device__ __forceinline__ void spin_pause() { frnn_emu::spin_pause(); }
 // Grid-wide (batch-group-wide) barrier on a monotone counter: every block of
 // the group adds 1 after each step, and step t's barrier waits for
 // target = (blocks in the group) * (t + 1). No reset, no sense flip.
-// Memory order: __syncthreads orders the block's writes before thread 0's
-// __threadfence + atomicAdd (release); thread 0 spins with ld.acquire.gpu,
-// then __syncthreads hands the acquired view to the whole block.
+// Memory order (CUTLASS's GenericBarrier): __syncthreads orders the block's
+// writes before thread 0's red.release.gpu (release is cumulative, so it
+// publishes them all); thread 0 spins with ld.acquire.gpu, then __syncthreads
+// hands the acquired view to the whole block. FRNN_BARRIER_FENCE selects the
+// older __threadfence + atomicAdd + __threadfence form, kept for timing.
 __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target) {
+#if defined(FRNN_DIAG_NO_BARRIER)
+  __syncthreads();
+  return;
+#endif
   __syncthreads();
   if (threadIdx.x == 0) {
+#if defined(FRNN_BARRIER_FENCE)
     __threadfence();
     atomicAdd(counter, 1u);
+#else
+    red_release(counter, 1u);
+#endif
     unsigned spins = 0;
     unsigned long long t0 = 0;
     while (ld_acquire(counter) < target) {
@@ -114,7 +160,9 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target)
       }
       spin_pause();
     }
+#if defined(FRNN_BARRIER_FENCE)
     __threadfence();
+#endif
   }
   __syncthreads();
 }
@@ -161,10 +209,23 @@ __device__ __forceinline__ void load_w_cols(WT* Ws, const WT* w, int j0) {
 template <int BBP, int KCH, int TPB>
 __device__ __forceinline__ void stage_rows(
     float* hs, const float* src, int ld, int nrows, int k0, int klen) {
+#if defined(FRNN_DIAG_NO_STAGE)
+  return;
+#endif
   if ((KCH % 4) == 0 && (ld % 4) == 0 && (k0 % 4) == 0 &&
       (reinterpret_cast<unsigned long long>(src) % 16) == 0) {
     constexpr int KQ = KCH / 4;
     float4* hs4 = reinterpret_cast<float4*>(hs);
+#if defined(FRNN_CP_ASYNC)
+    // Every copy of the thread in flight at once: staging is L2-latency bound.
+    for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
+      const int r = i / KQ;
+      const int k = 4 * (i - r * KQ);
+      const int n = r < nrows ? imax(0, imin(4, klen - k)) : 0;
+      cp_async16(hs4 + i, n > 0 ? src + (long long)r * ld + k0 + k : src, 4 * n);
+    }
+    cp_async_wait_all();
+#else
 #pragma unroll 4
     for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
       const int r = i / KQ;
@@ -181,6 +242,7 @@ __device__ __forceinline__ void stage_rows(
       }
       hs4[i] = v;
     }
+#endif
   } else {
 #pragma unroll 4
     for (int i = threadIdx.x; i < BBP * KCH; i += TPB) {
@@ -189,6 +251,16 @@ __device__ __forceinline__ void stage_rows(
       hs[i] = (r < nrows && k < klen) ? ldcg(src + (long long)r * ld + k0 + k) : 0.0f;
     }
   }
+}
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 ld4(const __nv_bfloat16* p) {
+  float4 v;
+  v.x = to_f(p[0]);
+  v.y = to_f(p[1]);
+  v.z = to_f(p[2]);
+  v.w = to_f(p[3]);
+  return v;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -208,6 +280,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT>
 __device__ __forceinline__ void matvec_chunk(
     const float* hs, const WT* Ws, int k0, int klen, float* part, bool accumulate) {
+#if defined(FRNN_DIAG_NO_MATVEC)
+  return;
+#endif
   constexpr int RG = BBP / RB;
   constexpr int NW = TPB / 32;
   constexpr int KC = (((KCH + 31) / 32 + KS - 1) / KS) * 32;
@@ -228,7 +303,35 @@ __device__ __forceinline__ void matvec_chunk(
     const int ke = imin(klen, kb + KC);
     const float* hrow = hs + rg * RB * KCH;
     const WT* wk = Ws + k0;
-    for (int k = kb + lane; k < ke; k += 32) {
+    int kt = kb;  // first k of the scalar loop
+#if !defined(FRNN_MATVEC_SCALAR)
+    // Four consecutive k per lane (16-byte shared loads: a quarter of the load
+    // instructions), when every row start is 16-byte aligned; the < 4 left
+    // over go through the scalar loop.
+    if ((KCH % 4) == 0 && (K % 4) == 0 && (reinterpret_cast<unsigned long long>(Ws) % 16) == 0) {
+      kt = kb + ((ke - kb) & ~3);
+      for (int k = kb + 4 * lane; k < kt; k += 128) {
+        float4 hv[RB];
+#pragma unroll
+        for (int rr = 0; rr < RB; ++rr) {
+          hv[rr] = *reinterpret_cast<const float4*>(hrow + rr * KCH + k);
+        }
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+          const float4 wv = ld4(wk + n * K + k);
+#pragma unroll
+          for (int rr = 0; rr < RB; ++rr) {
+            float a = acc[rr][n];
+            a = fmaf(hv[rr].x, wv.x, a);
+            a = fmaf(hv[rr].y, wv.y, a);
+            a = fmaf(hv[rr].z, wv.z, a);
+            acc[rr][n] = fmaf(hv[rr].w, wv.w, a);
+          }
+        }
+      }
+    }
+#endif
+    for (int k = kt + lane; k < ke; k += 32) {
       float hv[RB];
 #pragma unroll
       for (int rr = 0; rr < RB; ++rr) {
