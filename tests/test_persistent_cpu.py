@@ -23,7 +23,8 @@ SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS"):
+    for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
+              "MLX_FASTRNN_PERSISTENT_SWITCHES"):
         monkeypatch.delenv(k, raising=False)
 
 
@@ -281,3 +282,29 @@ def test_nvrtc_compiles_without_spills(cell, direction):
         assert regs is not None and regs <= 128, log  # two 256-thread blocks per SM
         assert spill_st == 0 and spill_ld == 0 and stack == 0, log
 
+
+
+@needs_cxx
+@pytest.mark.parametrize("switch", sorted(P.SWITCHES))
+def test_emulated_switches(switch, monkeypatch):
+    """Each MLX_FASTRNN_PERSISTENT_SWITCHES variant gives the same results
+    (LSTM, K in several chunks, initial-state gradients)."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", f"{switch}, not_a_switch")
+    assert P.switch_defines() == f"#define {P.SWITCHES[switch]} 1\n"
+    limits = P.Limits(num_sms=8, smem_per_block=6 * 1024, smem_per_sm=16 * 1024)
+    cell, L, B, H = "lstm", 3, 7, 40
+    xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    assert P.plan("backward", cell, H, B, limits, tpb=64).KCH < 4 * H
+    expected = ref.forward(cell, xp, w_h, s0, params, False)
+    got, _ = emu.forward(cell, xp, w_h, s0, params, False, limits)
+    for a, e in zip(got, expected):
+        assert ref.max_rel_err(a, e) < 2e-6
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, limits)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, True)
+    assert ref.max_rel_err(dx, rdx) < 2e-6
+    assert ref.max_rel_err(dhp, rdhp) < 2e-6
+    for a, e in zip(d0, rd0):
+        assert ref.max_rel_err(a, e) < 2e-6

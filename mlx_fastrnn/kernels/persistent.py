@@ -196,6 +196,20 @@ def enabled():
     return os.environ.get("MLX_FASTRNN_PERSISTENT", "1").strip() not in ("0", "false", "off", "no")
 
 
+# Kernel variants that MLX_FASTRNN_PERSISTENT_SWITCHES (comma-separated) turns
+# on, to bisect a wrong result or a slowdown on a device without editing code.
+SWITCHES = {
+    "fence_barrier": "FRNN_BARRIER_FENCE",  # fence + atomicAdd instead of red.release
+    "scalar_projection": "FRNN_MATVEC_SCALAR",  # one k per lane instead of four
+    "cp_async_staging": "FRNN_STAGE_CP_ASYNC",  # experimental: see persistent_header.stage_rows
+}
+
+
+def switch_defines():
+    names = [n.strip() for n in os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", "").split(",") if n.strip()]
+    return "".join(f"#define {SWITCHES[n]} 1\n" for n in names if n in SWITCHES)
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -380,6 +394,7 @@ def kernel_spec(p, x_dtype, flag, header=HEADER):
 
     ``header`` replaces the shared device code (the tuning tools prepend the
     ``FRNN_*`` switches documented in ``persistent_header``)."""
+    header = switch_defines() + header
     mod = cell_module(p.cell)
     fwd = p.direction == "forward"
     body = mod.FORWARD_BODY if fwd else mod.BACKWARD_BODY
