@@ -172,6 +172,26 @@ def measure(run, budget=1.0, min_repeats=3, max_repeats=100, max_warmup=3, slow=
                   single_call=False), result
 
 
+def measure_interleaved(runs, budget=1.0, min_repeats=3, max_repeats=1000):
+    """Time already warmed-up ``runs`` ({name: fn}) in alternating rounds, one call
+    of each per round, the order flipped every round, so clock and thermal drift
+    hit both alike. Returns {name: list of seconds}."""
+    names = list(runs)
+    t0 = time.perf_counter()
+    for name in names:
+        runs[name]()
+    per_round = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(max_repeats, max(min_repeats, budget / per_round)))
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            result = runs[name]()
+            times[name].append(time.perf_counter() - t0)
+            result = None  # noqa: F841  (free before the next call)
+    return times
+
+
 def _stats(times, **extra):
     ms = sorted(t * 1e3 for t in times)
     if len(ms) >= 2:
@@ -293,6 +313,10 @@ def parse_args(argv=None):
     p.add_argument("--slow", type=float, default=2.0,
                    help="a config whose first call takes longer than this (s) is timed by "
                         "that call only (default 2.0; 0 disables)")
+    p.add_argument("--interleave-below", type=float, default=2.0, metavar="MS",
+                   help="with --compare, configs where both medians are below this are timed again "
+                        "in alternating legacy/fast rounds (up to 1000), and those times are reported "
+                        "(default 2.0; 0 disables)")
     p.add_argument("--json", default=None, metavar="PATH", help="write results here (after every config)")
     p.add_argument("--no-check", action="store_true",
                    help="with --compare, skip the result checks (fast vs legacy; low precision vs float32)")
@@ -366,7 +390,7 @@ def main(argv=None):
         for layer_name in layers:
             for shape in shapes:
                 for mode in modes:
-                    row_stats, outs, rows = {}, {}, {}
+                    row_stats, outs, rows, runs = {}, {}, {}, {}
                     for impl in impls:
                         base = dict(layer=layer_name, shape=shape[0], batch=shape[1], length=shape[2],
                                     hidden=shape[3], input=shape[3], mode=mode, dtype=dtype, impl=impl,
@@ -385,6 +409,7 @@ def main(argv=None):
                             outs[impl] = out
                             row_stats[impl] = stats
                             rows[impl] = {**base, **stats}
+                            runs[impl] = run
                         except Exception as e:  # keep going; record the failure
                             msg = f"{type(e).__name__}: {e}"
                             print(f"# {dtype} {layer_name} {shape[0]} {mode} {impl}: FAILED {msg[:300]}",
@@ -392,6 +417,18 @@ def main(argv=None):
                             rows[impl] = {**base, "error": msg[:2000]}
                             row_stats[impl] = None
                         run = prewarm = None
+                    ok = [row_stats.get(i) for i in impls]
+                    if (args.compare and args.interleave_below > 0 and len(runs) == len(impls)
+                            and all(st and not st.get("single_call") for st in ok)
+                            and max(st["median_ms"] for st in ok) < args.interleave_below):
+                        timed = measure_interleaved(runs, budget=args.budget, min_repeats=args.min_repeats)
+                        for impl in impls:
+                            old = row_stats[impl]
+                            st = _stats(timed[impl], warmup=old["warmup"], first_ms=old["first_ms"],
+                                        prewarm_ms=old["prewarm_ms"], single_call=False, interleaved=True)
+                            row_stats[impl] = st
+                            rows[impl].update(st)
+                    runs.clear()
                     extra = ""
                     if args.compare:
                         leg, fast = row_stats.get("legacy"), row_stats.get("fast")
