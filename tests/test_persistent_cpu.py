@@ -308,3 +308,21 @@ def test_emulated_switches(switch, monkeypatch):
     assert ref.max_rel_err(dhp, rdhp) < 2e-6
     for a, e in zip(d0, rd0):
         assert ref.max_rel_err(a, e) < 2e-6
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("switch", sorted(P.SWITCHES))
+def test_nvrtc_switch_variants_compile(switch, monkeypatch):
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", switch)
+    for direction in ("forward", "backward"):
+        p = P.plan(direction, "lstm", 512, 16, H100)
+        spec = P.kernel_spec(p, mx.float32, True)
+        assert P.SWITCHES[switch] in spec.header
+        dts = [mx.float32] * len(spec.input_names)
+        nds = [1 if n == "bhn" else 2 if n in ("w", "h0", "c0") else 3 for n in spec.input_names]
+        odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
+        _, src = P.generate_source(spec, dts, nds, odts)
+        ok, log = emu.nvrtc_compile(src)
+        assert ok, log[-4000:]
+        regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
+        assert regs is not None and regs <= 128 and spill_st == 0 and spill_ld == 0 and stack == 0, log

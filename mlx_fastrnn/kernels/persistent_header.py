@@ -225,7 +225,11 @@ __device__ __forceinline__ void stage_rows(
       const int r = i / KQ;
       const int k = 4 * (i - r * KQ);
       const int n = r < nrows ? imax(0, imin(4, klen - k)) : 0;
-      cp_async16(hs4 + i, n > 0 ? src + (long long)r * ld + k0 + k : src, 4 * n);
+      // The address is in bounds even when nothing is copied (no pointer
+      // select): a candidate fix for the fault below, not yet run on a GPU.
+      const int rc = r < nrows ? r : 0;
+      const int kc = k < klen ? k : 0;
+      cp_async16(hs4 + i, src + (long long)rc * ld + k0 + kc, 4 * n);
     }
     cp_async_wait_all();
 #else
