@@ -1,0 +1,39 @@
+"""tests/run_sharded.py: the sharded runner used for the GPU suite on the device."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import run_sharded
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_deal_round_robin():
+    assert run_sharded.deal(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
+    assert run_sharded.deal(list("ab"), 4) == [["a"], ["b"]]
+
+
+def test_runs_shards_and_reports_failures(tmp_path):
+    (tmp_path / "test_tiny.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(5))
+        def test_ok(i):
+            assert i >= 0
+
+        def test_bad():
+            assert 1 == 2
+    """))
+    res = subprocess.run([sys.executable, os.path.join(HERE, "run_sharded.py"), "--shards", "3", "--",
+                          str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "6 tests in 3 processes" in res.stdout
+    assert "FAILED " in res.stdout and "test_bad" in res.stdout
+    assert res.stdout.count("rc=0") == 2 and res.stdout.count("rc=1") == 1
+    res = subprocess.run([sys.executable, os.path.join(HERE, "run_sharded.py"), "--", "-k", "test_ok",
+                          str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "5 tests in 4 processes" in res.stdout and "FAILED" not in res.stdout
+    assert res.stdout.count(" passed in ") == 4
