@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -40,7 +39,7 @@ for p in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 from mlx_fastrnn.kernels import persistent as P  # noqa: E402
 from mlx_fastrnn.kernels.persistent_header import HEADER  # noqa: E402
-from persistent_bench import make_problem, plan_text  # noqa: E402
+from persistent_bench import make_problem, plan_text, timeit  # noqa: E402
 
 DIAG = {
     "current": (),
@@ -57,17 +56,6 @@ DIAG = {
 
 def header_with(defines):
     return "".join(f"#define {d} 1\n" for d in defines) + HEADER
-
-
-def timeit(fn, warmup, repeats):
-    for _ in range(warmup):
-        mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def max_abs_diff(a, b):

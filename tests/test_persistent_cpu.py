@@ -270,17 +270,24 @@ def test_emulated_chunked_and_bf16_weights():
 def test_nvrtc_compiles_without_spills(cell, direction):
     for (B, H), xdt in (((32, 200), mx.float32), ((16, 512), mx.bfloat16), ((1, 1), mx.float16)):
         p = P.plan(direction, cell, H, B, H100, x_dtype=xdt, weights="bfloat16" if H == 512 else "auto")
-        spec = P.kernel_spec(p, xdt, True)
-        dts = [xdt if n == "x" else (mx.bfloat16 if n == "w" and p.w_bf16 else mx.float32)
-               for n in spec.input_names]
-        nds = [1 if n == "bhn" else 2 if n in ("w", "h0", "c0") else 3 for n in spec.input_names]
-        odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
-        _, src = P.generate_source(spec, dts, nds, odts)
-        ok, log = emu.nvrtc_compile(src)
-        assert ok, log[-4000:]
-        regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
-        assert regs is not None and regs <= 128, log  # two 256-thread blocks per SM
-        assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+        _assert_compiles(p, xdt)
+
+
+def _assert_compiles(p, xdt):
+    """NVRTC + ptxas of plan ``p``'s kernel: at most 128 registers (two 256-thread
+    blocks per SM), no spills, no stack."""
+    spec = P.kernel_spec(p, xdt, True)
+    dts = [xdt if n == "x" else (mx.bfloat16 if n == "w" and p.w_bf16 else mx.float32)
+           for n in spec.input_names]
+    nds = [1 if n == "bhn" else 2 if n in ("w", "h0", "c0") else 3 for n in spec.input_names]
+    odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
+    _, src = P.generate_source(spec, dts, nds, odts)
+    ok, log = emu.nvrtc_compile(src)
+    assert ok, log[-4000:]
+    regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
+    assert regs is not None and regs <= 128, log
+    assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+    return spec
 
 
 
@@ -315,14 +322,5 @@ def test_emulated_switches(switch, monkeypatch):
 def test_nvrtc_switch_variants_compile(switch, monkeypatch):
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", switch)
     for direction in ("forward", "backward"):
-        p = P.plan(direction, "lstm", 512, 16, H100)
-        spec = P.kernel_spec(p, mx.float32, True)
+        spec = _assert_compiles(P.plan(direction, "lstm", 512, 16, H100), mx.float32)
         assert P.SWITCHES[switch] in spec.header
-        dts = [mx.float32] * len(spec.input_names)
-        nds = [1 if n == "bhn" else 2 if n in ("w", "h0", "c0") else 3 for n in spec.input_names]
-        odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
-        _, src = P.generate_source(spec, dts, nds, odts)
-        ok, log = emu.nvrtc_compile(src)
-        assert ok, log[-4000:]
-        regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
-        assert regs is not None and regs <= 128 and spill_st == 0 and spill_ld == 0 and stack == 0, log
