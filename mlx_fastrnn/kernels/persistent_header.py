@@ -18,12 +18,13 @@ Layout of the dynamic shared memory of one block (``carve``), in this order:
   Ws   WT    [N][K]           the block's slice of W_h (rows, or transposed columns)
 Python's ``smem_bytes`` computes the same total.
 
-Switches for ``benchmarks/persistent_tune.py`` (defined before this header;
-never set by the library): ``FRNN_BARRIER_FENCE`` (the older fence + atomicAdd
-barrier), ``FRNN_STAGE_CP_ASYNC`` (staging with cp.async; off: see ``stage_rows``),
-``FRNN_MATVEC_SCALAR`` (one k per lane and load instead of four), and the timing-only ``FRNN_DIAG_NO_BARRIER``, ``FRNN_DIAG_NO_MATVEC``,
-``FRNN_DIAG_NO_STAGE``, which leave a part of each step out (wrong results, by
-design) to show what that part costs.
+Switches, defined before this header (none by default): ``FRNN_BARRIER_FENCE``
+(the older fence + atomicAdd barrier), ``FRNN_MATVEC_SCALAR`` (one k per lane
+and load instead of four), ``FRNN_STAGE_CP_ASYNC`` (cp.async staging,
+experimental: see ``stage_rows``), all three reachable through
+``MLX_FASTRNN_PERSISTENT_SWITCHES``; and, for ``benchmarks/persistent_tune.py``
+only, ``FRNN_DIAG_NO_BARRIER``, ``FRNN_DIAG_NO_MATVEC``, ``FRNN_DIAG_NO_STAGE``,
+which leave a part of each step out (wrong results, by design) to time it.
 """
 
 HEADER = r"""
@@ -226,7 +227,7 @@ __device__ __forceinline__ void stage_rows(
       const int k = 4 * (i - r * KQ);
       const int n = r < nrows ? imax(0, imin(4, klen - k)) : 0;
       // The address is in bounds even when nothing is copied (no pointer
-      // select): a candidate fix for the fault below, not yet run on a GPU.
+      // select): a candidate fix for that fault, not yet run on a GPU.
       const int rc = r < nrows ? r : 0;
       const int kc = k < klen ? k : 0;
       cp_async16(hs4 + i, src + (long long)rc * ld + k0 + kc, 4 * n);
