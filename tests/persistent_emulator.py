@@ -212,7 +212,11 @@ def host_compiler():
     return _COMPILER[0]
 
 
-_BUILD_DIR = os.path.join(tempfile.gettempdir(), "mlx_fastrnn_emulator")
+# MLX_FASTRNN_EMU_SANITIZE=1: build the emulated kernels with AddressSanitizer
+# and UBSan, so an out-of-bounds global or shared access fails the run.
+SANITIZE = (["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+            if os.environ.get("MLX_FASTRNN_EMU_SANITIZE") == "1" else [])
+_BUILD_DIR = os.path.join(tempfile.gettempdir(), "mlx_fastrnn_emulator" + ("_asan" if SANITIZE else ""))
 
 
 def build(spec, inputs, out_specs):
@@ -229,7 +233,7 @@ def build(spec, inputs, out_specs):
         with open(cpp, "w") as f:
             f.write(src)
         cmd = [host_compiler(), "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-o", exe + ".tmp", cpp]
+               "-Wno-unused-variable", "-Wno-unused-but-set-variable", *SANITIZE, "-o", exe + ".tmp", cpp]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise RuntimeError(f"emulator compile failed ({cpp}):\n{res.stderr[-6000:]}")
@@ -251,7 +255,8 @@ def emulate(spec, inputs, out_specs, timeout=300):
         for i, a in enumerate(inputs):
             with open(os.path.join(d, f"in{i}.bin"), "wb") as f:
                 f.write(_raw(a))
-        res = subprocess.run([exe, d], capture_output=True, text=True, timeout=timeout)
+        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0"} if SANITIZE else None
+        res = subprocess.run([exe, d], capture_output=True, text=True, timeout=timeout, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"emulated kernel failed (rc={res.returncode}): {res.stderr[-2000:]}")
         outs = []
@@ -278,9 +283,11 @@ def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights=
     return tuple(res[:-1]), (p, res[-1])
 
 
-def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tpb=64, weights="auto"):
-    """``persistent_backward`` with the launch replaced by the emulator."""
-    p = P.select("backward", cell, xp, w_h, limits, tpb, weights)
+def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tpb=64, weights="auto",
+             plan=None):
+    """``persistent_backward`` with the launch replaced by the emulator (``plan``:
+    use this plan instead of the selected one)."""
+    p = plan or P.select("backward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
     cs = P.CELLS[cell]

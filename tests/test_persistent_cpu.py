@@ -324,3 +324,28 @@ def test_nvrtc_switch_variants_compile(switch, monkeypatch):
     for direction in ("forward", "backward"):
         spec = _assert_compiles(P.plan(direction, "lstm", 512, 16, H100), mx.float32)
         assert P.SWITCHES[switch] in spec.header
+
+
+@needs_cxx
+@pytest.mark.parametrize("switches", ["", "cp_async_staging"])
+def test_emulated_lstm_backward_shaped_like_h100_h512(switches, monkeypatch):
+    """The H100 plan of the LSTM B=16 H=512 backward (U8 NU64 BB8x2 RB4 KS4, K in two
+    chunks, 256 threads, initial-state gradients), where cp.async staging faulted on
+    the GPU, scaled to H=64 (NU=8) so the emulator can run every thread."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", switches)
+    cell, L, B, H, U, KCH = "lstm", 4, 16, 64, 8, 128
+    K = 4 * H
+    p = P.Plan("backward", cell, 4, H, B, U, H // U, 8, 2, 8, 4, 4, KCH, 256, 1, False,
+               P.smem_bytes(K, U, 8, KCH, 4, 4), 0.0)
+    xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    expected = ref.forward(cell, xp, w_h, s0, params, False)
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    (dx, dhp, d0), (_, sync) = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, None, plan=p)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, True)
+    assert ref.max_rel_err(dx, rdx) < 2e-6
+    assert ref.max_rel_err(dhp, rdhp) < 2e-6
+    for a, e in zip(d0, rd0):
+        assert ref.max_rel_err(a, e) < 2e-6
+    assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * L] * p.NBB
