@@ -296,6 +296,14 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     the accumulators) exceeds the shared-memory / register budget.
     ``nbb`` restricts the candidates to that many batch groups (for tuning).
     """
+    # Cached (the search took ~20 us, twice per training call); the env
+    # overrides the search reads are part of the key.
+    return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb,
+                 _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, _smem_env, _blocks_env):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
