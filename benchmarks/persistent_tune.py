@@ -43,10 +43,9 @@ from persistent_bench import make_problem, plan_text, timeit  # noqa: E402
 
 DIAG = {
     "current": (),
-    "fence_barrier": ("FRNN_BARRIER_FENCE",),
-    "scalar_matvec": ("FRNN_MATVEC_SCALAR",),
-    "previous": ("FRNN_BARRIER_FENCE", "FRNN_MATVEC_SCALAR"),
-    "cp_async_staging": ("FRNN_STAGE_CP_ASYNC",),
+    # the MLX_FASTRNN_PERSISTENT_SWITCHES variants, under the same names
+    **{name: (macro,) for name, macro in P.SWITCHES.items()},
+    "previous": (P.SWITCHES["fence_barrier"], P.SWITCHES["scalar_projection"]),
     "no_barrier": ("FRNN_DIAG_NO_BARRIER",),
     "no_projection": ("FRNN_DIAG_NO_MATVEC",),
     "no_staging": ("FRNN_DIAG_NO_STAGE",),
@@ -54,8 +53,8 @@ DIAG = {
 }
 
 
-def header_with(defines):
-    return "".join(f"#define {d} 1\n" for d in defines) + HEADER
+def header_with(macros):
+    return P.defines(macros) + HEADER
 
 
 def max_abs_diff(a, b):

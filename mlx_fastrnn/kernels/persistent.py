@@ -206,9 +206,14 @@ SWITCHES = {
 }
 
 
+def defines(macros):
+    """Source text defining each of ``macros`` (placed before the header)."""
+    return "".join(f"#define {m} 1\n" for m in macros)
+
+
 def switch_defines():
     names = [n.strip() for n in os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", "").split(",") if n.strip()]
-    return "".join(f"#define {SWITCHES[n]} 1\n" for n in names if n in SWITCHES)
+    return defines(SWITCHES[n] for n in names if n in SWITCHES)
 
 
 # --------------------------------------------------------------------------- planning
