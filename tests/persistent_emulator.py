@@ -88,6 +88,20 @@ inline unsigned long long now_ns() {
 }
 inline void fail() { failed = 1; }
 inline void spin_pause() { std::this_thread::yield(); }
+// The kernel's global buffers (exact sizes), registered by main before launch.
+inline std::vector<std::pair<const unsigned char*, size_t>> globals;
+inline void add_global(const void* p, size_t bytes) { globals.emplace_back((const unsigned char*)p, bytes); }
+// A cp.async source must be a valid address even when it copies no bytes (the
+// H100 faulted on one past the end of a buffer with src-size 0): the whole
+// 16-byte source range must lie in one buffer, or the run aborts.
+inline void check_cp_async_source(const void* p) {
+  const unsigned char* a = (const unsigned char*)p;
+  for (const auto& g : globals) {
+    if (a >= g.first && a + 16 <= g.first + g.second) return;
+  }
+  std::fprintf(stderr, "cp.async source out of bounds: %p (block %u thread %u)\n", p, blockIdx.x, threadIdx.x);
+  std::abort();
+}
 } // namespace frnn_emu
 
 inline void __syncthreads() { frnn_emu::cur->bar->arrive_and_wait(); }
@@ -141,6 +155,7 @@ def _main(fname, spec, inputs, out_specs):
     for i, (name, a) in enumerate(zip(spec.input_names, inputs)):
         nbytes = a.size * a.itemsize
         lines.append(f'  auto in{i} = rd("in{i}.bin", {nbytes});')
+        lines.append(f"  frnn_emu::add_global(in{i}.data(), {nbytes});")
         args.append(f"(const {_CTYPE[a.dtype]}*)in{i}.data()")
         if a.ndim > 0 and name + "_shape" in spec.body:
             dims = ", ".join(str(d) for d in a.shape)
@@ -150,6 +165,7 @@ def _main(fname, spec, inputs, out_specs):
     for i, (shape, dt) in enumerate(out_specs):
         nbytes = math.prod(shape) * _ITEMSIZE[dt]
         lines.append(f"  std::vector<unsigned char> out{i}({nbytes} + 16, 0);")
+        lines.append(f"  frnn_emu::add_global(out{i}.data(), {nbytes});")
         args.append(f"({_CTYPE[dt]}*)out{i}.data()")
     nblocks = spec.grid[0] // spec.threadgroup[0]
     tpb = spec.threadgroup[0]
@@ -268,9 +284,10 @@ def emulate(spec, inputs, out_specs, timeout=300):
 # --------------------------------------------------------------------------- the entry points, emulated
 
 
-def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights="auto"):
-    """``persistent_sequence`` with the launch replaced by the emulator."""
-    p = P.select("forward", cell, xp, w_h, limits, tpb, weights)
+def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights="auto", plan=None):
+    """``persistent_sequence`` with the launch replaced by the emulator (``plan``:
+    use this plan instead of the selected one)."""
+    p = plan or P.select("forward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
     cs = P.CELLS[cell]

@@ -237,6 +237,54 @@ def test_emulated_forward_backward(case):
     assert [int(v) for v in sync_b.tolist()[:: P.SYNC_STRIDE]] == [pb.NU * (L - 1 + need)] * pb.NBB
 
 
+def _hand_plan(direction, cell, H, B, U, RB, KS, KCH, tpb=64):
+    """A plan with the given split (one batch group), bypassing the planner."""
+    G = P.CELLS[cell].num_gates
+    K, N = (H, G * U) if direction == "forward" else (G * H, U)
+    BBP = -(-B // RB) * RB
+    return P.Plan(direction, cell, G, H, B, U, -(-H // U), B, 1, BBP, RB, KS, KCH, tpb,
+                  -(-(B * U) // tpb), False, P.smem_bytes(K, N, BBP, KCH, KS, 4), 0.0)
+
+
+# (direction, U, RB, KS, KCH): RB*N sums per warp task of 2, 8, 24, 32, 48 (two
+# groups of 32, the second half empty) and 128 (four full groups).
+REDUCTION_PLANS = [
+    ("forward", 16, 1, 2, 64),   # N=48, 48 sums
+    ("forward", 2, 4, 1, 32),    # N=6, 24 sums, K in two chunks
+    ("backward", 32, 1, 2, 192),  # N=32, 32 sums
+    ("backward", 64, 2, 1, 96),  # N=64, 128 sums, K in two chunks
+    ("backward", 2, 1, 4, 192),  # 2 sums
+    ("backward", 4, 2, 3, 192),  # 8 sums
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("switches", ["", "per_value_reduction"])
+@pytest.mark.parametrize("case", REDUCTION_PLANS, ids=lambda c: f"{c[0]}-U{c[1]}-RB{c[2]}")
+def test_emulated_reduction_widths(case, switches, monkeypatch):
+    """The projection's warp reduction (halving butterfly, or one warp sum per
+    value) for every width of a warp task, through hand-made GRU splits."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", switches)
+    direction, U, RB, KS, KCH = case
+    cell, L, B, H = "gru", 3, 4, 64
+    p = _hand_plan(direction, cell, H, B, U, RB, KS, KCH)
+    xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    expected = ref.forward(cell, xp, w_h, s0, params, False)
+    if direction == "forward":
+        got, _ = emu.forward(cell, xp, w_h, s0, params, False, None, plan=p)
+        for a, e in zip(got, expected):
+            assert ref.max_rel_err(a, e) < 2e-6
+        return
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, None, plan=p)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, True)
+    assert ref.max_rel_err(dx, rdx) < 2e-6
+    assert ref.max_rel_err(dhp, rdhp) < 2e-6
+    assert ref.max_rel_err(d0[0], rd0[0]) < 2e-6
+
+
 @needs_cxx
 def test_emulated_chunked_and_bf16_weights():
     """K in several chunks (tiny shared memory) and bfloat16 W slices."""
@@ -327,13 +375,18 @@ def test_nvrtc_switch_variants_compile(switch, monkeypatch):
 
 
 @needs_cxx
-@pytest.mark.parametrize("switches", ["", "cp_async_staging"])
-def test_emulated_lstm_backward_shaped_like_h100_h512(switches, monkeypatch):
+@pytest.mark.parametrize("switches", ["", "ldcg_staging"])
+@pytest.mark.parametrize("kch", [128, 192])
+def test_emulated_lstm_backward_shaped_like_h100_h512(switches, kch, monkeypatch):
     """The H100 plan of the LSTM B=16 H=512 backward (U8 NU64 BB8x2 RB4 KS4, K in two
     chunks, 256 threads, initial-state gradients), where cp.async staging faulted on
-    the GPU, scaled to H=64 (NU=8) so the emulator can run every thread."""
+    the GPU, scaled to H=64 (NU=8) so the emulator can run every thread. With
+    KCH=192 the second chunk is partial, as on the H100 (K=2048, KCH=1536): the
+    lanes past its end copy nothing, and their source addresses must still lie
+    inside dx (the emulator aborts otherwise; the old address form ran 4 KB past
+    the end of dx there, in the last batch group's last row)."""
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", switches)
-    cell, L, B, H, U, KCH = "lstm", 4, 16, 64, 8, 128
+    cell, L, B, H, U, KCH = "lstm", 4, 16, 64, 8, kch
     K = 4 * H
     p = P.Plan("backward", cell, 4, H, B, U, H // U, 8, 2, 8, 4, 4, KCH, 256, 1, False,
                P.smem_bytes(K, U, 8, KCH, 4, 4), 0.0)

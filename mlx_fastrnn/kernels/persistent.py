@@ -202,7 +202,8 @@ def enabled():
 SWITCHES = {
     "fence_barrier": "FRNN_BARRIER_FENCE",  # fence + atomicAdd instead of red.release
     "scalar_projection": "FRNN_MATVEC_SCALAR",  # one k per lane instead of four
-    "cp_async_staging": "FRNN_STAGE_CP_ASYNC",  # experimental: see persistent_header.stage_rows
+    "ldcg_staging": "FRNN_STAGE_LDCG",  # staging through registers instead of cp.async
+    "per_value_reduction": "FRNN_REDUCE_PER_VALUE",  # one 5-shuffle warp sum per projection sum
 }
 
 

@@ -18,10 +18,12 @@ Layout of the dynamic shared memory of one block (``carve``), in this order:
   Ws   WT    [N][K]           the block's slice of W_h (rows, or transposed columns)
 Python's ``smem_bytes`` computes the same total.
 
-Switches, defined before this header (none by default): ``FRNN_BARRIER_FENCE``
-(the older fence + atomicAdd barrier), ``FRNN_MATVEC_SCALAR`` (one k per lane
-and load instead of four), ``FRNN_STAGE_CP_ASYNC`` (cp.async staging,
-experimental: see ``stage_rows``), all three reachable through
+Switches, defined before this header (none by default), each undoing one
+choice of the default kernel: ``FRNN_BARRIER_FENCE`` (the older fence +
+atomicAdd barrier), ``FRNN_MATVEC_SCALAR`` (one k per lane and load instead of
+four), ``FRNN_STAGE_LDCG`` (staging through registers with ``ld.global.cg``
+instead of cp.async), ``FRNN_REDUCE_PER_VALUE`` (one 5-shuffle warp sum per
+projection sum instead of the halving butterfly), all four reachable through
 ``MLX_FASTRNN_PERSISTENT_SWITCHES``; and, for ``benchmarks/persistent_tune.py``
 only, ``FRNN_DIAG_NO_BARRIER``, ``FRNN_DIAG_NO_MATVEC``, ``FRNN_DIAG_NO_STAGE``,
 which leave a part of each step out (wrong results, by design) to time it.
@@ -79,7 +81,7 @@ __device__ __forceinline__ unsigned long long now_ns() {
 __device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" : : "l"(p), "r"(v) : "memory");
 }
-#if defined(FRNN_STAGE_CP_ASYNC) && __CUDA_ARCH__ >= 800
+#if !defined(FRNN_STAGE_LDCG) && __CUDA_ARCH__ >= 800
 #define FRNN_CP_ASYNC 1
 // 16-byte global -> shared copy through L2 only, without a register round
 // trip: the first src_bytes (0..16) come from src, the rest is zero-filled.
@@ -110,10 +112,11 @@ __device__ __forceinline__ float4 ldcg4(const float* p) {
   return v;
 }
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-#if defined(FRNN_STAGE_CP_ASYNC)
+#if !defined(FRNN_STAGE_LDCG)
 #define FRNN_CP_ASYNC 1
 #endif
 __device__ __forceinline__ void cp_async16(void* dst, const float* src, int src_bytes) {
+  frnn_emu::check_cp_async_source(src);
   float* d = static_cast<float*>(dst);
   for (int i = 0; i < 4; ++i) {
     d[i] = 4 * i < src_bytes ? ldcg(src + i) : 0.0f;
@@ -218,16 +221,16 @@ __device__ __forceinline__ void stage_rows(
     constexpr int KQ = KCH / 4;
     float4* hs4 = reinterpret_cast<float4*>(hs);
 #if defined(FRNN_CP_ASYNC)
-    // Opt-in (FRNN_STAGE_CP_ASYNC): every copy of the thread in flight at once.
-    // 1.2-1.5x faster steps on the H100, but one configuration (LSTM H=512,
-    // B=16, backward with initial-state gradients, together with the 4-wide
-    // projection) hit an illegal global read there, not yet understood.
+    // Every copy of the thread in flight at once, no register round trip
+    // (1.2-1.5x faster steps than ldcg on the H100).
     for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
       const int r = i / KQ;
       const int k = 4 * (i - r * KQ);
       const int n = r < nrows ? imax(0, imin(4, klen - k)) : 0;
-      // The address is in bounds even when nothing is copied (no pointer
-      // select): a candidate fix for that fault, not yet run on a GPU.
+      // The source address must be valid even when nothing is copied: the
+      // H100 faulted on a lane past the end of a partial last chunk whose
+      // address ran past the end of the buffer (src-size 0). So lanes that copy
+      // nothing point at the row's start.
       const int rc = r < nrows ? r : 0;
       const int kc = k < klen ? k : 0;
       cp_async16(hs4 + i, src + (long long)rc * ld + k0 + kc, 4 * n);
@@ -279,6 +282,45 @@ __device__ __forceinline__ float warp_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v;
 }
+
+// Warp sums of P values at once (P a power of two <= 32): a halving butterfly.
+// At each of the first log2(P) steps a lane keeps one half of its values (the
+// upper half if its lane bit is set) and adds the partner's copy of that half,
+// so P sums take P - 1 + (5 - log2 P) shuffles instead of 5 P. Lane l ends with
+// the sum of value l >> (5 - log2 P); v is clobbered. (Templates, not loops
+// over the step: every index must be a constant, or v goes to the stack.)
+template <int P, int S>
+__device__ __forceinline__ void warp_sum_step(float* v, int lane) {
+  constexpr int C = P >> S;  // values still held
+  constexpr int O = 16 >> S;  // partner lane offset
+  if (C > 1) {
+    const bool up = (lane & O) != 0;
+#pragma unroll
+    for (int i = 0; i < C / 2; ++i) {
+      const float keep = up ? v[i + C / 2] : v[i];
+      const float send = up ? v[i] : v[i + C / 2];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+  } else {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+  }
+}
+
+template <int P>
+__device__ __forceinline__ float warp_sum_many(float (&v)[P], int lane) {
+  warp_sum_step<P, 0>(v, lane);
+  warp_sum_step<P, 1>(v, lane);
+  warp_sum_step<P, 2>(v, lane);
+  warp_sum_step<P, 3>(v, lane);
+  warp_sum_step<P, 4>(v, lane);
+  return v[0];
+}
+
+template <int V>
+struct pow2_at_least {  // smallest power of two >= V, at most 32, and its shift from 32
+  static constexpr int value = V > 16 ? 32 : V > 8 ? 16 : V > 4 ? 8 : V > 2 ? 4 : V > 1 ? 2 : 1;
+  static constexpr int shift = V > 16 ? 0 : V > 8 ? 1 : V > 4 ? 2 : V > 2 ? 3 : V > 1 ? 4 : 5;
+};
 
 // part[(ks*BBP + r)*N + n] (+)= sum_{k in split ks of the chunk} hs[r][k] * Ws[n][k0 + k].
 // A warp takes a task (row group of RB rows, K-split ks); its lanes stride over
@@ -354,6 +396,7 @@ __device__ __forceinline__ void matvec_chunk(
         }
       }
     }
+#if defined(FRNN_REDUCE_PER_VALUE)
 #pragma unroll
     for (int rr = 0; rr < RB; ++rr) {
 #pragma unroll
@@ -365,6 +408,28 @@ __device__ __forceinline__ void matvec_chunk(
         }
       }
     }
+#else
+    // The task's RB*N sums in groups of up to 32; value i is row i / N, column
+    // i % N, i.e. part's row-major order from this task's first row.
+    constexpr int V = RB * N;
+    constexpr int P = pow2_at_least<V>::value;
+    constexpr int SH = pow2_at_least<V>::shift;
+    float* prow = part + (ks * BBP + rg * RB) * N;
+#pragma unroll
+    for (int g0 = 0; g0 < V; g0 += P) {
+      float v[P];
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const int q = g0 + i < V ? g0 + i : 0;
+        v[i] = g0 + i < V ? acc[q / N][q % N] : 0.0f;
+      }
+      const float sum = warp_sum_many<P>(v, lane);
+      const int idx = g0 + (lane >> SH);
+      if ((lane & ((1 << SH) - 1)) == 0 && idx < V) {
+        prow[idx] = accumulate ? prow[idx] + sum : sum;
+      }
+    }
+#endif
   }
 }
 
