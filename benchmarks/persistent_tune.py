@@ -7,13 +7,17 @@ For each (cell, shape) and direction (forward kernel alone; backward kernel
 alone, on the forward's saved tensors):
 
 * ``diag``: the selected plan under the ``FRNN_*`` switches of
-  ``kernels/persistent_header.py``: the current code; its two choices undone
-  (fence barrier, one k per lane in the projection) and both (``previous``);
-  the experimental cp.async staging; each checked against the current code
-  (max abs difference); timing-only variants with the barrier, the
+  ``kernels/persistent_header.py``: the current code; each of its choices
+  undone (fence barrier, one k per lane in the projection, ldcg staging, one
+  warp sum per value) and the default before cp.async and the butterfly
+  reduction (``previous``); each checked against the current code (max abs
+  difference); timing-only variants with the barrier, the
   projection or the staging left out (their results are wrong by design; only
   the difference in time is meaningful), and all three left out (the floor:
   launch, W_h load, cell math and stores).
+* ``layer`` (forward only): the whole fast layer call (``mlx_fastrnn.GRU`` etc.
+  on a batch-first input), the kernel alone and the input projection alone, to
+  see what the layer adds around the kernel.
 * ``plans``: other splits of the same problem (batch groups ``nbb``, a cap on
   the blocks, threads per block), each checked against the selected plan's
   results (max abs difference) and with the planner's model cost, to calibrate
@@ -45,7 +49,8 @@ DIAG = {
     "current": (),
     # the MLX_FASTRNN_PERSISTENT_SWITCHES variants, under the same names
     **{name: (macro,) for name, macro in P.SWITCHES.items()},
-    "previous": (P.SWITCHES["fence_barrier"], P.SWITCHES["scalar_projection"]),
+    # the default kernel before cp.async staging and the butterfly reduction
+    "previous": (P.SWITCHES["ldcg_staging"], P.SWITCHES["per_value_reduction"]),
     "no_barrier": ("FRNN_DIAG_NO_BARRIER",),
     "no_projection": ("FRNN_DIAG_NO_MATVEC",),
     "no_staging": ("FRNN_DIAG_NO_STAGE",),
@@ -96,6 +101,20 @@ def candidate_plans(direction, cell, H, B, limits, x_dtype):
                     out.setdefault((p.U, p.NU, p.BB, p.NBB, p.KS, p.KCH, p.TPB, p.w_bf16), p)
                 nbb *= 2
     return list(out.values())
+
+
+def layer_fns(cell, B, L, H, dtype, prob):
+    """(name, fn) pairs: the fast layer call, its kernel alone, its input projection alone."""
+    import mlx_fastrnn
+
+    layer = {"gru": mlx_fastrnn.GRU, "lstm": mlx_fastrnn.LSTM}.get(cell, mlx_fastrnn.RNN)(H, H)
+    layer.set_dtype(dtype)
+    x = mx.random.normal((B, L, H)).astype(dtype)
+    mx.eval(layer.parameters(), x)
+    w_x = getattr(layer, "Wx", None)
+    w_x = w_x if w_x is not None else layer.Wxh
+    return [("layer call", lambda: layer(x)), ("kernel alone", prob.fn("forward")),
+            ("input projection alone", lambda: x.reshape(-1, H) @ w_x.T)]
 
 
 def main(argv=None):
@@ -155,6 +174,14 @@ def main(argv=None):
                             rec["ms"] = timeit(fn, args.warmup, args.repeats)
                             if not any(d.startswith("FRNN_DIAG_") for d in defines):
                                 rec["max_abs_diff"] = max_abs_diff(fn(), ref)
+                        except Exception as e:  # noqa: BLE001
+                            rec["error"] = repr(e)
+                        record(rec)
+                if "layer" in args.parts and direction == "forward":
+                    for name, fn in layer_fns(cell, B, L, H, dtype, prob):
+                        rec = {**common, "part": "layer", "variant": name, "plan": plan_text(base_plan)}
+                        try:
+                            rec["ms"] = timeit(fn, args.warmup, args.repeats)
                         except Exception as e:  # noqa: BLE001
                             rec["error"] = repr(e)
                         record(rec)
