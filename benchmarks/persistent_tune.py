@@ -16,8 +16,9 @@ alone, on the forward's saved tensors):
   the difference in time is meaningful), and all three left out (the floor:
   launch, W_h load, cell math and stores).
 * ``layer`` (forward only): the whole fast layer call (``mlx_fastrnn.GRU`` etc.
-  on a batch-first input), the kernel alone and the input projection alone, to
-  see what the layer adds around the kernel.
+  on a batch-first input), the same with the persistent kernels off (per-step
+  cells), the kernel alone and the input projection alone, to see what the
+  layer adds around the kernel (``--layer-repeats`` calls each).
 * ``plans``: other splits of the same problem (batch groups ``nbb``, a cap on
   the blocks, threads per block), each checked against the selected plan's
   results (max abs difference) and with the planner's model cost, to calibrate
@@ -113,8 +114,15 @@ def layer_fns(cell, B, L, H, dtype, prob):
     mx.eval(layer.parameters(), x)
     w_x = getattr(layer, "Wx", None)
     w_x = w_x if w_x is not None else layer.Wxh
-    return [("layer call", lambda: layer(x)), ("kernel alone", prob.fn("forward")),
-            ("input projection alone", lambda: x.reshape(-1, H) @ w_x.T)]
+    def per_step_cells():
+        os.environ["MLX_FASTRNN_PERSISTENT"] = "0"
+        try:
+            return layer(x)
+        finally:
+            del os.environ["MLX_FASTRNN_PERSISTENT"]
+
+    return [("layer call", lambda: layer(x)), ("layer call, per-step cells", per_step_cells),
+            ("kernel alone", prob.fn("forward")), ("input projection alone", lambda: x.reshape(-1, H) @ w_x.T)]
 
 
 def main(argv=None):
@@ -127,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(DIAG), help="diag variants to run")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--layer-repeats", type=int, default=200, help="repeats of each 'layer' part timing")
     ap.add_argument("--max-plans", type=int, default=10, help="most alternative splits per case (cheapest model cost first)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -181,7 +190,7 @@ def main(argv=None):
                     for name, fn in layer_fns(cell, B, L, H, dtype, prob):
                         rec = {**common, "part": "layer", "variant": name, "plan": plan_text(base_plan)}
                         try:
-                            rec["ms"] = timeit(fn, args.warmup, args.repeats)
+                            rec["ms"] = timeit(fn, args.warmup, args.layer_repeats)
                         except Exception as e:  # noqa: BLE001
                             rec["error"] = repr(e)
                         record(rec)
