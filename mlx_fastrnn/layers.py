@@ -21,41 +21,41 @@ class GRU(_stock.GRU):
     __doc__ = _stock.GRU.__doc__
 
     def __call__(self, x, hidden=None):
-        if _run_stock(x) or not ops.fast_path_supports(x, self.Wx, self.Wh, self.b, self.bhn, hidden):
+        if _run_stock(x):
             return super().__call__(x, hidden)
-        return ops.gru(x, self.Wx, self.Wh, self.b, self.bhn, hidden, whole_sequence=_whole())
+        w_x, w_h, b, bhn = self.Wx, self.Wh, self.b, self.bhn
+        if not ops.fast_path_supports(x, w_x, w_h, b, bhn, hidden):
+            return super().__call__(x, hidden)
+        return ops.gru(x, w_x, w_h, b, bhn, hidden, whole_sequence=_whole())
 
 
 class LSTM(_stock.LSTM):
     __doc__ = _stock.LSTM.__doc__
 
     def __call__(self, x, hidden=None, cell=None):
-        if _run_stock(x) or not ops.fast_path_supports(x, self.Wx, self.Wh, self.bias, hidden, cell):
+        if _run_stock(x):
             return super().__call__(x, hidden, cell)
-        return ops.lstm(x, self.Wx, self.Wh, self.bias, hidden, cell, whole_sequence=_whole())
+        w_x, w_h, bias = self.Wx, self.Wh, self.bias
+        if not ops.fast_path_supports(x, w_x, w_h, bias, hidden, cell):
+            return super().__call__(x, hidden, cell)
+        return ops.lstm(x, w_x, w_h, bias, hidden, cell, whole_sequence=_whole())
 
 
 class RNN(_stock.RNN):
     __doc__ = _stock.RNN.__doc__
 
     def __call__(self, x, hidden=None):
-        relu = _fused_activation(self.nonlinearity)
-        if (
-            _run_stock(x)
-            or relu is None
-            or not ops.fast_path_supports(x, self.Wxh, self.Whh, self.bias, hidden)
-        ):
+        if _run_stock(x):
             return super().__call__(x, hidden)
-        return ops.rnn(x, self.Wxh, self.Whh, self.bias, hidden, relu=relu, whole_sequence=_whole())
+        relu = _fused_activation(self.nonlinearity)
+        w_x, w_h, bias = self.Wxh, self.Whh, self.bias
+        if relu is None or not ops.fast_path_supports(x, w_x, w_h, bias, hidden):
+            return super().__call__(x, hidden)
+        return ops.rnn(x, w_x, w_h, bias, hidden, relu=relu, whole_sequence=_whole())
 
 
 def _run_stock(x):
-    """Legacy, or a single step (streaming): with no recurrence to fuse, stock's
-    step was as fast as ours on the CPU and faster than the kernel path on the
-    H100 (benchmarks/RESULTS.md), so length 1 runs stock's code."""
-    if current_impl() == "legacy":
-        return True
-    return isinstance(x, mx.array) and x.ndim >= 2 and x.shape[-2] == 1
+    return current_impl() == "legacy"
 
 
 def _whole():

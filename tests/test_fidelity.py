@@ -345,7 +345,7 @@ def test_under_mx_compile(kind):
 
     for impl in ("fast", "legacy"):
         f_ours = mx.compile(fn(ours))  # one per impl: the trace depends on it
-        for shape in [(2, 5, 4), (3, 2, 4), (5, 4)]:  # recompiles on new shapes
+        for shape in [(2, 5, 4), (3, 2, 4), (5, 4), (3, 1, 4)]:  # recompiles on new shapes
             x = rand(shape, 16)
             h = rand((*shape[:-2], 6), 17)
             ref = fn(stock)(x, h)
@@ -360,12 +360,13 @@ def test_under_mx_compile(kind):
             return sum((o * o).sum() for o in fn(layer)(x, h))
         return f
 
-    x, h = rand((2, 5, 4), 18), rand((2, 6), 19)
-    g_ref = mx.grad(loss(stock), argnums=(0, 1))(x, h)
-    with mlx_fastrnn.use_impl("fast"):
-        g = mx.compile(mx.grad(loss(ours), argnums=(0, 1)))(x, h)
-    for a, b in zip(g, g_ref):
-        assert_close(a, b, "compiled grad")
+    for length in (5, 1):
+        x, h = rand((2, length, 4), 18), rand((2, 6), 19)
+        g_ref = mx.grad(loss(stock), argnums=(0, 1))(x, h)
+        with mlx_fastrnn.use_impl("fast"):
+            g = mx.compile(mx.grad(loss(ours), argnums=(0, 1)))(x, h)
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, f"compiled grad, length {length}")
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)
@@ -399,10 +400,11 @@ def test_nn_value_and_grad_in_a_model(kind):
         assert_close(go[k], gs[k], f"grad {k}")
 
 
+@pytest.mark.parametrize("length", [5, 1])
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_under_vmap(kind):
+def test_under_vmap(kind, length):
     stock, ours = make_pair(kind, 3, 4)
-    x = rand((4, 2, 5, 3), 22)
+    x = rand((4, 2, length, 3), 22)
     ref = mx.vmap(lambda v: call(stock, v))(x)
     with mlx_fastrnn.use_impl("fast"):
         got = mx.vmap(lambda v: call(ours, v))(x)
@@ -410,11 +412,12 @@ def test_under_vmap(kind):
         assert_close(a, b, "vmap")
 
 
+@pytest.mark.parametrize("length", [5, 1])
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_forward_mode_jvp(kind):
+def test_forward_mode_jvp(kind, length):
     stock, ours = make_pair(kind, 3, 4)
-    x, h = rand((2, 5, 3), 28), rand((2, 4), 29)
-    tx, th = rand((2, 5, 3), 30), rand((2, 4), 31)
+    x, h = rand((2, length, 3), 28), rand((2, 4), 29)
+    tx, th = rand((2, length, 3), 30), rand((2, 4), 31)
     f = lambda layer: (lambda x, h: call(layer, x, h))  # noqa: E731
     _, t_ref = mx.jvp(f(stock), [x, h], [tx, th])
     with mlx_fastrnn.use_impl("fast"):
@@ -423,12 +426,13 @@ def test_forward_mode_jvp(kind):
         assert_close(a, b, "jvp tangent")
 
 
+@pytest.mark.parametrize("length", [5, 1])
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_second_order_gradient_correct_or_refused(kind):
+def test_second_order_gradient_correct_or_refused(kind, length):
     """grad of grad (gradient penalties, Hessian-vector products): the fast path
     must give stock's result, or refuse loudly; a silently wrong value fails."""
     stock, ours = make_pair(kind, 3, 4)
-    x, h = rand((2, 5, 3), 32), rand((2, 4), 33)
+    x, h = rand((2, length, 3), 32), rand((2, 4), 33)
 
     def penalty(layer):
         def inner(x):
@@ -472,10 +476,12 @@ def test_gpu_stream_matches_cpu_stock(kind):
     assert_all_close(out_f, g_f, out_l, g_l, what="gpu fast vs gpu legacy")
 
 
+@pytest.mark.parametrize("length", [3, 1])
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_fast_path_does_not_call_stock(kind, monkeypatch):
+def test_fast_path_does_not_call_stock(kind, length, monkeypatch):
     """Under the fast impl, float32 GRU/LSTM/RNN(tanh|relu) must not run stock's loop
-    (otherwise the parity tests would compare stock with itself)."""
+    (otherwise the parity tests would compare stock with itself), streaming steps
+    (length 1) included."""
     name = KINDS[kind][0]
     stock, ours = make_pair(kind, 3, 4)
     calls = []
@@ -486,7 +492,7 @@ def test_fast_path_does_not_call_stock(kind, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(STOCK[name], "__call__", spy)
-    x = rand((2, 3, 3), 27)
+    x = rand((2, length, 3), 27)
     forward(ours, x, impl="fast")
     assert calls == [], "fast impl fell back to the stock loop for a supported configuration"
     forward(ours, x, impl="legacy")

@@ -52,6 +52,8 @@ CASES = {
     "len1":                (4, 6, (3, 1, 4), None, None, True),
     "len1_hidden":         (4, 6, (3, 1, 4), (3, "H"), (3, "H"), True),
     "len1_unbatched":      (4, 6, (1, 4), ("H",), ("H",), True),
+    "len1_nobias_hidden":  (4, 6, (3, 1, 4), (3, "H"), (3, "H"), False),
+    "len1_hidden_more_dims": (4, 6, (3, 1, 4), (2, 3, "H"), (2, 3, "H"), True),
     "H1":                  (3, 1, (2, 5, 3), (2, "H"), (2, "H"), True),
     "H7_D1":               (1, 7, (2, 4, 1), None, None, True),
     "H33":                 (10, 33, (2, 3, 10), (2, "H"), (2, "H"), True),

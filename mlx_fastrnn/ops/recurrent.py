@@ -6,6 +6,8 @@ Shapes are checked here, before any kernel is launched, and bad input raises
 the exception type stock raises (with a message naming the expected shape).
 """
 
+import functools
+
 import mlx.core as mx
 
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
@@ -22,8 +24,7 @@ def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None, whole_sequence=True):
     batch = _check(x, w_x, hidden_size, "GRU", hidden=hidden)
     extras = [b, bhn, hidden, w_h if x.shape[-2] > 1 or hidden is not None else None]
     bhn32 = f32(bhn) if bhn is not None else mx.zeros((hidden_size,))
-    steps = steps or default_steps(GRU_CELL, whole_sequence)
-    (hs,), dtype = _run(GRU_CELL, x, w_x, b, w_h, batch, (hidden,), (bhn32,), extras, steps)
+    (hs,), dtype = _run(GRU_CELL, x, w_x, b, w_h, batch, (hidden,), (bhn32,), extras, steps, whole_sequence)
     return _cast(hs, dtype)
 
 
@@ -31,8 +32,8 @@ def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None, whole_sequence=T
     hidden_size = w_h.shape[1]
     batch = _check(x, w_x, hidden_size, "LSTM", hidden=hidden, cell=cell, hidden_sets_batch=True)
     extras = [bias, hidden, cell, w_h if x.shape[-2] > 1 or hidden is not None else None]
-    steps = steps or default_steps(LSTM_CELL, whole_sequence)
-    (hs, cs), dtype = _run(LSTM_CELL, x, w_x, bias, w_h, batch, (hidden, cell), (), extras, steps)
+    (hs, cs), dtype = _run(LSTM_CELL, x, w_x, bias, w_h, batch, (hidden, cell), (), extras, steps,
+                           whole_sequence)
     return _cast(hs, dtype), _cast(cs, dtype)
 
 
@@ -41,8 +42,7 @@ def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None, whole_sequence
     batch = _check(x, w_xh, hidden_size, "RNN", hidden=hidden, hidden_sets_batch=True)
     extras = [bias, hidden, w_hh if x.shape[-2] > 1 or hidden is not None else None]
     cell = RNN_RELU_CELL if relu else RNN_TANH_CELL
-    steps = steps or default_steps(cell, whole_sequence)
-    (hs,), dtype = _run(cell, x, w_xh, bias, w_hh, batch, (hidden,), (), extras, steps)
+    (hs,), dtype = _run(cell, x, w_xh, bias, w_hh, batch, (hidden,), (), extras, steps, whole_sequence)
     return _cast(hs, dtype)
 
 
@@ -50,20 +50,39 @@ def fast_path_supports(x, *arrays):
     """Whether the fused path covers this call: MLX arrays with a float32, float16
     or bfloat16 result and no empty axis. Anything else (float64, empty batches,
     numpy input) runs the stock code, which also raises stock's errors for it."""
-    if not all(a is None or isinstance(a, mx.array) for a in (x, *arrays)):
+    if not isinstance(x, mx.array) or x.size == 0:
         return False
-    if x.size == 0:
-        return False
-    return _result_dtype(x, *arrays) in FAST_DTYPES
+    dtype = x.dtype
+    for a in arrays:
+        if a is None:
+            continue
+        if not isinstance(a, mx.array):
+            return False
+        if a.dtype != dtype:
+            dtype = mx.result_type(dtype, a.dtype)
+    return dtype in FAST_DTYPES
 
 
-def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
-    """Project the input, broadcast states to the batch, run the recurrence.
+def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_sequence):
+    """Project the input, broadcast states to the batch, run the recurrence
+    (``steps``, or the device's default ones).
     (Each op costs microseconds on the CPU: no reshape, copy or cast that isn't needed.)"""
     length, hidden_size = x.shape[-2], w_h.shape[1]
     n_batch = 1
     for d in batch:
         n_batch *= d
+    states0 = tuple(
+        mx.zeros((n_batch, hidden_size)) if s is None else _state(s, batch, n_batch, hidden_size)
+        for s in states
+    )
+    given = tuple(s is not None for s in states)
+    if length == 1 and steps is None and x.size == n_batch * x.shape[-1]:
+        # A streaming step (x needs no broadcasting to the states' batch).
+        dtype = _result_dtype(x, w_x, *extras)
+        step = _step_function(cell, b is not None, given[0])
+        bias = (b,) if b is not None else ()
+        seqs = step(x.reshape(n_batch, x.shape[-1]), w_x, w_h, states0, params, *bias)
+        return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
     # Input projection for the whole sequence in one matmul, produced time-major.
     xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])
     xt = xt.swapaxes(0, 1) if length > 1 else xt.reshape(1, -1, x.shape[-1])
@@ -75,17 +94,40 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps):
         x_batch = (1,) * (len(batch) - (x.ndim - 2)) + tuple(x.shape[:-2])
         xp = mx.broadcast_to(xp.reshape(length, *x_batch, gh), (length, *batch, gh))
         xp = mx.contiguous(xp.reshape(length, n_batch, gh))
-    states0 = tuple(
-        mx.zeros((n_batch, hidden_size)) if s is None else _state(s, batch, n_batch, hidden_size)
-        for s in states
-    )
-    given = tuple(s is not None for s in states)
-    seqs = recurrence(cell, steps, xp, f32(w_h), states0, params, given)
+    if length == 1 and steps is None:
+        step = _step_function(cell, False, given[0], projected=True)
+        seqs = tuple(s[None] for s in step(xp[0], None, w_h, states0, params))
+    else:
+        steps = steps or default_steps(cell, whole_sequence)
+        seqs = recurrence(cell, steps, xp, f32(w_h), states0, params, given)
     if batch != (n_batch,):
         seqs = tuple(s.reshape(length, *batch, hidden_size) for s in seqs)
     if length == 1:
         return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
     return tuple(mx.moveaxis(s, 0, -2) for s in seqs), dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _step_function(cell, with_bias, h_given, projected=False):
+    """Length 1 (a streaming step), on every device: input projection, recurrent
+    projection and the reference step in ONE ``mx.compile``d function (the
+    elementwise tail one fused kernel, and the whole step one compiled call,
+    so few Python-built ops), with none of the sequence machinery. On the H100
+    one compiled step took 0.70-0.83x stock's time forward
+    (benchmarks/streaming_probe.py), where the sequence kernels' launches and
+    custom-function overhead were slower than stock. Plain MLX ops, so every
+    transformation (grad, vmap, jvp, grad of grad) applies.
+    ``projected``: ``x`` is already the input projection (``w_x`` unused)."""
+
+    def step(x, w_x, w_h, states, params, *bias):
+        if projected:
+            xp = x
+        else:
+            xp = mx.addmm(bias[0], x, w_x.T) if with_bias else x @ w_x.T
+        hp = states[0] @ f32(w_h).T if h_given else mx.zeros(xp.shape, mx.float32)
+        return cell.forward_step(xp, hp, states, params, **cell.step_kwargs)
+
+    return mx.compile(step)
 
 
 def _cast(a, dtype):
@@ -112,8 +154,12 @@ def default_steps(cell, whole_sequence=True):
 def _result_dtype(*arrays):
     dtype = None
     for a in arrays:
-        if a is not None:
-            dtype = a.dtype if dtype is None else mx.result_type(dtype, a.dtype)
+        if a is None:
+            continue
+        if dtype is None:
+            dtype = a.dtype
+        elif a.dtype != dtype:
+            dtype = mx.result_type(dtype, a.dtype)
     return dtype
 
 
