@@ -12,6 +12,7 @@ import mlx.nn.layers.recurrent as _stock
 
 from .config import current_impl
 from .ops import recurrent as ops
+from .ops import streaming
 
 _TANH = (nn.tanh, mx.tanh)
 _RELU = (nn.relu,)
@@ -26,6 +27,10 @@ class GRU(_stock.GRU):
         w_x, w_h, b, bhn = self.Wx, self.Wh, self.b, self.bhn
         if not ops.fast_path_supports(x, w_x, w_h, b, bhn, hidden):
             return super().__call__(x, hidden)
+        if _is_step(x):
+            if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
+                return streaming.gru_step(x, w_x, w_h, b, bhn, hidden)
+            return super().__call__(x, hidden)
         return ops.gru(x, w_x, w_h, b, bhn, hidden, whole_sequence=_whole())
 
 
@@ -37,6 +42,10 @@ class LSTM(_stock.LSTM):
             return super().__call__(x, hidden, cell)
         w_x, w_h, bias = self.Wx, self.Wh, self.bias
         if not ops.fast_path_supports(x, w_x, w_h, bias, hidden, cell):
+            return super().__call__(x, hidden, cell)
+        if _is_step(x):
+            if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden, cell):
+                return streaming.lstm_step(x, w_x, w_h, bias, hidden, cell)
             return super().__call__(x, hidden, cell)
         return ops.lstm(x, w_x, w_h, bias, hidden, cell, whole_sequence=_whole())
 
@@ -51,11 +60,23 @@ class RNN(_stock.RNN):
         w_x, w_h, bias = self.Wxh, self.Whh, self.bias
         if relu is None or not ops.fast_path_supports(x, w_x, w_h, bias, hidden):
             return super().__call__(x, hidden)
+        if _is_step(x):
+            if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
+                step = streaming.rnn_relu_step if relu else streaming.rnn_tanh_step
+                return step(x, w_x, w_h, bias, hidden)
+            return super().__call__(x, hidden)
         return ops.rnn(x, w_x, w_h, bias, hidden, relu=relu, whole_sequence=_whole())
 
 
 def _run_stock(x):
     return current_impl() == "legacy"
+
+
+def _is_step(x):
+    """Length 1 (a streaming step): stock's math for one step, compiled
+    (``ops/streaming.py``) for a plain call, stock's code for anything else.
+    The sequence machinery only costs there (measured on the H100)."""
+    return x.ndim >= 2 and x.shape[-2] == 1
 
 
 def _whole():

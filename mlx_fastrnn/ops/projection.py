@@ -6,7 +6,7 @@ operand the CPU's reference BLAS runs ~1.7x slower than with a contiguous one
 contiguous form would in turn put the slow transposed view into the backward.
 So the forward multiplies by a contiguous ``W^T`` and the VJP multiplies by
 ``W`` itself. The copy of ``W^T`` costs one pass over the weights, so it is
-only made when at least ``MIN_ROWS`` rows share it.
+only made when at least ``MIN_ROWS`` rows share it, and only on the CPU.
 """
 
 import mlx.core as mx
@@ -15,8 +15,11 @@ MIN_ROWS = 4
 
 
 def transposed(w, rows):
-    """``w.T``, made contiguous when ``rows`` rows will be multiplied by it."""
-    return mx.contiguous(w.T) if rows >= MIN_ROWS else w.T
+    """``w.T``, made contiguous when ``rows`` rows will be multiplied by it on
+    the CPU (GPU matmuls take the transposed view as it is)."""
+    if rows >= MIN_ROWS and mx.default_device().type == mx.cpu:
+        return mx.contiguous(w.T)
+    return w.T
 
 
 @mx.custom_function

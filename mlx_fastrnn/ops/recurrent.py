@@ -6,8 +6,6 @@ Shapes are checked here, before any kernel is launched, and bad input raises
 the exception type stock raises (with a message naming the expected shape).
 """
 
-import functools
-
 import mlx.core as mx
 
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
@@ -76,13 +74,6 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_seque
         for s in states
     )
     given = tuple(s is not None for s in states)
-    if length == 1 and steps is None and x.size == n_batch * x.shape[-1]:
-        # A streaming step (x needs no broadcasting to the states' batch).
-        dtype = _result_dtype(x, w_x, *extras)
-        step = _step_function(cell, b is not None, given[0])
-        bias = (b,) if b is not None else ()
-        seqs = step(x.reshape(n_batch, x.shape[-1]), w_x, w_h, states0, params, *bias)
-        return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
     # Input projection for the whole sequence in one matmul, produced time-major.
     xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])
     xt = xt.swapaxes(0, 1) if length > 1 else xt.reshape(1, -1, x.shape[-1])
@@ -94,40 +85,13 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_seque
         x_batch = (1,) * (len(batch) - (x.ndim - 2)) + tuple(x.shape[:-2])
         xp = mx.broadcast_to(xp.reshape(length, *x_batch, gh), (length, *batch, gh))
         xp = mx.contiguous(xp.reshape(length, n_batch, gh))
-    if length == 1 and steps is None:
-        step = _step_function(cell, False, given[0], projected=True)
-        seqs = tuple(s[None] for s in step(xp[0], None, w_h, states0, params))
-    else:
-        steps = steps or default_steps(cell, whole_sequence)
-        seqs = recurrence(cell, steps, xp, f32(w_h), states0, params, given)
+    steps = steps or default_steps(cell, whole_sequence)
+    seqs = recurrence(cell, steps, xp, f32(w_h), states0, params, given)
     if batch != (n_batch,):
         seqs = tuple(s.reshape(length, *batch, hidden_size) for s in seqs)
     if length == 1:
         return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
     return tuple(mx.moveaxis(s, 0, -2) for s in seqs), dtype
-
-
-@functools.lru_cache(maxsize=None)
-def _step_function(cell, with_bias, h_given, projected=False):
-    """Length 1 (a streaming step), on every device: input projection, recurrent
-    projection and the reference step in ONE ``mx.compile``d function (the
-    elementwise tail one fused kernel, and the whole step one compiled call,
-    so few Python-built ops), with none of the sequence machinery. On the H100
-    one compiled step took 0.70-0.83x stock's time forward
-    (benchmarks/streaming_probe.py), where the sequence kernels' launches and
-    custom-function overhead were slower than stock. Plain MLX ops, so every
-    transformation (grad, vmap, jvp, grad of grad) applies.
-    ``projected``: ``x`` is already the input projection (``w_x`` unused)."""
-
-    def step(x, w_x, w_h, states, params, *bias):
-        if projected:
-            xp = x
-        else:
-            xp = mx.addmm(bias[0], x, w_x.T) if with_bias else x @ w_x.T
-        hp = states[0] @ f32(w_h).T if h_given else mx.zeros(xp.shape, mx.float32)
-        return cell.forward_step(xp, hp, states, params, **cell.step_kwargs)
-
-    return mx.compile(step)
 
 
 def _cast(a, dtype):
