@@ -29,7 +29,7 @@ class GRU(_stock.GRU):
             return super().__call__(x, hidden)
         if _is_step(x):
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
-                return streaming.gru_step(x, w_x, w_h, b, bhn, hidden)
+                return streaming.step("gru", x, w_x, w_h, b, bhn, hidden)
             return super().__call__(x, hidden)
         return ops.gru(x, w_x, w_h, b, bhn, hidden, whole_sequence=_whole())
 
@@ -45,7 +45,7 @@ class LSTM(_stock.LSTM):
             return super().__call__(x, hidden, cell)
         if _is_step(x):
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden, cell):
-                return streaming.lstm_step(x, w_x, w_h, bias, hidden, cell)
+                return streaming.step("lstm", x, w_x, w_h, bias, hidden, cell)
             return super().__call__(x, hidden, cell)
         return ops.lstm(x, w_x, w_h, bias, hidden, cell, whole_sequence=_whole())
 
@@ -61,9 +61,6 @@ class RNN(_stock.RNN):
         if relu is None or not ops.fast_path_supports(x, w_x, w_h, bias, hidden):
             return super().__call__(x, hidden)
         if _is_step(x):
-            if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
-                step = streaming.rnn_relu_step if relu else streaming.rnn_tanh_step
-                return step(x, w_x, w_h, bias, hidden)
             return super().__call__(x, hidden)
         return ops.rnn(x, w_x, w_h, bias, hidden, relu=relu, whole_sequence=_whole())
 
@@ -73,9 +70,9 @@ def _run_stock(x):
 
 
 def _is_step(x):
-    """Length 1 (a streaming step): stock's math for one step, compiled
-    (``ops/streaming.py``) for a plain call, stock's code for anything else.
-    The sequence machinery only costs there (measured on the H100)."""
+    """Length 1 (a streaming step): GRU / LSTM run ``ops/streaming.py`` for a
+    plain call, stock's code otherwise (and RNN always); the sequence machinery
+    only costs there (measured on the H100)."""
     return x.ndim >= 2 and x.shape[-2] == 1
 
 

@@ -183,9 +183,10 @@ def _half_check(kind, fast_out, fast_g, leg_out, leg_g, ref_out, ref_g, eps, wha
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("kind", KIND_NAMES)
 @pytest.mark.parametrize("with_state", [False, True], ids=["nostate", "state"])
-def test_half_precision_vs_float32_reference(kind, dtype, with_state):
+@pytest.mark.parametrize("length", [6, 1])
+def test_half_precision_vs_float32_reference(kind, dtype, with_state, length):
     stock, ours = make_pair(kind, 5, 8, dtype=dtype)
-    x = rand((3, 6, 5), 20, dtype=dtype)
+    x = rand((3, length, 5), 20, dtype=dtype)
     hidden = rand((3, 8), 21, dtype=dtype, scale=0.5) if with_state else None
     cell = rand((3, 8), 22, dtype=dtype) if with_state and is_lstm(kind) else None
     ref = float32_copy(stock, kind)
@@ -213,10 +214,11 @@ MIXED = {
 
 @pytest.mark.parametrize("case", list(MIXED))
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_mixed_dtypes_match_stock_dtype_and_reference(kind, case):
+@pytest.mark.parametrize("length", [5, 1])
+def test_mixed_dtypes_match_stock_dtype_and_reference(kind, case, length):
     x_dtype, w_dtype, h_dtype = MIXED[case]
     stock, ours = make_pair(kind, 4, 6, dtype=w_dtype)
-    x = rand((2, 5, 4), 30, dtype=x_dtype)
+    x = rand((2, length, 4), 30, dtype=x_dtype)
     hidden = rand((2, 6), 31, dtype=h_dtype, scale=0.5) if h_dtype is not None else None
     cell = rand((2, 6), 32, dtype=h_dtype) if (h_dtype is not None and is_lstm(kind)) else None
     ref = float32_copy(stock, kind)
