@@ -29,7 +29,7 @@ class GRU(_stock.GRU):
             return super().__call__(x, hidden)
         if _is_step(x):
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
-                return streaming.step("gru", x, w_x, w_h, b, bhn, hidden)
+                return streaming.gru_step(x, w_x, w_h, b, bhn, hidden)
             return super().__call__(x, hidden)
         return ops.gru(x, w_x, w_h, b, bhn, hidden, whole_sequence=_whole())
 
@@ -45,7 +45,7 @@ class LSTM(_stock.LSTM):
             return super().__call__(x, hidden, cell)
         if _is_step(x):
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden, cell):
-                return streaming.step("lstm", x, w_x, w_h, bias, hidden, cell)
+                return streaming.lstm_step(x, w_x, w_h, bias, hidden, cell)
             return super().__call__(x, hidden, cell)
         return ops.lstm(x, w_x, w_h, bias, hidden, cell, whole_sequence=_whole())
 
@@ -54,13 +54,11 @@ class RNN(_stock.RNN):
     __doc__ = _stock.RNN.__doc__
 
     def __call__(self, x, hidden=None):
-        if _run_stock(x):
+        if _run_stock(x) or (isinstance(x, mx.array) and _is_step(x)):
             return super().__call__(x, hidden)
         relu = _fused_activation(self.nonlinearity)
         w_x, w_h, bias = self.Wxh, self.Whh, self.bias
         if relu is None or not ops.fast_path_supports(x, w_x, w_h, bias, hidden):
-            return super().__call__(x, hidden)
-        if _is_step(x):
             return super().__call__(x, hidden)
         return ops.rnn(x, w_x, w_h, bias, hidden, relu=relu, whole_sequence=_whole())
 
