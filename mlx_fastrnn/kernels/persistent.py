@@ -212,9 +212,19 @@ def defines(macros):
     return "".join(f"#define {m} 1\n" for m in macros)
 
 
-def switch_defines():
-    names = [n.strip() for n in os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", "").split(",") if n.strip()]
+def switch_defines(value=None):
+    """The defines of the switches named in ``value`` (default: the env variable)."""
+    if value is None:
+        value = os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", "")
+    names = [n.strip() for n in value.split(",") if n.strip()]
     return defines(SWITCHES[n] for n in names if n in SWITCHES)
+
+
+@functools.lru_cache(maxsize=16)
+def _with_switches(value, header):
+    # The same string object per (switches, header) on every call: a fresh
+    # 17 KB concatenation would be rehashed by _source_digest's cache each time.
+    return switch_defines(value) + header
 
 
 # --------------------------------------------------------------------------- planning
@@ -415,7 +425,7 @@ def kernel_spec(p, x_dtype, flag, header=HEADER):
 
     ``header`` replaces the shared device code (the tuning tools prepend the
     ``FRNN_*`` switches documented in ``persistent_header``)."""
-    header = switch_defines() + header
+    header = _with_switches(os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", ""), header)
     mod = cell_module(p.cell)
     fwd = p.direction == "forward"
     body = mod.FORWARD_BODY if fwd else mod.BACKWARD_BODY
