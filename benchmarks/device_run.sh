@@ -13,9 +13,9 @@
 #   4. report.py                                               -> $OUT/results.md (+ speedup.png if matplotlib)
 # Everything printed goes to $OUT/device_run.log too; $OUT/status.txt has one line
 # per stage (exit code, seconds). At most 7 files in $OUT (the device tool returns 8).
-# On the H100 (25 Nov 2026, fresh machine): f32 69 s, bf16 76 s (it also runs a float32
-# reference per config), torch 27 s; the GPU suite in ONE process did not finish in
-# 400 s (NVRTC compiles), sharded it is not measured yet. The limits below sum to
+# On the H100 (25 Nov 2026, fresh machine): f32 90-125 s, bf16 90-140 s (it also runs a
+# float32 reference per config), torch ~30 s; the GPU suite in ONE process did not
+# finish in 400 s (NVRTC compiles), in 8 shards it took 80-100 s. The limits below sum to
 # 480 s; override with T_TESTS, T_F32, T_BF16, T_TORCH (seconds), BUDGET (timed
 # seconds per config and impl, default 0.5), STAGES (default "tests f32 bf16 torch"),
 # GPU_TEST_SHARDS (default 4).

@@ -317,9 +317,9 @@ __device__ __forceinline__ float warp_sum_many(float (&v)[P], int lane) {
 }
 
 template <int V>
-struct pow2_at_least {  // smallest power of two >= V, at most 32, and its shift from 32
-  static constexpr int value = V > 16 ? 32 : V > 8 ? 16 : V > 4 ? 8 : V > 2 ? 4 : V > 1 ? 2 : 1;
+struct pow2_at_least {  // smallest power of two >= V, at most 32 (= 32 >> shift)
   static constexpr int shift = V > 16 ? 0 : V > 8 ? 1 : V > 4 ? 2 : V > 2 ? 3 : V > 1 ? 4 : 5;
+  static constexpr int value = 32 >> shift;
 };
 
 // part[(ks*BBP + r)*N + n] (+)= sum_{k in split ks of the chunk} hs[r][k] * Ws[n][k0 + k].
