@@ -105,21 +105,19 @@ def candidate_plans(direction, cell, H, B, limits, x_dtype):
 
 
 def layer_fns(cell, B, L, H, dtype, prob):
-    """(name, fn) pairs: the fast layer call, its kernel alone, its input projection alone."""
+    """(name, fn) pairs: the fast layer call, the same on the per-step cells
+    (``MLX_RNN_IMPL=cell``), its kernel alone, its input projection alone."""
     import mlx_fastrnn
 
     layer = {"gru": mlx_fastrnn.GRU, "lstm": mlx_fastrnn.LSTM}.get(cell, mlx_fastrnn.RNN)(H, H)
     layer.set_dtype(dtype)
     x = mx.random.normal((B, L, H)).astype(dtype)
     mx.eval(layer.parameters(), x)
-    w_x = getattr(layer, "Wx", None)
-    w_x = w_x if w_x is not None else layer.Wxh
+    w_x = layer.Wxh if cell.startswith("rnn") else layer.Wx
+
     def per_step_cells():
-        os.environ["MLX_FASTRNN_PERSISTENT"] = "0"
-        try:
+        with mlx_fastrnn.use_impl("cell"):
             return layer(x)
-        finally:
-            del os.environ["MLX_FASTRNN_PERSISTENT"]
 
     return [("layer call", lambda: layer(x)), ("layer call, per-step cells", per_step_cells),
             ("kernel alone", prob.fn("forward")), ("input projection alone", lambda: x.reshape(-1, H) @ w_x.T)]
