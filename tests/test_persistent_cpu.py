@@ -205,6 +205,31 @@ def _ids(c):
     return f"{c[0]}-L{c[1]}-B{c[2]}-H{c[3]}-{str(c[4]).split('.')[-1]}-{'zero' if c[5] else 'state'}"
 
 
+def _assert_emulated_backward(cell, problem, expected, need, limits=None, *, weights="auto", plan=None,
+                              w_ref=None):
+    """Run the emulated backward on the reference forward's outputs and compare dx,
+    dhp and (when ``need``) the initial-state cotangents with the reference
+    backward (``w_ref``: the W_h it uses, default the problem's). Returns the
+    emulator's (plan, sync counters)."""
+    xp, w_h, s0, params = problem
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[1]
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    (dx, dhp, d0), ran = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, need, limits,
+                                      weights=weights, plan=plan)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h if w_ref is None else w_ref, need)
+    assert ref.max_rel_err(dx, rdx) < 2e-6
+    assert ref.max_rel_err(dhp, rdhp) < 2e-6
+    if need:
+        assert len(d0) == len(rd0)
+        for a, e in zip(d0, rd0):
+            assert ref.max_rel_err(a, e) < 2e-6
+    else:
+        assert d0 is None
+    return ran
+
+
 @needs_cxx
 @pytest.mark.parametrize("case", EMU_CASES, ids=_ids)
 def test_emulated_forward_backward(case):
@@ -220,30 +245,20 @@ def test_emulated_forward_backward(case):
     # the barrier ran L-1 times in every batch group
     assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * (L - 1)] * p.NBB
 
-    seqs, hp = expected[:-1], expected[-1]
-    prevs = ref.prevs_of(s0, seqs)
-    d_outs = ref.cotangents(cell, L, B, H)
     need = not zero
-    (dx, dhp, d0), (pb, sync_b) = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, need, limits)
-    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, need)
-    assert ref.max_rel_err(dx, rdx) < 2e-6
-    assert ref.max_rel_err(dhp, rdhp) < 2e-6
-    if need:
-        assert len(d0) == len(rd0)
-        for a, e in zip(d0, rd0):
-            assert ref.max_rel_err(a, e) < 2e-6
-    else:
-        assert d0 is None
+    pb, sync_b = _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, need, limits)
     assert [int(v) for v in sync_b.tolist()[:: P.SYNC_STRIDE]] == [pb.NU * (L - 1 + need)] * pb.NBB
 
 
-def _hand_plan(direction, cell, H, B, U, RB, KS, KCH, tpb=64):
-    """A plan with the given split (one batch group), bypassing the planner."""
+def _hand_plan(direction, cell, H, B, U, RB, KS, KCH, tpb=64, BB=None):
+    """A plan with the given split (batch groups of ``BB`` rows, default one
+    group), bypassing the planner."""
     G = P.CELLS[cell].num_gates
     K, N = (H, G * U) if direction == "forward" else (G * H, U)
-    BBP = -(-B // RB) * RB
-    return P.Plan(direction, cell, G, H, B, U, -(-H // U), B, 1, BBP, RB, KS, KCH, tpb,
-                  -(-(B * U) // tpb), False, P.smem_bytes(K, N, BBP, KCH, KS, 4), 0.0)
+    BB = BB or B
+    BBP = -(-BB // RB) * RB
+    return P.Plan(direction, cell, G, H, B, U, -(-H // U), BB, -(-B // BB), BBP, RB, KS, KCH, tpb,
+                  -(-(BB * U) // tpb), False, P.smem_bytes(K, N, BBP, KCH, KS, 4), 0.0)
 
 
 # (direction, U, RB, KS, KCH): RB*N sums per warp task of 2, 8, 24, 32, 48 (two
@@ -275,14 +290,7 @@ def test_emulated_reduction_widths(case, switches, monkeypatch):
         for a, e in zip(got, expected):
             assert ref.max_rel_err(a, e) < 2e-6
         return
-    seqs, hp = expected[:-1], expected[-1]
-    prevs = ref.prevs_of(s0, seqs)
-    d_outs = ref.cotangents(cell, L, B, H)
-    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, None, plan=p)
-    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, True)
-    assert ref.max_rel_err(dx, rdx) < 2e-6
-    assert ref.max_rel_err(dhp, rdhp) < 2e-6
-    assert ref.max_rel_err(d0[0], rd0[0]) < 2e-6
+    _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, plan=p)
 
 
 @needs_cxx
@@ -298,16 +306,10 @@ def test_emulated_chunked_and_bf16_weights():
     expected = ref.forward(cell, xp, w_rounded, s0, params, False)
     for a, e in zip(got, expected):
         assert ref.max_rel_err(a, e) < 2e-6
-    seqs, hp = expected[:-1], expected[-1]
-    prevs = ref.prevs_of(s0, seqs)
-    d_outs = ref.cotangents(cell, L, B, H)
     pb = P.plan("backward", cell, H, B, limits, x_dtype=mx.bfloat16, tpb=64, weights="bfloat16")
     assert pb is not None and pb.KCH < pb.K
-    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, limits, weights="bfloat16")
-    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_rounded, True)
-    assert ref.max_rel_err(dx, rdx) < 2e-6
-    assert ref.max_rel_err(dhp, rdhp) < 2e-6
-    assert ref.max_rel_err(d0[0], rd0[0]) < 2e-6
+    _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, limits, weights="bfloat16",
+                              w_ref=w_rounded)
 
 
 # --------------------------------------------------------------------------- NVRTC
@@ -354,15 +356,7 @@ def test_emulated_switches(switch, monkeypatch):
     got, _ = emu.forward(cell, xp, w_h, s0, params, False, limits)
     for a, e in zip(got, expected):
         assert ref.max_rel_err(a, e) < 2e-6
-    seqs, hp = expected[:-1], expected[-1]
-    prevs = ref.prevs_of(s0, seqs)
-    d_outs = ref.cotangents(cell, L, B, H)
-    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, limits)
-    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, True)
-    assert ref.max_rel_err(dx, rdx) < 2e-6
-    assert ref.max_rel_err(dhp, rdhp) < 2e-6
-    for a, e in zip(d0, rd0):
-        assert ref.max_rel_err(a, e) < 2e-6
+    _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, limits)
 
 
 @pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
@@ -386,19 +380,10 @@ def test_emulated_lstm_backward_shaped_like_h100_h512(switches, kch, monkeypatch
     inside dx (the emulator aborts otherwise; the old address form ran 4 KB past
     the end of dx there, in the last batch group's last row)."""
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", switches)
-    cell, L, B, H, U, KCH = "lstm", 4, 16, 64, 8, kch
-    K = 4 * H
-    p = P.Plan("backward", cell, 4, H, B, U, H // U, 8, 2, 8, 4, 4, KCH, 256, 1, False,
-               P.smem_bytes(K, U, 8, KCH, 4, 4), 0.0)
+    cell, L, B, H = "lstm", 4, 16, 64
+    p = _hand_plan("backward", cell, H, B, U=8, RB=4, KS=4, KCH=kch, tpb=256, BB=8)
+    assert (p.NU, p.NBB, p.BBP, p.EPT) == (8, 2, 8, 1)
     xp, w_h, s0, params = ref.problem(cell, L, B, H)
     expected = ref.forward(cell, xp, w_h, s0, params, False)
-    seqs, hp = expected[:-1], expected[-1]
-    prevs = ref.prevs_of(s0, seqs)
-    d_outs = ref.cotangents(cell, L, B, H)
-    (dx, dhp, d0), (_, sync) = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, True, None, plan=p)
-    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, True)
-    assert ref.max_rel_err(dx, rdx) < 2e-6
-    assert ref.max_rel_err(dhp, rdhp) < 2e-6
-    for a, e in zip(d0, rd0):
-        assert ref.max_rel_err(a, e) < 2e-6
+    _, sync = _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, plan=p)
     assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * L] * p.NBB
