@@ -24,9 +24,15 @@ KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)  # accepted for x (templat
 
 def gpu_target():
     """'metal' or 'cuda' when the default device (now) is a GPU with that
-    backend, else None."""
+    backend, else None. (Asked on every layer call: only the device lookup is
+    per call, the backend is found once.)"""
     if mx.default_device().type != mx.gpu:
         return None
+    return _gpu_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_backend():
     try:
         if mx.metal.is_available():
             return "metal"
@@ -97,12 +103,13 @@ def launch(ks, target, inputs, output_shapes, template, *, threads=None):
 
 
 # ------------------------------------------------------------ step helpers
-# Shared by cells/<cell>/kernels.py. The step kernels take 2-D row-major
-# operands; leading batch axes are folded into B and restored on the outputs.
+# Shared by cells/<cell>/kernels.py. The step kernels index rows flat
+# (row b of every operand at b * width), so operands keep their leading batch
+# axes (no reshape ops) and the outputs get the same ones.
 
 class StepShape(NamedTuple):
-    x: mx.array  # [B, G*H] in a kernel dtype
-    batch: int  # B, the leading axes folded
+    x: mx.array  # [*lead, G*H] in a kernel dtype
+    batch: int  # B, the product of the leading axes
     hidden: int  # H
     lead: tuple  # the leading axes of the step's arrays
 
@@ -114,26 +121,24 @@ def dims_array(batch):
 
 
 def step_shape(x, num_gates):
-    """``x`` [..., G*H] as [B, G*H] in a dtype the kernels take (any other
-    float dtype goes to float32), with the step's sizes."""
+    """``x`` [..., G*H] in a dtype the kernels take (any other float dtype goes
+    to float32), with the step's sizes."""
     if x.dtype not in KERNEL_DTYPES:
         x = x.astype(mx.float32)
     lead, width = tuple(x.shape[:-1]), x.shape[-1]
-    batch = math.prod(lead)
-    x2 = x if x.ndim == 2 else x.reshape(batch, width)
-    return StepShape(x2, batch, width // num_gates, lead)
+    return StepShape(x, math.prod(lead), width // num_gates, lead)
 
 
 def operand(a, sh, width):
-    """A float32 [B, width] kernel operand (``a`` is [*lead, width] or broadcasts
-    to it); ``None`` (a zero state) gives zeros."""
+    """A float32 [*lead, width] kernel operand (``a`` is that or broadcasts to
+    it); ``None`` (a zero state) gives zeros."""
     if a is None:
-        return mx.zeros((sh.batch, width), mx.float32)
+        return mx.zeros((*sh.lead, width), mx.float32)
     if a.dtype != mx.float32:
         a = a.astype(mx.float32)
     if tuple(a.shape) != (*sh.lead, width):
         a = mx.broadcast_to(a, (*sh.lead, width))
-    return a if a.ndim == 2 else a.reshape(sh.batch, width)
+    return a
 
 
 def vector_operand(a, width):
@@ -148,8 +153,5 @@ def vector_operand(a, width):
 def run_step(ks, target, sh, inputs, out_widths, template_extra=()):
     """Launch a step kernel on ``(dims, *inputs)``; outputs shaped ``[*lead, width]``."""
     template = [("T", sh.x.dtype), ("H", sh.hidden), *template_extra]
-    outs = launch(ks, target, [dims_array(sh.batch), *inputs],
-                  [(sh.batch, w) for w in out_widths], template)
-    if len(sh.lead) != 1:
-        outs = [o.reshape(*sh.lead, o.shape[-1]) for o in outs]
-    return outs
+    return launch(ks, target, [dims_array(sh.batch), *inputs],
+                  [(*sh.lead, w) for w in out_widths], template)
