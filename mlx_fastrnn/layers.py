@@ -54,7 +54,12 @@ class RNN(_stock.RNN):
     __doc__ = _stock.RNN.__doc__
 
     def __call__(self, x, hidden=None):
-        if _run_stock(x) or (isinstance(x, mx.array) and _is_step(x)):
+        if _run_stock(x):
+            return super().__call__(x, hidden)
+        if isinstance(x, mx.array) and _is_step(x):
+            w_x, w_h, bias = self.Wxh, self.Whh, self.bias
+            if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
+                return streaming.rnn_step(x, w_x, w_h, bias, hidden, self.nonlinearity)
             return super().__call__(x, hidden)
         relu = _fused_activation(self.nonlinearity)
         w_x, w_h, bias = self.Wxh, self.Whh, self.bias
@@ -68,9 +73,9 @@ def _run_stock(x):
 
 
 def _is_step(x):
-    """Length 1 (a streaming step): GRU / LSTM run ``ops/streaming.py`` for a
-    plain call, stock's code otherwise (and RNN always); the sequence machinery
-    only costs there (measured on the H100)."""
+    """Length 1 (a streaming step): ``ops/streaming.py`` for a plain call,
+    stock's code otherwise; the sequence machinery only costs there (measured
+    on the H100)."""
     return x.ndim >= 2 and x.shape[-2] == 1
 
 

@@ -480,8 +480,8 @@ def test_gpu_stream_matches_cpu_stock(kind):
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_fast_path_does_not_call_stock(kind, length, monkeypatch):
     """Under the fast impl, float32 GRU/LSTM/RNN(tanh|relu) must not run stock's loop
-    (otherwise the parity tests would compare stock with itself), GRU / LSTM
-    streaming steps (length 1) included."""
+    (otherwise the parity tests would compare stock with itself), streaming
+    steps (length 1) included."""
     name = KINDS[kind][0]
     stock, ours = make_pair(kind, 3, 4)
     calls = []
@@ -494,11 +494,6 @@ def test_fast_path_does_not_call_stock(kind, length, monkeypatch):
     monkeypatch.setattr(STOCK[name], "__call__", spy)
     x = rand((2, length, 3), 27)
     forward(ours, x, impl="fast")
-    if length == 1 and name == "RNN":
-        # by design: stock's RNN step is already two addmm and the activation
-        assert calls == [1], "a streaming RNN step runs stock's code"
-        calls.clear()
-    else:
-        assert calls == [], "fast impl fell back to the stock loop for a supported configuration"
+    assert calls == [], "fast impl fell back to the stock loop for a supported configuration"
     forward(ours, x, impl="legacy")
     assert calls == [1], "legacy impl must run the stock code"

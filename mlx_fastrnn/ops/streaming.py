@@ -1,32 +1,177 @@
-"""A streaming GRU / LSTM step (length 1): stock's own math for one step, under ``mx.compile``.
+"""A streaming step (length 1): the cell once, with as few ops as the math allows.
 
-With no recurrence to fuse, a length-1 call is stock's 10-15 small ops, each its
-own kernel. Compiled, the elementwise tail is one fused kernel and the step one
-call. The ops are stock's, in stock's order and dtype (``addmm`` / ``matmul`` in the
-input dtype), so results equal stock's up to the rounding of the fusion, and grad,
-vmap, jvp and grad of grad apply as to stock. The layers use it only for a plain
-call: ``x`` [..., 1, D] with the states (if any) of ``x``'s batch shape; any other
-length-1 call runs stock's code, and so does every RNN one (stock's RNN step is
-two ``addmm`` and the activation already; compiled it gained nothing on the H100).
+With no recurrence to fuse, a length-1 call costs what its ops cost to launch:
+stock's step is 10-15 small ops, and autodiff adds as many again.
 
-Measured on the H100 (benchmarks/RESULTS.md): forward 1.23-1.45x stock at
-(1, 1, 640); under a gradient MLX does not fuse, and forward+backward ran
-0.96-0.98x stock (a fused custom backward measured slower still, 0.70-0.83x).
+- On a GPU (Metal, CUDA), GRU / LSTM: two matmuls (``x W_x^T + b``, ``h W_h^T``)
+  and ONE fused kernel for the gates and the state update (the cell's forward
+  step kernel). That kernel is a differentiable op whose VJP is the cell's
+  fused backward kernel, so a training step is the fused backward plus the
+  matmuls' own VJPs (autodiff of the matmuls, one matmul per cotangent).
+  jvp, vmap and the VJP of the backward (second order) go through the cell's
+  reference step (``cells/<cell>/naive.py``). ``mx.compile`` can't do this
+  under a gradient: it does not fuse arrays that are being traced for one.
+- On the CPU, GRU / LSTM: stock's own math for one step under ``mx.compile``.
+- RNN, everywhere: stock's ops minus the per-step slice and the final stack
+  (two ``addmm`` and the activation).
+
+The layers use these only for a plain call: ``x`` [..., 1, D] with the states
+(if any) of ``x``'s batch shape; any other length-1 call runs stock's code.
 
     gru:  x = x W_x^T + b;  rz = sigmoid(x_rz + h W_rz^T);  n = tanh(x_n + r (h W_n^T + b_hn))
           h' = (1 - z) n + z h
     lstm: i, f, g, o = split(x W_x^T + b + h W_h^T);  c' = sig(f) c + sig(i) tanh(g)
           h' = sig(o) tanh(c')
+    rnn:  h' = act(x W_xh^T + b + h W_hh^T)
 """
 
+import functools
+import importlib
+
 import mlx.core as mx
+
+from ..cells import GRU_CELL, LSTM_CELL
+from ..cells.timeaxis import f32
+from ..kernels.launch import gpu_target
 
 
 def _project(x, w_x, b):
     return x @ w_x.T if b is None else mx.addmm(b, x, w_x.T)
 
 
-def _gru(x, w_x, w_h, b, bhn, hidden):
+def _result_dtype(*arrays):
+    dtype = None
+    for a in arrays:
+        if a is not None:
+            dtype = a.dtype if dtype is None else mx.result_type(dtype, a.dtype)
+    return dtype
+
+
+def _cast(a, dtype):
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(shape):
+    """A float32 zero operand, made once per shape: a constant in the graph
+    (no fill kernel per call, and no gradient flows into it)."""
+    z = mx.zeros(shape, mx.float32)
+    mx.eval(z)
+    return z
+
+
+@functools.lru_cache(maxsize=None)
+def cell_op(cell, target):
+    """The fused forward step of ``cell`` on ``target`` as a differentiable op
+    ``op(x, hp, *states, *params) -> outputs`` (the step contract of
+    docs/DESIGN.md; every output float32, leading axes those of ``x``).
+
+    VJP: the fused backward step kernel. jvp and vmap: the reference step's.
+    The backward is itself an op whose VJP is the reference backward's, so a
+    gradient of the gradient is right too.
+    """
+    kernels = importlib.import_module(cell.kernels)
+    n = cell.num_states
+
+    def unpack(args):
+        x, hp, *rest = args
+        return x, hp, tuple(rest[:n]), tuple(rest[n:])
+
+    def forward_kernel(*args):
+        x, hp, states, params = unpack(args)
+        return tuple(kernels.forward_step(x, hp, states, params, target=target))
+
+    def forward_reference(*args):
+        x, hp, states, params = unpack(args)
+        return tuple(cell.forward_step(x, hp, states, params, **cell.step_kwargs))
+
+    # The backward as an op on (x, hp, *states, *params, *d_out): returns
+    # (dx, dhp, *direct), a state's direct part zero where the cell has none
+    # (LSTM's h reaches the previous step only through hp).
+    def backward_kernel(*args):
+        return _backward_outputs(kernels.backward_step, args, target=target)
+
+    def backward_reference(*args):
+        return _backward_outputs(cell.backward_step, args, **cell.step_kwargs)
+
+    def _backward_outputs(step, args, **kw):
+        x, hp, states, params = unpack(args[: len(args) - n])
+        d_out = args[len(args) - n:]
+        zeros = tuple(_zeros(tuple(s.shape)) for s in states)
+        dx, dhp, direct = step(d_out, zeros, x, hp, states, params, **kw)
+        return (dx, dhp, *(mx.zeros_like(s) if d is None else d for d, s in zip(direct, states)))
+
+    backward = _with_reference_transforms(backward_kernel, backward_reference)
+    forward = _with_reference_transforms(forward_kernel, forward_reference, vjp=False)
+
+    @forward.vjp
+    def forward_vjp(primals, cotangents, outputs):
+        x = primals[0]
+        d_out = tuple(mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs))
+        dx, dhp, *d_states = backward(*primals, *d_out)
+        return (_cast(dx, x.dtype), dhp, *d_states, *cell.param_grads(dhp))
+
+    return forward
+
+
+def _with_reference_transforms(kernel_fn, reference_fn, vjp=True):
+    """``kernel_fn`` as a custom function whose jvp, vmap (and VJP, unless
+    ``vjp`` is False) are those of ``reference_fn``, the same math in MLX ops."""
+    op = mx.custom_function(kernel_fn)
+
+    if vjp:
+        @op.vjp
+        def op_vjp(primals, cotangents, outputs):
+            cotangents = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
+            return tuple(mx.vjp(reference_fn, list(primals), cotangents)[1])
+
+    @op.jvp
+    def op_jvp(primals, tangents):
+        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+        return tuple(mx.jvp(reference_fn, list(primals), tangents)[1])
+
+    @op.vmap
+    def op_vmap(inputs, axes):
+        outs = mx.vmap(reference_fn, in_axes=tuple(axes))(*inputs)
+        return outs, (0,) * len(outs)
+
+    return op
+
+
+def _gru_fused(target, x, w_x, w_h, b, bhn, hidden):
+    hidden_size = w_h.shape[1]
+    xp = _project(x, w_x, b)  # [..., 1, 3H]
+    lead = tuple(xp.shape[:-1])
+    if hidden is None:
+        hp, h = _zeros((*lead, 3 * hidden_size)), _zeros((*lead, hidden_size))
+    else:
+        h3 = mx.expand_dims(hidden, -2)
+        hp, h = f32(h3 @ w_h.T), f32(h3)
+    bhn32 = _zeros((hidden_size,)) if bhn is None else f32(bhn)
+    (h_out,) = cell_op(GRU_CELL, target)(xp, hp, h, bhn32)
+    return _cast(h_out, _result_dtype(xp, bhn, hidden, w_h if hidden is not None else None))
+
+
+def _lstm_fused(target, x, w_x, w_h, bias, hidden, cell):
+    hidden_size = w_h.shape[1]
+    xp = _project(x, w_x, bias)  # [..., 1, 4H]
+    lead = tuple(xp.shape[:-1])
+    state_zeros = _zeros((*lead, hidden_size))
+    # h enters the LSTM step only through hp: the op gets a constant in its place.
+    hp = _zeros((*lead, 4 * hidden_size)) if hidden is None else f32(mx.expand_dims(hidden, -2) @ w_h.T)
+    c = state_zeros if cell is None else f32(mx.expand_dims(cell, -2))
+    h_out, c_out = cell_op(LSTM_CELL, target)(xp, hp, state_zeros, c)
+    dtype = _result_dtype(xp, hidden, w_h if hidden is not None else None, cell)
+    return _cast(h_out, dtype), _cast(c_out, dtype)
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def _gru_math(x, w_x, w_h, b, bhn, hidden):
     x = _project(x, w_x, b)
     size = w_h.shape[1]
     rz = x[..., 0, :-size]
@@ -47,7 +192,7 @@ def _gru(x, w_x, w_h, b, bhn, hidden):
     return mx.expand_dims(hidden, -2)
 
 
-def _lstm(x, w_x, w_h, bias, hidden, cell):
+def _lstm_math(x, w_x, w_h, bias, hidden, cell):
     ifgo = _project(x, w_x, bias)[..., 0, :]
     if hidden is not None:
         ifgo = mx.addmm(ifgo, hidden, w_h.T)
@@ -58,8 +203,34 @@ def _lstm(x, w_x, w_h, bias, hidden, cell):
     return mx.expand_dims(hidden, -2), mx.expand_dims(cell, -2)
 
 
-gru_step = mx.compile(_gru)
-lstm_step = mx.compile(_lstm)
+_gru_compiled = mx.compile(_gru_math)
+_lstm_compiled = mx.compile(_lstm_math)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def gru_step(x, w_x, w_h, b, bhn, hidden):
+    target = gpu_target()
+    if target is None:
+        return _gru_compiled(x, w_x, w_h, b, bhn, hidden)
+    return _gru_fused(target, x, w_x, w_h, b, bhn, hidden)
+
+
+def lstm_step(x, w_x, w_h, bias, hidden, cell):
+    target = gpu_target()
+    if target is None:
+        return _lstm_compiled(x, w_x, w_h, bias, hidden, cell)
+    return _lstm_fused(target, x, w_x, w_h, bias, hidden, cell)
+
+
+def rnn_step(x, w_xh, w_hh, bias, hidden, nonlinearity):
+    """Stock's RNN step without its slice of the one time step and its stack of
+    the one output: ``x`` stays [..., 1, D] throughout."""
+    y = _project(x, w_xh, bias)
+    if hidden is not None:
+        y = mx.addmm(y, mx.expand_dims(hidden, -2), w_hh.T)
+    return nonlinearity(y)
 
 
 def is_plain(x, input_size, hidden_size, *states):
