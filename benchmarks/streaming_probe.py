@@ -1,16 +1,20 @@
-"""Does one compiled step beat stock's streaming step? (CUDA, CPU)
+"""Which streaming step is quickest? (CUDA, CPU)
 
     python benchmarks/streaming_probe.py --json /tmp/stream.json
 
-For GRU / LSTM / RNN at (B, L, H) = (1, 1, 640) with the state carried in
-(a streaming step), times stock ``mlx.nn`` against the same math under
-``mx.compile`` (the elementwise tail fused into one kernel: 2-3 matmuls + one
-fused kernel instead of ~10-15 ops), forward and forward+backward, in
-alternating rounds. Checks the results agree. GRU and LSTM use the layers'
-own streaming step (``mlx_fastrnn/ops/streaming.py``); both sides load the
-parameters into the layer on every call. (The 15:31 UTC H100 run of this
-probe used its own copies of the math and did not reload on the compiled
-side, so its forward+backward column is not comparable.)
+For GRU / LSTM / RNN at (B, 1, H) (default (1, 1, 640), the state carried in:
+a streaming step), times stock ``mlx.nn`` against the variants of
+``mlx_fastrnn/ops/streaming.py``, forward and forward+backward, in rotating
+rounds (each round runs every variant once, the order shifted by one each
+round), and checks the results agree with stock's:
+
+- ``compiled``: stock's math for one step under ``mx.compile`` (the CPU path);
+- ``fused``: the GPU path (two matmuls + the cell's fused kernel, fused
+  backward kernel); on the CPU the layers' entry runs ``compiled`` instead;
+- RNN ``lean``: stock's ops without the slice and the stack (the layers' path).
+
+Every variant loads the parameters into the layer on each call, as stock's
+does, so their gradient work matches.
 """
 
 import argparse
@@ -25,27 +29,28 @@ from mlx.utils import tree_flatten
 from mlx_fastrnn.ops import streaming
 
 
-def rnn_step(x, h, wx, wh, b):
-    # Not in mlx_fastrnn.ops.streaming: the layer runs stock's RNN step.
-    return mx.expand_dims(mx.tanh(mx.addmm(b, x[:, 0], wx.T) + h @ wh.T), -2)
-
-
 def cases(H, B):
-    """{layer: (stock call, compiled call, layer)}; both calls take (params, x)
-    and load the params into the layer first, so their gradient work matches."""
+    """{layer: ({variant: call(params, x)}, layer)}."""
     mx.random.seed(0)
     x = mx.random.normal((B, 1, H))
     h = 0.5 * mx.random.normal((B, H))
     c = 0.5 * mx.random.normal((B, H))
     gru, lstm, rnn = nn.GRU(H, H), nn.LSTM(H, H), nn.RNN(H, H)
-    compiled_rnn = mx.compile(rnn_step)
     return x, {
-        "GRU": (lambda p, x: gru.update(p)(x, h),
-                lambda p, x: streaming.gru_step(x, gru.update(p).Wx, gru.Wh, gru.b, gru.bhn, h), gru),
-        "LSTM": (lambda p, x: lstm.update(p)(x, h, c),
-                 lambda p, x: streaming.lstm_step(x, lstm.update(p).Wx, lstm.Wh, lstm.bias, h, c), lstm),
-        "RNN": (lambda p, x: rnn.update(p)(x, h),
-                lambda p, x: compiled_rnn(x, h, rnn.update(p).Wxh, rnn.Whh, rnn.bias), rnn),
+        "GRU": ({
+            "stock": lambda p, x: gru.update(p)(x, h),
+            "compiled": lambda p, x: streaming._gru_compiled(x, gru.update(p).Wx, gru.Wh, gru.b, gru.bhn, h),
+            "fused": lambda p, x: streaming.gru_step(x, gru.update(p).Wx, gru.Wh, gru.b, gru.bhn, h),
+        }, gru),
+        "LSTM": ({
+            "stock": lambda p, x: lstm.update(p)(x, h, c),
+            "compiled": lambda p, x: streaming._lstm_compiled(x, lstm.update(p).Wx, lstm.Wh, lstm.bias, h, c),
+            "fused": lambda p, x: streaming.lstm_step(x, lstm.update(p).Wx, lstm.Wh, lstm.bias, h, c),
+        }, lstm),
+        "RNN": ({
+            "stock": lambda p, x: rnn.update(p)(x, h),
+            "lean": lambda p, x: streaming.rnn_step(x, rnn.update(p).Wxh, rnn.Whh, rnn.bias, h, rnn.nonlinearity),
+        }, rnn),
     }
 
 
@@ -66,11 +71,11 @@ def main():
     args = ap.parse_args()
     x, cs = cases(args.hidden, args.batch)
     results = []
-    for name, (stock, compiled, layer) in cs.items():
+    for name, (variants, layer) in cs.items():
         params = layer.trainable_parameters()
         mx.eval(params)
         runs = {}
-        for impl, fn in (("stock", stock), ("compiled", compiled)):
+        for impl, fn in variants.items():
             def fwd(fn=fn):
                 o = fn(params, x)
                 mx.eval(o)
@@ -84,25 +89,30 @@ def main():
                 return o
 
             runs[impl] = {"fwd": fwd, "fwdbwd": fwdbwd}
+        names = list(runs)
         for mode in ("fwd", "fwdbwd"):
-            a, b = runs["stock"][mode](), runs["compiled"][mode]()
-            fa, fb = flat(a), flat(b)
-            diff = (mx.abs(fa - fb).max() / mx.maximum(mx.abs(fa).max(), 1e-30)).item()
-            times = {"stock": [], "compiled": []}
+            ref = flat(runs["stock"][mode]())
+            diffs = {}
+            for impl in names[1:]:
+                got = flat(runs[impl][mode]())
+                diffs[impl] = (mx.abs(got - ref).max() / mx.maximum(mx.abs(ref).max(), 1e-30)).item()
+            times = {k: [] for k in names}
             for _ in range(20):
-                runs["stock"][mode](); runs["compiled"][mode]()
+                for impl in names:
+                    runs[impl][mode]()
             for i in range(args.rounds):
-                order = ("stock", "compiled") if i % 2 == 0 else ("compiled", "stock")
-                for impl in order:
+                k = i % len(names)
+                for impl in names[k:] + names[:k]:
                     t0 = time.perf_counter()
                     runs[impl][mode]()
                     times[impl].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            rec = {"layer": name, "mode": mode, "stock_ms": med["stock"], "compiled_ms": med["compiled"],
-                   "speedup": med["stock"] / med["compiled"], "rel_diff": diff}
-            results.append(rec)
-            print(f"{name:5} {mode:7} stock {med['stock']:.4f} ms  compiled {med['compiled']:.4f} ms  "
-                  f"x{rec['speedup']:.2f}  rel diff {diff:.1e}", flush=True)
+            for impl in names[1:]:
+                rec = {"layer": name, "mode": mode, "variant": impl, "stock_ms": med["stock"],
+                       "variant_ms": med[impl], "speedup": med["stock"] / med[impl], "rel_diff": diffs[impl]}
+                results.append(rec)
+                print(f"{name:5} {mode:7} {impl:9} stock {med['stock']:.4f} ms  {impl} {med[impl]:.4f} ms  "
+                      f"x{rec['speedup']:.2f}  rel diff {diffs[impl]:.1e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(mx.default_device()), "hidden": args.hidden, "batch": args.batch,
