@@ -152,6 +152,22 @@ def vector_operand(a, width):
 
 def run_step(ks, target, sh, inputs, out_widths, template_extra=()):
     """Launch a step kernel on ``(dims, *inputs)``; outputs shaped ``[*lead, width]``."""
-    template = [("T", sh.x.dtype), ("H", sh.hidden), *template_extra]
-    return launch(ks, target, [dims_array(sh.batch), *inputs],
-                  [(*sh.lead, w) for w in out_widths], template)
+    launcher = _step_launcher(ks, target, sh.x.dtype, sh.hidden, sh.lead, tuple(out_widths),
+                              tuple(template_extra))
+    return launcher([dims_array(sh.batch), *inputs])
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_launcher(ks, target, x_dtype, hidden, lead, out_widths, template_extra):
+    """``launch`` with everything but the inputs worked out once per step shape.
+    (A streaming step is host-bound: the argument lists of a kernel call cost
+    tens of microseconds per step when rebuilt every time.)"""
+    template = [("T", x_dtype), ("H", hidden), *template_extra]
+    output_shapes = [(*lead, w) for w in out_widths]
+    threads, grid, threadgroup = launch_config(output_shapes)
+    if threads == 0 or target.startswith(HOST_PREFIX) or target not in TARGETS:
+        return lambda inputs: launch(ks, target, inputs, output_shapes, template)
+    kernel = fused_kernel(ks, target)
+    kwargs = dict(output_shapes=output_shapes, output_dtypes=[mx.float32] * len(output_shapes),
+                  grid=grid, threadgroup=threadgroup, template=template)
+    return lambda inputs: kernel(inputs=inputs, **kwargs)

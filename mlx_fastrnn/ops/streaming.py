@@ -81,7 +81,10 @@ def cell_op(cell, target):
         return x, hp, tuple(rest[:n]), tuple(rest[n:])
 
     def forward_kernel(*args):
-        x, hp, states, params = unpack(args)
+        # The kernel sees its inputs through stop_gradient: jvp would otherwise
+        # push tangents through the kernel (it visits everything the outputs
+        # depend on), and a kernel has no jvp. Tangents come from op_jvp.
+        x, hp, states, params = unpack([mx.stop_gradient(a) for a in args])
         return tuple(kernels.forward_step(x, hp, states, params, target=target))
 
     def forward_reference(*args):
@@ -210,18 +213,25 @@ _lstm_compiled = mx.compile(_lstm_math)
 # ----------------------------------------------------------------------------- entry points
 
 
+# Compiled too: without a gradient (inference) a call replays the step's graph
+# without running any Python; under a transformation MLX runs the function as
+# it is. (The tests swap in the plain functions for the host-harness targets.)
+_gru_gpu = mx.compile(_gru_fused)
+_lstm_gpu = mx.compile(_lstm_fused)
+
+
 def gru_step(x, w_x, w_h, b, bhn, hidden):
     target = gpu_target()
     if target is None:
         return _gru_compiled(x, w_x, w_h, b, bhn, hidden)
-    return _gru_fused(target, x, w_x, w_h, b, bhn, hidden)
+    return _gru_gpu(target, x, w_x, w_h, b, bhn, hidden)
 
 
 def lstm_step(x, w_x, w_h, bias, hidden, cell):
     target = gpu_target()
     if target is None:
         return _lstm_compiled(x, w_x, w_h, bias, hidden, cell)
-    return _lstm_fused(target, x, w_x, w_h, bias, hidden, cell)
+    return _lstm_gpu(target, x, w_x, w_h, bias, hidden, cell)
 
 
 def rnn_step(x, w_xh, w_hh, bias, hidden, nonlinearity):
