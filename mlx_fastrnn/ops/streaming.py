@@ -69,9 +69,11 @@ def cell_op(cell, target):
     ``op(x, hp, *states, *params) -> outputs`` (the step contract of
     docs/DESIGN.md; every output float32, leading axes those of ``x``).
 
-    VJP: the fused backward step kernel. jvp and vmap: the reference step's.
-    The backward is itself an op whose VJP is the reference backward's, so a
-    gradient of the gradient is right too.
+    VJP: the fused backward step kernel. jvp: the reference step's. vmap and
+    a gradient of the gradient reach a kernel, which has neither in MLX: MLX
+    refuses them loudly (README, known limitations). (A custom function around
+    the backward would make second order right, at ~10 us per training step
+    on the H100's host: a streaming step is host-bound.)
     """
     kernels = importlib.import_module(cell.kernels)
     n = cell.num_states
@@ -91,57 +93,23 @@ def cell_op(cell, target):
         x, hp, states, params = unpack(args)
         return tuple(cell.forward_step(x, hp, states, params, **cell.step_kwargs))
 
-    # The backward as an op on (x, hp, *states, *params, *d_out): returns
-    # (dx, dhp, *direct), a state's direct part zero where the cell has none
-    # (LSTM's h reaches the previous step only through hp).
-    def backward_kernel(*args):
-        return _backward_outputs(kernels.backward_step, args, target=target)
+    forward = mx.custom_function(forward_kernel)
 
-    def backward_reference(*args):
-        return _backward_outputs(cell.backward_step, args, **cell.step_kwargs)
-
-    def _backward_outputs(step, args, **kw):
-        x, hp, states, params = unpack(args[: len(args) - n])
-        d_out = args[len(args) - n:]
-        zeros = tuple(_zeros(tuple(s.shape)) for s in states)
-        dx, dhp, direct = step(d_out, zeros, x, hp, states, params, **kw)
-        return (dx, dhp, *(mx.zeros_like(s) if d is None else d for d, s in zip(direct, states)))
-
-    backward = _with_reference_transforms(backward_kernel, backward_reference)
-    forward = _with_reference_transforms(forward_kernel, forward_reference, vjp=False)
+    @forward.jvp
+    def forward_jvp(primals, tangents):
+        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+        return tuple(mx.jvp(forward_reference, list(primals), tangents)[1])
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):
-        x = primals[0]
+        x, hp, states, params = unpack(primals)
         d_out = tuple(mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs))
-        dx, dhp, *d_states = backward(*primals, *d_out)
+        d_rec = tuple(_zeros(tuple(s.shape)) for s in states)
+        dx, dhp, direct = kernels.backward_step(d_out, d_rec, x, hp, states, params, target=target)
+        d_states = (mx.zeros_like(s) if d is None else d for d, s in zip(direct, states))
         return (_cast(dx, x.dtype), dhp, *d_states, *cell.param_grads(dhp))
 
     return forward
-
-
-def _with_reference_transforms(kernel_fn, reference_fn, vjp=True):
-    """``kernel_fn`` as a custom function whose jvp, vmap (and VJP, unless
-    ``vjp`` is False) are those of ``reference_fn``, the same math in MLX ops."""
-    op = mx.custom_function(kernel_fn)
-
-    if vjp:
-        @op.vjp
-        def op_vjp(primals, cotangents, outputs):
-            cotangents = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
-            return tuple(mx.vjp(reference_fn, list(primals), cotangents)[1])
-
-    @op.jvp
-    def op_jvp(primals, tangents):
-        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
-        return tuple(mx.jvp(reference_fn, list(primals), tangents)[1])
-
-    @op.vmap
-    def op_vmap(inputs, axes):
-        outs = mx.vmap(reference_fn, in_axes=tuple(axes))(*inputs)
-        return outs, (0,) * len(outs)
-
-    return op
 
 
 def _gru_fused(target, x, w_x, w_h, b, bhn, hidden):
