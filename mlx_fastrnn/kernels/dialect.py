@@ -10,7 +10,8 @@ body may use only what every target prelude defines:
 - ``rnn_exp``, ``rnn_tanh``, ``rnn_sigmoid``, ``rnn_relu``: float32 math,
   IEEE-safe (no NaN for finite input of any size, NaN in -> NaN out);
 - the template names of its :class:`KernelSource` (``T`` the dtype of ``x``,
-  ``H`` the hidden size, ...), plain C++ arithmetic, ``static_cast``.
+  ``TS`` that of the other operands and the outputs, ``H`` the hidden size,
+  ...), plain C++ arithmetic, ``static_cast``.
 
 It must not fork per target (no ``#ifdef``), must not name any Metal
 attribute (``grid_size``, ``threads_per_grid``, ...: MLX's Metal generator
@@ -34,7 +35,10 @@ class KernelSource:
 
     ``input_names`` / ``output_names`` are the kernel parameter names, in
     order; ``template_names`` the template arguments the launcher passes, in
-    order (``T`` the dtype of ``x``, ``H`` the hidden size, RNN also ``RELU``).
+    order (``T`` the dtype of ``x``, ``TS`` the dtype of every other operand
+    and of the outputs, ``H`` the hidden size, RNN also ``RELU``). MLX types
+    the parameters from the arrays it is given but names the compiled kernel
+    only after the template, so every dtype a kernel sees must be in it.
     """
 
     name: str

@@ -2,7 +2,9 @@
 
 One thread per (row, hidden unit): ``grid = (B*H, 1, 1)``, threadgroups of
 up to 256 threads (CUDA rounds the grid up to whole blocks; the bodies
-bounds-check). Every output is float32. Inputs must be row-contiguous: MLX
+bounds-check). The outputs and every operand but ``x`` share one dtype,
+float32 unless the caller asks otherwise (the streaming step passes half
+states through as they are). Inputs must be row-contiguous: MLX
 (``ensure_row_contiguous=True``) copies any that are not.
 
 ``target`` is ``'metal'`` or ``'cuda'``; ``'host:metal'`` / ``'host:cuda'``
@@ -79,23 +81,25 @@ def launch_config(output_shapes, threads=None):
     return threads, (threads, 1, 1), (max(1, min(MAX_THREADGROUP, threads)), 1, 1)
 
 
-def launch(ks, target, inputs, output_shapes, template, *, threads=None):
-    """Run ``ks`` on ``target``; returns the float32 outputs (a list)."""
+def launch(ks, target, inputs, output_shapes, template, *, threads=None, dtype=mx.float32):
+    """Run ``ks`` on ``target``; returns the outputs (a list), all of ``dtype``."""
     output_shapes = [tuple(s) for s in output_shapes]
+    output_dtypes = [dtype] * len(output_shapes)
     threads, grid, threadgroup = launch_config(output_shapes, threads)
     if threads == 0:
-        return [mx.zeros(s, mx.float32) for s in output_shapes]
+        return [mx.zeros(s, dtype) for s in output_shapes]
     if target.startswith(HOST_PREFIX):
         from . import host_harness
 
         return host_harness.run(ks, target[len(HOST_PREFIX):], inputs, output_shapes,
-                                template, grid=grid, threadgroup=threadgroup)
+                                template, grid=grid, threadgroup=threadgroup,
+                                output_dtypes=output_dtypes)
     if target not in TARGETS:
         raise ValueError(f"unknown kernel target {target!r}; expected one of {TARGETS}")
     return fused_kernel(ks, target)(
         inputs=inputs,
         output_shapes=output_shapes,
-        output_dtypes=[mx.float32] * len(output_shapes),
+        output_dtypes=output_dtypes,
         grid=grid,
         threadgroup=threadgroup,
         template=template,
@@ -129,45 +133,46 @@ def step_shape(x, num_gates):
     return StepShape(x, math.prod(lead), width // num_gates, lead)
 
 
-def operand(a, sh, width):
-    """A float32 [*lead, width] kernel operand (``a`` is that or broadcasts to
-    it); ``None`` (a zero state) gives zeros."""
+def operand(a, sh, width, dtype=mx.float32):
+    """A [*lead, width] kernel operand of ``dtype`` (``a`` is that or
+    broadcasts to it); ``None`` (a zero state) gives zeros."""
     if a is None:
-        return mx.zeros((*sh.lead, width), mx.float32)
-    if a.dtype != mx.float32:
-        a = a.astype(mx.float32)
+        return mx.zeros((*sh.lead, width), dtype)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
     if tuple(a.shape) != (*sh.lead, width):
         a = mx.broadcast_to(a, (*sh.lead, width))
     return a
 
 
-def vector_operand(a, width):
-    """A float32 [width] kernel operand (a per-unit parameter); ``None`` gives zeros."""
+def vector_operand(a, width, dtype=mx.float32):
+    """A [width] kernel operand of ``dtype`` (a per-unit parameter); ``None`` gives zeros."""
     if a is None:
-        return mx.zeros((width,), mx.float32)
-    if a.dtype != mx.float32:
-        a = a.astype(mx.float32)
+        return mx.zeros((width,), dtype)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
     return a if a.ndim == 1 else a.reshape(width)
 
 
-def run_step(ks, target, sh, inputs, out_widths, template_extra=()):
-    """Launch a step kernel on ``(dims, *inputs)``; outputs shaped ``[*lead, width]``."""
-    launcher = _step_launcher(ks, target, sh.x.dtype, sh.hidden, sh.lead, tuple(out_widths),
+def run_step(ks, target, sh, inputs, out_widths, template_extra=(), dtype=mx.float32):
+    """Launch a step kernel on ``(dims, *inputs)``; outputs shaped ``[*lead, width]``,
+    of ``dtype`` (the dtype of every operand but ``x``: template ``TS``)."""
+    launcher = _step_launcher(ks, target, sh.x.dtype, dtype, sh.hidden, sh.lead, tuple(out_widths),
                               tuple(template_extra))
     return launcher([dims_array(sh.batch), *inputs])
 
 
 @functools.lru_cache(maxsize=1024)
-def _step_launcher(ks, target, x_dtype, hidden, lead, out_widths, template_extra):
+def _step_launcher(ks, target, x_dtype, dtype, hidden, lead, out_widths, template_extra):
     """``launch`` with everything but the inputs worked out once per step shape.
     (A streaming step is host-bound: the argument lists of a kernel call cost
     tens of microseconds per step when rebuilt every time.)"""
-    template = [("T", x_dtype), ("H", hidden), *template_extra]
+    template = [("T", x_dtype), ("TS", dtype), ("H", hidden), *template_extra]
     output_shapes = [(*lead, w) for w in out_widths]
     threads, grid, threadgroup = launch_config(output_shapes)
     if threads == 0 or target.startswith(HOST_PREFIX) or target not in TARGETS:
-        return lambda inputs: launch(ks, target, inputs, output_shapes, template)
+        return lambda inputs: launch(ks, target, inputs, output_shapes, template, dtype=dtype)
     kernel = fused_kernel(ks, target)
-    kwargs = dict(output_shapes=output_shapes, output_dtypes=[mx.float32] * len(output_shapes),
+    kwargs = dict(output_shapes=output_shapes, output_dtypes=[dtype] * len(output_shapes),
                   grid=grid, threadgroup=threadgroup, template=template)
     return lambda inputs: kernel(inputs=inputs, **kwargs)

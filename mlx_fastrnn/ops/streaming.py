@@ -31,7 +31,6 @@ import importlib
 import mlx.core as mx
 
 from ..cells import GRU_CELL, LSTM_CELL
-from ..cells.timeaxis import f32
 from ..kernels.launch import gpu_target
 
 
@@ -55,10 +54,10 @@ def _cast(a, dtype):
 
 
 @functools.lru_cache(maxsize=256)
-def _zeros(shape):
-    """A float32 zero operand, made once per shape: a constant in the graph
+def _zeros(shape, dtype):
+    """A zero operand, made once per shape and dtype: a constant in the graph
     (no fill kernel per call, and no gradient flows into it)."""
-    z = mx.zeros(shape, mx.float32)
+    z = mx.zeros(shape, dtype)
     mx.eval(z)
     return z
 
@@ -67,7 +66,9 @@ def _zeros(shape):
 def cell_op(cell, target):
     """The fused forward step of ``cell`` on ``target`` as a differentiable op
     ``op(x, hp, *states, *params) -> outputs`` (the step contract of
-    docs/DESIGN.md; every output float32, leading axes those of ``x``).
+    docs/DESIGN.md; leading axes those of ``x``). The operands other than
+    ``x`` share one dtype, which the outputs get too: float32 math inside,
+    and half states go in and out without casts.
 
     VJP: the fused backward step kernel. jvp: the reference step's. vmap and
     a gradient of the gradient reach a kernel, which has neither in MLX: MLX
@@ -87,7 +88,7 @@ def cell_op(cell, target):
         # push tangents through the kernel (it visits everything the outputs
         # depend on), and a kernel has no jvp. Tangents come from op_jvp.
         x, hp, states, params = unpack([mx.stop_gradient(a) for a in args])
-        return tuple(kernels.forward_step(x, hp, states, params, target=target))
+        return tuple(kernels.forward_step(x, hp, states, params, target=target, dtype=hp.dtype))
 
     def forward_reference(*args):
         x, hp, states, params = unpack(args)
@@ -104,8 +105,9 @@ def cell_op(cell, target):
     def forward_vjp(primals, cotangents, outputs):
         x, hp, states, params = unpack(primals)
         d_out = tuple(mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs))
-        d_rec = tuple(_zeros(tuple(s.shape)) for s in states)
-        dx, dhp, direct = kernels.backward_step(d_out, d_rec, x, hp, states, params, target=target)
+        d_rec = tuple(_zeros(tuple(s.shape), hp.dtype) for s in states)
+        dx, dhp, direct = kernels.backward_step(d_out, d_rec, x, hp, states, params, target=target,
+                                                dtype=hp.dtype)
         d_states = (mx.zeros_like(s) if d is None else d for d, s in zip(direct, states))
         return (_cast(dx, x.dtype), dhp, *d_states, *cell.param_grads(dhp))
 
@@ -116,27 +118,32 @@ def _gru_fused(target, x, w_x, w_h, b, bhn, hidden):
     hidden_size = w_h.shape[1]
     xp = _project(x, w_x, b)  # [..., 1, 3H]
     lead = tuple(xp.shape[:-1])
+    # stock's result dtype; the op's states and outputs are of it
+    dtype = _result_dtype(xp, bhn, hidden, w_h if hidden is not None else None)
     if hidden is None:
-        hp, h = _zeros((*lead, 3 * hidden_size)), _zeros((*lead, hidden_size))
+        hp, h = _zeros((*lead, 3 * hidden_size), dtype), _zeros((*lead, hidden_size), dtype)
     else:
         h3 = mx.expand_dims(hidden, -2)
-        hp, h = f32(h3 @ w_h.T), f32(h3)
-    bhn32 = _zeros((hidden_size,)) if bhn is None else f32(bhn)
-    (h_out,) = cell_op(GRU_CELL, target)(xp, hp, h, bhn32)
-    return _cast(h_out, _result_dtype(xp, bhn, hidden, w_h if hidden is not None else None))
+        hp, h = _cast(h3 @ w_h.T, dtype), _cast(h3, dtype)
+    bhn = _zeros((hidden_size,), dtype) if bhn is None else _cast(bhn, dtype)
+    (h_out,) = cell_op(GRU_CELL, target)(xp, hp, h, bhn)
+    return h_out
 
 
 def _lstm_fused(target, x, w_x, w_h, bias, hidden, cell):
     hidden_size = w_h.shape[1]
     xp = _project(x, w_x, bias)  # [..., 1, 4H]
     lead = tuple(xp.shape[:-1])
-    state_zeros = _zeros((*lead, hidden_size))
-    # h enters the LSTM step only through hp: the op gets a constant in its place.
-    hp = _zeros((*lead, 4 * hidden_size)) if hidden is None else f32(mx.expand_dims(hidden, -2) @ w_h.T)
-    c = state_zeros if cell is None else f32(mx.expand_dims(cell, -2))
-    h_out, c_out = cell_op(LSTM_CELL, target)(xp, hp, state_zeros, c)
     dtype = _result_dtype(xp, hidden, w_h if hidden is not None else None, cell)
-    return _cast(h_out, dtype), _cast(c_out, dtype)
+    state_zeros = _zeros((*lead, hidden_size), dtype)
+    # h enters the LSTM step only through hp: the op gets a constant in its place.
+    if hidden is None:
+        hp = _zeros((*lead, 4 * hidden_size), dtype)
+    else:
+        hp = _cast(mx.expand_dims(hidden, -2) @ w_h.T, dtype)
+    c = state_zeros if cell is None else _cast(mx.expand_dims(cell, -2), dtype)
+    h_out, c_out = cell_op(LSTM_CELL, target)(xp, hp, state_zeros, c)
+    return h_out, c_out
 
 
 # ----------------------------------------------------------------------------- CPU

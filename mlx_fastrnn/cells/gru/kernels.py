@@ -3,6 +3,8 @@ the same math and operation order as naive.py.
 
 Row b of x/hp holds the gates r, z, n at [b*3H + j], [+H], [+2H]."""
 
+import mlx.core as mx
+
 from ...kernels.dialect import KernelSource
 from ...kernels.launch import operand, run_step, step_shape, vector_operand
 
@@ -13,9 +15,9 @@ if (gid >= dims[0] * H) {
 const int b = gid / H;
 const int j = gid - b * H;
 const int g = b * (3 * H) + j;
-const float r = rnn_sigmoid(static_cast<float>(x[g]) + hp[g]);
-const float z = rnn_sigmoid(static_cast<float>(x[g + H]) + hp[g + H]);
-const float hn = hp[g + 2 * H] + bhn[j];
+const float r = rnn_sigmoid(static_cast<float>(x[g]) + static_cast<float>(hp[g]));
+const float z = rnn_sigmoid(static_cast<float>(x[g + H]) + static_cast<float>(hp[g + H]));
+const float hn = static_cast<float>(hp[g + 2 * H]) + static_cast<float>(bhn[j]);
 const float n = rnn_tanh(static_cast<float>(x[g + 2 * H]) + r * hn);
 """
 
@@ -24,8 +26,9 @@ FORWARD = KernelSource(
     input_names=("dims", "x", "hp", "h", "bhn"),
     output_names=("h_out",),
     body=_GATES + """
-h_out[gid] = (1.0f - z) * n + z * h[gid];
+h_out[gid] = static_cast<TS>((1.0f - z) * n + z * static_cast<float>(h[gid]));
 """,
+    template_names=("T", "TS", "H"),
 )
 
 BACKWARD = KernelSource(
@@ -33,40 +36,43 @@ BACKWARD = KernelSource(
     input_names=("dims", "dh_out", "dh_rec", "x", "hp", "h", "bhn"),
     output_names=("dx", "dhp", "dh_direct"),
     body=_GATES + """
-const float dh = dh_out[gid] + dh_rec[gid];
+const float dh = static_cast<float>(dh_out[gid]) + static_cast<float>(dh_rec[gid]);
 const float dn = dh * (1.0f - z) * (1.0f - n * n);
-const float dz = dh * (h[gid] - n) * z * (1.0f - z);
+const float dz = dh * (static_cast<float>(h[gid]) - n) * z * (1.0f - z);
 const float dr = dn * hn * r * (1.0f - r);
-dx[g] = dr;
-dx[g + H] = dz;
-dx[g + 2 * H] = dn;
-dhp[g] = dr;
-dhp[g + H] = dz;
-dhp[g + 2 * H] = dn * r;
-dh_direct[gid] = dh * z;
+dx[g] = static_cast<TS>(dr);
+dx[g + H] = static_cast<TS>(dz);
+dx[g + 2 * H] = static_cast<TS>(dn);
+dhp[g] = static_cast<TS>(dr);
+dhp[g + H] = static_cast<TS>(dz);
+dhp[g + 2 * H] = static_cast<TS>(dn * r);
+dh_direct[gid] = static_cast<TS>(dh * z);
 """,
+    template_names=("T", "TS", "H"),
 )
 
 
-def forward_step(x, hp, states, params, *, target):
-    """:func:`..naive.forward_step` on a fused kernel; returns ``(h',)``."""
+def forward_step(x, hp, states, params, *, target, dtype=mx.float32):
+    """:func:`..naive.forward_step` on a fused kernel; returns ``(h',)``.
+    Operands other than ``x`` and the result are of ``dtype`` (float32 math inside)."""
     (h,), (bhn,) = states, params
     sh = step_shape(x, 3)
     H = sh.hidden
     (h_out,) = run_step(FORWARD, target, sh,
-                        [sh.x, operand(hp, sh, 3 * H), operand(h, sh, H), vector_operand(bhn, H)],
-                        [H])
+                        [sh.x, operand(hp, sh, 3 * H, dtype), operand(h, sh, H, dtype),
+                         vector_operand(bhn, H, dtype)],
+                        [H], dtype=dtype)
     return (h_out,)
 
 
-def backward_step(d_out, d_rec, x, hp, states, params, *, target):
+def backward_step(d_out, d_rec, x, hp, states, params, *, target, dtype=mx.float32):
     """:func:`..naive.backward_step` on a fused kernel; returns ``(dx, dhp, (dh_direct,))``."""
     (h,), (bhn,) = states, params
     sh = step_shape(x, 3)
     H = sh.hidden
     dx, dhp, dh_direct = run_step(
         BACKWARD, target, sh,
-        [operand(d_out[0], sh, H), operand(d_rec[0], sh, H), sh.x,
-         operand(hp, sh, 3 * H), operand(h, sh, H), vector_operand(bhn, H)],
-        [3 * H, 3 * H, H])
+        [operand(d_out[0], sh, H, dtype), operand(d_rec[0], sh, H, dtype), sh.x,
+         operand(hp, sh, 3 * H, dtype), operand(h, sh, H, dtype), vector_operand(bhn, H, dtype)],
+        [3 * H, 3 * H, H], dtype=dtype)
     return dx, dhp, (dh_direct,)

@@ -9,7 +9,7 @@ _PRE = """
 if (gid >= dims[0] * H) {
   return;
 }
-const float pre = static_cast<float>(x[gid]) + hp[gid];
+const float pre = static_cast<float>(x[gid]) + static_cast<float>(hp[gid]);
 """
 
 FORWARD = KernelSource(
@@ -18,12 +18,12 @@ FORWARD = KernelSource(
     output_names=("h_out",),
     body=_PRE + """
 if (RELU) {
-  h_out[gid] = rnn_relu(pre);
+  h_out[gid] = static_cast<TS>(rnn_relu(pre));
 } else {
-  h_out[gid] = rnn_tanh(pre);
+  h_out[gid] = static_cast<TS>(rnn_tanh(pre));
 }
 """,
-    template_names=("T", "H", "RELU"),
+    template_names=("T", "TS", "H", "RELU"),
 )
 
 BACKWARD = KernelSource(
@@ -31,15 +31,15 @@ BACKWARD = KernelSource(
     input_names=("dims", "dh_out", "dh_rec", "x", "hp"),
     output_names=("dpre",),
     body=_PRE + """
-const float dh = dh_out[gid] + dh_rec[gid];
+const float dh = static_cast<float>(dh_out[gid]) + static_cast<float>(dh_rec[gid]);
 if (RELU) {
-  dpre[gid] = pre > 0.0f ? dh : 0.0f;
+  dpre[gid] = static_cast<TS>(pre > 0.0f ? dh : 0.0f);
 } else {
   const float t = rnn_tanh(pre);
-  dpre[gid] = dh * (1.0f - t * t);
+  dpre[gid] = static_cast<TS>(dh * (1.0f - t * t));
 }
 """,
-    template_names=("T", "H", "RELU"),
+    template_names=("T", "TS", "H", "RELU"),
 )
 
 
