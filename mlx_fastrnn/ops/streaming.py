@@ -123,8 +123,10 @@ def _gru_fused(target, x, w_x, w_h, b, bhn, hidden):
     if hidden is None:
         hp, h = _zeros((*lead, 3 * hidden_size), dtype), _zeros((*lead, hidden_size), dtype)
     else:
-        h3 = mx.expand_dims(hidden, -2)
-        hp, h = _cast(h3 @ w_h.T, dtype), _cast(h3, dtype)
+        # hidden @ W_h^T as stock forms it ([B, H] @ [H, 3H], one GEMM), then
+        # the step's [..., 1, ·] view
+        hp = _cast(mx.expand_dims(hidden @ w_h.T, -2), dtype)
+        h = _cast(mx.expand_dims(hidden, -2), dtype)
     bhn = _zeros((hidden_size,), dtype) if bhn is None else _cast(bhn, dtype)
     (h_out,) = cell_op(GRU_CELL, target)(xp, hp, h, bhn)
     return h_out
@@ -140,7 +142,7 @@ def _lstm_fused(target, x, w_x, w_h, bias, hidden, cell):
     if hidden is None:
         hp = _zeros((*lead, 4 * hidden_size), dtype)
     else:
-        hp = _cast(mx.expand_dims(hidden, -2) @ w_h.T, dtype)
+        hp = _cast(mx.expand_dims(hidden @ w_h.T, -2), dtype)
     c = state_zeros if cell is None else _cast(mx.expand_dims(cell, -2), dtype)
     h_out, c_out = cell_op(LSTM_CELL, target)(xp, hp, state_zeros, c)
     return h_out, c_out
@@ -210,12 +212,12 @@ def lstm_step(x, w_x, w_h, bias, hidden, cell):
 
 
 def rnn_step(x, w_xh, w_hh, bias, hidden, nonlinearity):
-    """Stock's RNN step without its slice of the one time step and its stack of
-    the one output: ``x`` stays [..., 1, D] throughout."""
+    """Stock's RNN step, in stock's forms, without the stack of its one output
+    (a copy, and a slice in the backward): a free reshape instead."""
     y = _project(x, w_xh, bias)
-    if hidden is not None:
-        y = mx.addmm(y, mx.expand_dims(hidden, -2), w_hh.T)
-    return nonlinearity(y)
+    if hidden is None:
+        return nonlinearity(y)
+    return mx.expand_dims(nonlinearity(mx.addmm(y[..., 0, :], hidden, w_hh.T)), -2)
 
 
 def is_plain(x, input_size, hidden_size, *states):
