@@ -90,7 +90,7 @@ def test_fused_step_matches_stock(kind, case, fused_on, monkeypatch):
     assert_all_close(out_f, g_f, out_s, g_s, what=f"{kind} {case} {fused_on}")
 
 
-@pytest.mark.parametrize("fused_on", ["host:cuda"], indirect=True)
+@pytest.mark.parametrize("fused_on", HOST_TARGETS, indirect=True)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_fused_step_half_precision(kind, dtype, fused_on, monkeypatch):

@@ -1,19 +1,18 @@
 """A streaming step (length 1): the cell once, with as few ops as the math allows.
 
-With no recurrence to fuse, a length-1 call costs what its ops cost to launch:
-stock's step is 10-15 small ops, and autodiff adds as many again.
+With no recurrence to fuse, a length-1 call costs what its ops cost to launch
+and, above all, to build on the host: stock's step is 10-15 small ops, and
+autodiff adds as many again.
 
 - On a GPU (Metal, CUDA), GRU / LSTM: two matmuls (``x W_x^T + b``, ``h W_h^T``)
   and ONE fused kernel for the gates and the state update (the cell's forward
-  step kernel). That kernel is a differentiable op whose VJP is the cell's
-  fused backward kernel, so a training step is the fused backward plus the
-  matmuls' own VJPs (autodiff of the matmuls, one matmul per cotangent).
-  jvp, vmap and the VJP of the backward (second order) go through the cell's
-  reference step (``cells/<cell>/naive.py``). ``mx.compile`` can't do this
-  under a gradient: it does not fuse arrays that are being traced for one.
+  step kernel), as a differentiable op (``cell_op``) whose VJP is the cell's
+  fused backward kernel: a training step is that kernel plus the matmuls' own
+  VJPs. The step is also under ``mx.compile``: for inference a call replays the
+  graph without running Python. (Under a gradient MLX runs a compiled function
+  as written: it does not compile arrays that are being traced.)
 - On the CPU, GRU / LSTM: stock's own math for one step under ``mx.compile``.
-- RNN, everywhere: stock's ops minus the per-step slice and the final stack
-  (two ``addmm`` and the activation).
+- RNN, everywhere: stock's ops without the stack of its one output.
 
 The layers use these only for a plain call: ``x`` [..., 1, D] with the states
 (if any) of ``x``'s batch shape; any other length-1 call runs stock's code.
@@ -86,7 +85,7 @@ def cell_op(cell, target):
     def forward_kernel(*args):
         # The kernel sees its inputs through stop_gradient: jvp would otherwise
         # push tangents through the kernel (it visits everything the outputs
-        # depend on), and a kernel has no jvp. Tangents come from op_jvp.
+        # depend on), and a kernel has no jvp. Tangents come from forward_jvp.
         x, hp, states, params = unpack([mx.stop_gradient(a) for a in args])
         return tuple(kernels.forward_step(x, hp, states, params, target=target, dtype=hp.dtype))
 
