@@ -56,13 +56,12 @@ class RNN(_stock.RNN):
     def __call__(self, x, hidden=None):
         if _run_stock(x):
             return super().__call__(x, hidden)
+        w_x, w_h, bias = self.Wxh, self.Whh, self.bias
         if isinstance(x, mx.array) and _is_step(x):
-            w_x, w_h, bias = self.Wxh, self.Whh, self.bias
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
                 return streaming.rnn_step(x, w_x, w_h, bias, hidden, self.nonlinearity)
             return super().__call__(x, hidden)
         relu = _fused_activation(self.nonlinearity)
-        w_x, w_h, bias = self.Wxh, self.Whh, self.bias
         if relu is None or not ops.fast_path_supports(x, w_x, w_h, bias, hidden):
             return super().__call__(x, hidden)
         return ops.rnn(x, w_x, w_h, bias, hidden, relu=relu, whole_sequence=_whole())

@@ -56,6 +56,14 @@ def _inputs(kind, case, dtype=mx.float32, hidden=HIDDEN):
     return x, h, c
 
 
+def _route_to(monkeypatch, target):
+    """The layers' streaming steps take the GPU path with ``target``, uncompiled
+    (the host harness runs eagerly, which a compile trace can't hold)."""
+    monkeypatch.setattr(streaming, "gpu_target", lambda: target)
+    monkeypatch.setattr(streaming, "_gru_gpu", streaming._gru_fused)
+    monkeypatch.setattr(streaming, "_lstm_gpu", streaming._lstm_fused)
+
+
 @pytest.fixture
 def fused_on(monkeypatch, request):
     """Route the layers' streaming steps to the fused path on ``target``, and
@@ -65,10 +73,7 @@ def fused_on(monkeypatch, request):
     def refuse(*args, **kwargs):
         raise AssertionError("a streaming step left the fused path")
 
-    monkeypatch.setattr(streaming, "gpu_target", lambda: target)
-    # uncompiled: the host harness runs eagerly, which a compile trace can't hold
-    monkeypatch.setattr(streaming, "_gru_gpu", streaming._gru_fused)
-    monkeypatch.setattr(streaming, "_lstm_gpu", streaming._lstm_fused)
+    _route_to(monkeypatch, target)
     monkeypatch.setattr(streaming, "_gru_compiled", refuse)
     monkeypatch.setattr(streaming, "_lstm_compiled", refuse)
     for name in ("GRU", "LSTM"):
@@ -162,9 +167,7 @@ def test_fused_step_runs_the_kernels(kind, monkeypatch):
         return real_run(ks, *args, **kwargs)
 
     monkeypatch.setattr(host_harness, "run", spy)
-    monkeypatch.setattr(streaming, "gpu_target", lambda: "host:cuda")
-    monkeypatch.setattr(streaming, "_gru_gpu", streaming._gru_fused)
-    monkeypatch.setattr(streaming, "_lstm_gpu", streaming._lstm_fused)
+    _route_to(monkeypatch, "host:cuda")
     _, ours = make_pair(kind, 4, HIDDEN)
     x, h, c = _inputs(kind, "states")
     forward(ours, x, h, c, impl="fast")

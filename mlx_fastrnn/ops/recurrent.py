@@ -23,7 +23,7 @@ def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None, whole_sequence=True):
     extras = [b, bhn, hidden, w_h if x.shape[-2] > 1 or hidden is not None else None]
     bhn32 = f32(bhn) if bhn is not None else mx.zeros((hidden_size,))
     (hs,), dtype = _run(GRU_CELL, x, w_x, b, w_h, batch, (hidden,), (bhn32,), extras, steps, whole_sequence)
-    return _cast(hs, dtype)
+    return cast_to(hs, dtype)
 
 
 def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None, whole_sequence=True):
@@ -32,7 +32,7 @@ def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None, whole_sequence=T
     extras = [bias, hidden, cell, w_h if x.shape[-2] > 1 or hidden is not None else None]
     (hs, cs), dtype = _run(LSTM_CELL, x, w_x, bias, w_h, batch, (hidden, cell), (), extras, steps,
                            whole_sequence)
-    return _cast(hs, dtype), _cast(cs, dtype)
+    return cast_to(hs, dtype), cast_to(cs, dtype)
 
 
 def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None, whole_sequence=True):
@@ -41,7 +41,7 @@ def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None, whole_sequence
     extras = [bias, hidden, w_hh if x.shape[-2] > 1 or hidden is not None else None]
     cell = RNN_RELU_CELL if relu else RNN_TANH_CELL
     (hs,), dtype = _run(cell, x, w_xh, bias, w_hh, batch, (hidden,), (), extras, steps, whole_sequence)
-    return _cast(hs, dtype)
+    return cast_to(hs, dtype)
 
 
 def fast_path_supports(x, *arrays):
@@ -78,7 +78,7 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_seque
     xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])
     xt = xt.swapaxes(0, 1) if length > 1 else xt.reshape(1, -1, x.shape[-1])
     xp = project(xt, w_x, b)
-    dtype = _result_dtype(xp, *extras)
+    dtype = result_dtype(xp, *extras)
     if xp.shape[1] != n_batch:
         # A state with more batch axes than the input: stock broadcasts x to it.
         gh = xp.shape[-1]
@@ -94,7 +94,8 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_seque
     return tuple(mx.moveaxis(s, 0, -2) for s in seqs), dtype
 
 
-def _cast(a, dtype):
+def cast_to(a, dtype):
+    """``a`` as ``dtype``, without an op when it already is."""
     return a if a.dtype == dtype else a.astype(dtype)
 
 
@@ -115,7 +116,8 @@ def default_steps(cell, whole_sequence=True):
     return cell.compiled_steps
 
 
-def _result_dtype(*arrays):
+def result_dtype(*arrays):
+    """The dtype stock's ops give for these arrays (``None`` entries skipped)."""
     dtype = None
     for a in arrays:
         if a is None:

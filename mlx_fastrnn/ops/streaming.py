@@ -31,22 +31,11 @@ import mlx.core as mx
 
 from ..cells import GRU_CELL, LSTM_CELL
 from ..kernels.launch import gpu_target
+from .recurrent import cast_to, result_dtype
 
 
 def _project(x, w_x, b):
     return x @ w_x.T if b is None else mx.addmm(b, x, w_x.T)
-
-
-def _result_dtype(*arrays):
-    dtype = None
-    for a in arrays:
-        if a is not None:
-            dtype = a.dtype if dtype is None else mx.result_type(dtype, a.dtype)
-    return dtype
-
-
-def _cast(a, dtype):
-    return a if a.dtype == dtype else a.astype(dtype)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -108,7 +97,7 @@ def cell_op(cell, target):
         dx, dhp, direct = kernels.backward_step(d_out, d_rec, x, hp, states, params, target=target,
                                                 dtype=hp.dtype)
         d_states = (mx.zeros_like(s) if d is None else d for d, s in zip(direct, states))
-        return (_cast(dx, x.dtype), dhp, *d_states, *cell.param_grads(dhp))
+        return (cast_to(dx, x.dtype), dhp, *d_states, *cell.param_grads(dhp))
 
     return forward
 
@@ -118,15 +107,15 @@ def _gru_fused(target, x, w_x, w_h, b, bhn, hidden):
     xp = _project(x, w_x, b)  # [..., 1, 3H]
     lead = tuple(xp.shape[:-1])
     # stock's result dtype; the op's states and outputs are of it
-    dtype = _result_dtype(xp, bhn, hidden, w_h if hidden is not None else None)
+    dtype = result_dtype(xp, bhn, hidden, w_h if hidden is not None else None)
     if hidden is None:
         hp, h = _zeros((*lead, 3 * hidden_size), dtype), _zeros((*lead, hidden_size), dtype)
     else:
         # hidden @ W_h^T as stock forms it ([B, H] @ [H, 3H], one GEMM), then
         # the step's [..., 1, ·] view
-        hp = _cast(mx.expand_dims(hidden @ w_h.T, -2), dtype)
-        h = _cast(mx.expand_dims(hidden, -2), dtype)
-    bhn = _zeros((hidden_size,), dtype) if bhn is None else _cast(bhn, dtype)
+        hp = cast_to(mx.expand_dims(hidden @ w_h.T, -2), dtype)
+        h = cast_to(mx.expand_dims(hidden, -2), dtype)
+    bhn = _zeros((hidden_size,), dtype) if bhn is None else cast_to(bhn, dtype)
     (h_out,) = cell_op(GRU_CELL, target)(xp, hp, h, bhn)
     return h_out
 
@@ -135,14 +124,14 @@ def _lstm_fused(target, x, w_x, w_h, bias, hidden, cell):
     hidden_size = w_h.shape[1]
     xp = _project(x, w_x, bias)  # [..., 1, 4H]
     lead = tuple(xp.shape[:-1])
-    dtype = _result_dtype(xp, hidden, w_h if hidden is not None else None, cell)
+    dtype = result_dtype(xp, hidden, w_h if hidden is not None else None, cell)
     state_zeros = _zeros((*lead, hidden_size), dtype)
     # h enters the LSTM step only through hp: the op gets a constant in its place.
     if hidden is None:
         hp = _zeros((*lead, 4 * hidden_size), dtype)
     else:
-        hp = _cast(mx.expand_dims(hidden @ w_h.T, -2), dtype)
-    c = state_zeros if cell is None else _cast(mx.expand_dims(cell, -2), dtype)
+        hp = cast_to(mx.expand_dims(hidden @ w_h.T, -2), dtype)
+    c = state_zeros if cell is None else cast_to(mx.expand_dims(cell, -2), dtype)
     h_out, c_out = cell_op(LSTM_CELL, target)(xp, hp, state_zeros, c)
     return h_out, c_out
 
