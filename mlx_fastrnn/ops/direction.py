@@ -1,0 +1,112 @@
+"""One direction of one recurrent layer over a time-major sequence, with per-row
+lengths: what the PyTorch-compatible layers (``mlx_fastrnn.pytorch``) run for
+each (layer, direction).
+
+Variable lengths mean what ``pack_padded_sequence(..., enforce_sorted=False)``
+and ``pad_packed_sequence(total_length=L)`` give in PyTorch:
+
+* forward direction: a row's outputs past its length are zero and its final
+  state is the one after its last valid step. The recurrence runs over all L
+  steps; steps past a row's length never reach its earlier steps (the
+  recurrence is causal), so this is exactly freezing the state there, for the
+  outputs and for every gradient.
+* reverse direction: each row is reversed within its own length (one gather:
+  step t reads position ``len - 1 - t``; the padding stays where it is), run
+  forwards, and gathered back; its final state is again the one after step
+  ``len - 1``, i.e. after position 0.
+
+Padded input positions are zeroed by the caller before the first layer, so
+whatever the padding holds (NaN, inf) never reaches an output or a gradient.
+"""
+
+from typing import NamedTuple
+
+import mlx.core as mx
+
+
+class InputError(ValueError, RuntimeError):
+    """Bad input to a PyTorch-compatible layer. A ``ValueError`` as MLX raises,
+    and a ``RuntimeError`` as PyTorch raises for the same input, so code written
+    for either catches it."""
+
+
+class Lengths(NamedTuple):
+    """Per-row lengths of a padded time-major batch, and the indices built from them."""
+
+    lengths: mx.array  # int32 [B]
+    valid: mx.array  # bool [L, B, 1]: step t of row b is within its length
+    reverse_index: mx.array  # int32 [L, B, 1]: position read at step t, reversed within the length
+    last: mx.array  # int32 [1, B, 1]: lengths - 1
+
+
+def prepare_lengths(lengths, length, batch):
+    """Validate ``lengths`` (int array / sequence of shape [batch], each in
+    1..length) before anything runs. ``None`` when every row is full (nothing
+    to mask); raises :class:`InputError` for bad lengths."""
+    if not isinstance(lengths, mx.array):
+        try:
+            lengths = mx.array(lengths)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"lengths must be an integer array of shape ({batch},); got {lengths!r}") from e
+    if not mx.issubdtype(lengths.dtype, mx.integer):
+        raise InputError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise InputError(
+            f"lengths must have shape ({batch},) (one length per sequence), got {tuple(lengths.shape)}"
+        )
+    lo, hi = (int(v) for v in mx.stack([lengths.min(), lengths.max()]).tolist())
+    if lo <= 0:
+        raise InputError(
+            f"every length must be > 0 (PyTorch's pack_padded_sequence refuses empty sequences); got {lo}"
+        )
+    if hi > length:
+        raise InputError(f"lengths must be <= the sequence length {length}; got {hi}")
+    if lo == length:
+        return None
+    lengths = lengths.astype(mx.int32)
+    t = mx.arange(length, dtype=mx.int32)[:, None]
+    valid = t < lengths[None, :]
+    reverse_index = mx.where(valid, lengths[None, :] - 1 - t, t)
+    return Lengths(lengths, valid[..., None], reverse_index[..., None], (lengths - 1)[None, :, None])
+
+
+def reverse_time(a, lens):
+    """``a`` [L, B, K] with each row reversed in time (within its length when
+    ``lens`` is given). Its own inverse."""
+    if lens is None:
+        return a[::-1]
+    return mx.take_along_axis(a, lens.reverse_index, axis=0)
+
+
+def last_step(seq, lens):
+    """The [B, K] state after each row's last valid step of ``seq`` [L, B, K]."""
+    if lens is None:
+        return seq[-1]
+    return mx.take_along_axis(seq, lens.last, axis=0)[0]
+
+
+def run_direction(recur, xp, lens, reverse):
+    """Run one direction.
+
+    Args:
+        recur: ``recur(xp) -> seqs``: the recurrence over a time-major ``xp``,
+            returning each state's sequence [L, B, *] in step order (the first
+            is the output).
+        xp: [L, B, G*H] input pre-activations of this direction.
+        lens: a :class:`Lengths` or ``None``.
+        reverse: run from each row's end to its start.
+
+    Returns:
+        ``(output [L, B, H_out] in position order, zero past each length,
+        final states (each [B, *]))``.
+    """
+    if reverse:
+        xp = reverse_time(xp, lens)
+    seqs = recur(xp)
+    finals = tuple(last_step(s, lens) for s in seqs)
+    out = seqs[0]
+    if reverse:
+        out = reverse_time(out, lens)
+    if lens is not None:
+        out = mx.where(lens.valid, out, mx.zeros((), out.dtype))
+    return out, finals

@@ -1,0 +1,361 @@
+"""``torch.nn.LSTM / GRU / RNN`` as MLX modules, on mlx_fastrnn's fused path.
+
+Constructors, defaults, validation errors, parameter names and shapes,
+initialisation, call signature and results are PyTorch's::
+
+    lstm = LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                dropout=0.0, bidirectional=False, proj_size=0)
+    output, (h_n, c_n) = lstm(input, hx=None, lengths=None)
+    output, h_n = gru(input, hx=None, lengths=None)
+
+* ``input``: ``(L, B, H_in)``, ``(B, L, H_in)`` with ``batch_first``, or
+  unbatched ``(L, H_in)``.
+* ``output``: ``(L, B, D * H_out)`` (batch-first / unbatched likewise), the
+  directions concatenated on the last axis; ``H_out = proj_size or hidden_size``.
+* ``h_n``: ``(num_layers * D, B, H_out)``, index ``layer * D + direction``;
+  LSTM's ``c_n``: ``(num_layers * D, B, hidden_size)``. ``hx`` has the same
+  shapes (LSTM: the tuple ``(h_0, c_0)``).
+* ``lengths`` (int ``[B]``): what ``pack_padded_sequence(input, lengths,
+  enforce_sorted=False)`` followed by ``pad_packed_sequence(total_length=L)``
+  gives in PyTorch (see ``ops/direction.py``).
+
+Parameters (PyTorch's names, so a converted ``state_dict`` loads with
+``load_weights(..., strict=True)``): ``weight_ih_l{k}`` ``[G*H, in]``,
+``weight_hh_l{k}`` ``[G*H, H_out]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` ``[G*H]``,
+``weight_hr_l{k}`` ``[H_out, H]`` (projection), suffix ``_reverse`` for the
+second direction; gate order LSTM i, f, g, o, GRU r, z, n. Every parameter is
+initialised from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)).
+
+Per (layer, direction) the input projection is one matmul over the whole
+sequence and the recurrence runs on the drop-in layers' path (persistent or
+per-step kernels on a GPU, compiled cells on the CPU, fused backward); LSTM
+projections and float64 run a per-step loop of MLX ops (``ops/stepwise.py``),
+as does everything under ``MLX_RNN_IMPL=legacy``.
+"""
+
+import math
+import numbers
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
+from ..config import current_impl
+from ..ops import stepwise
+from ..ops.direction import InputError, prepare_lengths, run_direction
+from ..ops.projection import project
+from ..ops.recurrent import FAST_DTYPES, cast_to, default_steps, result_dtype
+from ..ops.sequence import recurrence
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+class _RNNBase(nn.Module):
+    """What the three layers share: PyTorch's ``RNNBase`` checks and parameters."""
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0):
+        super().__init__()
+        # The checks and messages of torch.nn.RNNBase, in its order.
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of an "
+                "element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                f"expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
+                stacklevel=3,
+            )
+        for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
+                                  ("input_size", input_size, int)):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+            if name == "input_size" and value <= 0:
+                raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.proj_size = proj_size
+        gate_size = _GATES[mode] * hidden_size
+        out_size = proj_size or hidden_size
+        scale = 1.0 / math.sqrt(hidden_size)
+        # Plain attributes named as torch names them, so that parameters() has
+        # exactly the keys (and order) of torch's state_dict.
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else out_size * self.num_directions
+            for suffix in self._suffixes:
+                shapes = [(f"weight_ih_l{layer}{suffix}", (gate_size, layer_in)),
+                          (f"weight_hh_l{layer}{suffix}", (gate_size, out_size))]
+                if bias:
+                    shapes += [(f"bias_ih_l{layer}{suffix}", (gate_size,)),
+                               (f"bias_hh_l{layer}{suffix}", (gate_size,))]
+                if proj_size:
+                    shapes += [(f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size))]
+                for name, shape in shapes:
+                    setattr(self, name, mx.random.uniform(-scale, scale, shape))
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _suffixes(self):
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def _extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.mode.startswith("RNN"):
+            s += f", nonlinearity={self.mode[4:].lower()!r}"
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
+                              ("bidirectional", False)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+    # ----------------------------------------------------------------- call
+
+    def _run(self, input, hx, lengths):
+        """Validate, then run every layer; returns ``(output, finals)`` with one
+        ``[num_layers * D, B, *]`` array per state (unbatched: without the B axis)."""
+        layer_name = "RNN" if self.mode.startswith("RNN") else self.mode
+        if not isinstance(input, mx.array):
+            raise InputError(f"{layer_name}: input must be an mx.array, got {type(input).__name__}")
+        if input.ndim not in (2, 3):
+            raise InputError(f"{layer_name}: Expected input to be 2D or 3D, got {input.ndim}D instead")
+        if input.shape[-1] != self.input_size:
+            raise InputError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {input.shape[-1]}"
+            )
+        batched = input.ndim == 3
+        x = input if not batched else (input.swapaxes(0, 1) if self.batch_first else input)
+        if not batched:
+            x = x[:, None, :]
+        length, batch = x.shape[0], x.shape[1]
+        if length == 0:
+            raise InputError(f"{layer_name}: got an empty sequence (length 0), input shape {tuple(input.shape)}")
+        states0 = self._check_hx(hx, batch, batched)
+        if lengths is not None and not batched:
+            raise InputError("lengths needs batched input (L, B, H_in) or (B, L, H_in)")
+        lens = prepare_lengths(lengths, length, batch) if lengths is not None else None
+
+        params = self.parameters()
+        dtype = result_dtype(x, *params.values(),
+                             *(s for s in (states0 or ()) if s is not None))
+        if lens is not None:
+            x = mx.where(lens.valid, x, mx.zeros((), x.dtype))
+        use_kernels = (current_impl() != "legacy" and self.proj_size == 0 and dtype in FAST_DTYPES
+                       and batch > 0)
+        finals = [[] for _ in range(2 if self.mode == "LSTM" else 1)]
+        layer_in = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d, suffix in enumerate(self._suffixes):
+                k = layer * self.num_directions + d
+                s0 = None if states0 is None else tuple(s[k] for s in states0)
+                run = self._direction_kernels if use_kernels else self._direction_stepwise
+                recur, xp = run(params, f"l{layer}{suffix}", layer_in, s0)
+                out, fin = run_direction(recur, xp, lens, reverse=d == 1)
+                outs.append(cast_to(out, dtype))
+                for acc, f in zip(finals, fin):
+                    acc.append(cast_to(f, dtype))
+            layer_in = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+            if self.dropout and self.training and layer + 1 < self.num_layers:
+                layer_in = _dropout(layer_in, self.dropout)
+        output = layer_in
+        if not batched:
+            output = output[:, 0]
+        elif self.batch_first:
+            output = output.swapaxes(0, 1)
+        finals = tuple(mx.stack(f) if batched else mx.stack(f)[:, 0] for f in finals)
+        return output, finals
+
+    def _check_hx(self, hx, batch, batched):
+        """``hx`` as a tuple of ``[num_layers * D, B, *]`` arrays, or ``None``."""
+        if hx is None:
+            return None
+        lstm = self.mode == "LSTM"
+        if lstm:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise InputError("LSTM expects hx as a tuple (h_0, c_0)")
+            hx = tuple(hx)
+        else:
+            if isinstance(hx, (tuple, list)):
+                raise InputError(f"{self.mode[:3]} expects hx as one array, not a {type(hx).__name__}")
+            hx = (hx,)
+        if not all(isinstance(h, mx.array) for h in hx):
+            raise InputError("hx must be mx.array(s)")
+        want_dim = 3 if batched else 2
+        if any(h.ndim != want_dim for h in hx):
+            dims = ", ".join(f"{h.ndim}-D" for h in hx)
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            raise InputError(f"For {kind} input, hx should also be {want_dim}-D but got ({dims}) tensor(s)")
+        if not batched:
+            hx = tuple(h[:, None, :] for h in hx)
+        layers_d = self.num_layers * self.num_directions
+        sizes = [self.proj_size or self.hidden_size] + ([self.hidden_size] if lstm else [])
+        for i, (h, size) in enumerate(zip(hx, sizes)):
+            expected = (layers_d, batch, size)
+            if tuple(h.shape) != expected:
+                which = f"hidden[{i}]" if lstm else "hidden"
+                raise InputError(f"Expected {which} size {expected}, got {list(h.shape)}")
+        return hx
+
+    # ------------------------------------------------ one (layer, direction)
+
+    def _torch_weights(self, params, key):
+        w_ih, w_hh = params["weight_ih_" + key], params["weight_hh_" + key]
+        b_ih = params.get("bias_ih_" + key) if self.bias else None
+        b_hh = params.get("bias_hh_" + key) if self.bias else None
+        return w_ih, w_hh, b_ih, b_hh
+
+    def _input_bias(self, b_ih, b_hh):
+        """The bias folded into the input projection, and GRU's separate ``b_hn``."""
+        if b_ih is None:
+            return None, None
+        if self.mode == "GRU":
+            h = self.hidden_size
+            return b_ih + mx.concatenate([b_hh[: 2 * h], mx.zeros((h,), b_hh.dtype)]), b_hh[2 * h:]
+        return b_ih + b_hh, None
+
+    def _direction_kernels(self, params, key, layer_in, s0):
+        w_ih, w_hh, b_ih, b_hh = self._torch_weights(params, key)
+        b, bhn = self._input_bias(b_ih, b_hh)
+        xp = project(layer_in, w_ih, b)
+        cell = {"LSTM": LSTM_CELL, "GRU": GRU_CELL, "RNN_TANH": RNN_TANH_CELL,
+                "RNN_RELU": RNN_RELU_CELL}[self.mode]
+        batch, hidden = layer_in.shape[1], self.hidden_size
+        if s0 is None:
+            states0 = tuple(mx.zeros((batch, hidden)) for _ in range(cell.num_states))
+            given = (False,) * cell.num_states
+        else:
+            states0 = tuple(s if s.dtype == mx.float32 else s.astype(mx.float32) for s in s0)
+            given = (True,) * cell.num_states
+        if self.mode == "GRU":
+            cell_params = (mx.zeros((hidden,)) if bhn is None else bhn.astype(mx.float32),)
+        else:
+            cell_params = ()
+        w_hh32 = w_hh if w_hh.dtype == mx.float32 else w_hh.astype(mx.float32)
+        steps = default_steps(cell, current_impl() != "cell")
+
+        def recur(xp):
+            return recurrence(cell, steps, mx.contiguous(xp), w_hh32, states0, cell_params, given)
+
+        return recur, xp
+
+    def _direction_stepwise(self, params, key, layer_in, s0):
+        w_ih, w_hh, b_ih, b_hh = self._torch_weights(params, key)
+        b, bhn = self._input_bias(b_ih, b_hh)
+        xp = layer_in @ w_ih.T if b is None else mx.addmm(b, layer_in, w_ih.T)
+        batch = layer_in.shape[1]
+        out_size = self.proj_size or self.hidden_size
+        h0 = mx.zeros((batch, out_size), xp.dtype) if s0 is None else s0[0]
+        if self.mode == "LSTM":
+            c0 = mx.zeros((batch, self.hidden_size), xp.dtype) if s0 is None else s0[1]
+            w_hr = params.get("weight_hr_" + key)
+            return (lambda xp: stepwise.lstm(xp, w_hh, h0, c0, w_hr)), xp
+        if self.mode == "GRU":
+            return (lambda xp: stepwise.gru(xp, w_hh, bhn, h0)), xp
+        relu = self.mode == "RNN_RELU"
+        return (lambda xp: stepwise.rnn(xp, w_hh, h0, relu)), xp
+
+
+def _dropout(x, p):
+    """Inverted dropout as ``torch.nn.functional.dropout`` in training mode."""
+    if p >= 1:
+        return mx.zeros_like(x)
+    keep = mx.random.bernoulli(1 - p, x.shape)
+    return mx.where(keep, x / mx.array(1 - p, x.dtype), mx.zeros((), x.dtype))
+
+
+class LSTM(_RNNBase):
+    """``torch.nn.LSTM`` (see the module docstring). Per step, gate order i, f, g, o::
+
+        i, f, g, o = sigma, sigma, tanh, sigma (W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+        c_t = f * c_{t-1} + i * g        h_t = o * tanh(c_t)   (then W_hr h_t with proj_size)
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size)
+
+    def __call__(self, input, hx=None, lengths=None):
+        """Returns ``(output, (h_n, c_n))``."""
+        output, (h_n, c_n) = self._run(input, hx, lengths)
+        return output, (h_n, c_n)
+
+
+class GRU(_RNNBase):
+    """``torch.nn.GRU`` (see the module docstring). Per step, gate order r, z, n::
+
+        r, z = sigma(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)[r, z blocks]
+        n = tanh(W_in x_t + b_in + r * (W_hn h_{t-1} + b_hn))
+        h_t = (1 - z) * n + z * h_{t-1}
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"GRU got unexpected keyword arguments {sorted(kwargs)}")
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional)
+
+    def __call__(self, input, hx=None, lengths=None):
+        """Returns ``(output, h_n)``."""
+        output, (h_n,) = self._run(input, hx, lengths)
+        return output, h_n
+
+
+class RNN(_RNNBase):
+    """``torch.nn.RNN`` (see the module docstring)::
+
+        h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh),  act = tanh or relu
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"RNN got unexpected keyword arguments {sorted(kwargs)}")
+        if nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional)
+        self.nonlinearity = nonlinearity
+
+    def __call__(self, input, hx=None, lengths=None):
+        """Returns ``(output, h_n)``."""
+        output, (h_n,) = self._run(input, hx, lengths)
+        return output, h_n
