@@ -31,8 +31,11 @@ class InputError(ValueError, RuntimeError):
 
 
 class Lengths(NamedTuple):
-    """Per-row lengths of a padded time-major batch, and the indices built from them."""
+    """Per-row lengths of a padded time-major batch, and the indices built from them
+    (for the first ``steps`` positions: no row reaches past ``max(lengths)``, so
+    the recurrence runs that many steps and the rest of the output is zero)."""
 
+    steps: int  # max(lengths)
     lengths: mx.array  # int32 [B]
     valid: mx.array  # bool [L, B, 1]: step t of row b is within its length
     reverse_index: mx.array  # int32 [L, B, 1]: position read at step t, reversed within the length
@@ -42,7 +45,8 @@ class Lengths(NamedTuple):
 def prepare_lengths(lengths, length, batch):
     """Validate ``lengths`` (int array / sequence of shape [batch], each in
     1..length) before anything runs. ``None`` when every row is full (nothing
-    to mask); raises :class:`InputError` for bad lengths."""
+    to mask); raises :class:`InputError` for bad lengths. (Reading the bounds
+    waits for ``lengths`` to be computed, as PyTorch's packing does.)"""
     if not isinstance(lengths, mx.array):
         try:
             lengths = mx.array(lengths)
@@ -64,10 +68,22 @@ def prepare_lengths(lengths, length, batch):
     if lo == length:
         return None
     lengths = lengths.astype(mx.int32)
-    t = mx.arange(length, dtype=mx.int32)[:, None]
+    t = mx.arange(hi, dtype=mx.int32)[:, None]
     valid = t < lengths[None, :]
     reverse_index = mx.where(valid, lengths[None, :] - 1 - t, t)
-    return Lengths(lengths, valid[..., None], reverse_index[..., None], (lengths - 1)[None, :, None])
+    return Lengths(hi, lengths, valid[..., None], reverse_index[..., None], (lengths - 1)[None, :, None])
+
+
+def truncate(x, lens):
+    """The first ``lens.steps`` positions of a time-major ``x`` (all of it without lengths)."""
+    return x if lens is None or lens.steps == x.shape[0] else x[: lens.steps]
+
+
+def pad_time(a, lens, length):
+    """``a`` [steps, ...] zero-padded to ``length`` positions (undoes :func:`truncate`)."""
+    if lens is None or lens.steps == length:
+        return a
+    return mx.concatenate([a, mx.zeros((length - lens.steps, *a.shape[1:]), a.dtype)], axis=0)
 
 
 def reverse_time(a, lens):
@@ -92,7 +108,8 @@ def run_direction(recur, xp, lens, reverse):
         recur: ``recur(xp) -> seqs``: the recurrence over a time-major ``xp``,
             returning each state's sequence [L, B, *] in step order (the first
             is the output).
-        xp: [L, B, G*H] input pre-activations of this direction.
+        xp: [L, B, G*H] input pre-activations of this direction (with
+            ``lens``: its first ``lens.steps`` positions, see :func:`truncate`).
         lens: a :class:`Lengths` or ``None``.
         reverse: run from each row's end to its start.
 

@@ -43,7 +43,7 @@ import mlx.nn as nn
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
 from ..config import current_impl
 from ..ops import stepwise
-from ..ops.direction import InputError, prepare_lengths, run_direction
+from ..ops.direction import InputError, pad_time, prepare_lengths, run_direction, truncate
 from ..ops.projection import project
 from ..ops.recurrent import FAST_DTYPES, cast_to, default_steps, result_dtype
 from ..ops.sequence import recurrence
@@ -167,18 +167,20 @@ class _RNNBase(nn.Module):
         dtype = result_dtype(x, *params.values(),
                              *(s for s in (states0 or ()) if s is not None))
         if lens is not None:
-            x = mx.where(lens.valid, x, mx.zeros((), x.dtype))
+            x = mx.where(lens.valid, truncate(x, lens), mx.zeros((), x.dtype))
         use_kernels = (current_impl() != "legacy" and self.proj_size == 0 and dtype in FAST_DTYPES
                        and batch > 0)
         finals = [[] for _ in range(2 if self.mode == "LSTM" else 1)]
         layer_in = x
         for layer in range(self.num_layers):
+            keys = [f"l{layer}{suffix}" for suffix in self._suffixes]
+            xps = self._project(params, keys, layer_in, fused=use_kernels)
             outs = []
-            for d, suffix in enumerate(self._suffixes):
+            for d, (key, xp) in enumerate(zip(keys, xps)):
                 k = layer * self.num_directions + d
                 s0 = None if states0 is None else tuple(s[k] for s in states0)
                 run = self._direction_kernels if use_kernels else self._direction_stepwise
-                recur, xp = run(params, f"l{layer}{suffix}", layer_in, s0)
+                recur = run(params, key, layer_in.shape[1], s0)
                 out, fin = run_direction(recur, xp, lens, reverse=d == 1)
                 outs.append(cast_to(out, dtype))
                 for acc, f in zip(finals, fin):
@@ -186,7 +188,7 @@ class _RNNBase(nn.Module):
             layer_in = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
             if self.dropout and self.training and layer + 1 < self.num_layers:
                 layer_in = _dropout(layer_in, self.dropout)
-        output = layer_in
+        output = pad_time(layer_in, lens, length)
         if not batched:
             output = output[:, 0]
         elif self.batch_first:
@@ -242,13 +244,31 @@ class _RNNBase(nn.Module):
             return b_ih + mx.concatenate([b_hh[: 2 * h], mx.zeros((h,), b_hh.dtype)]), b_hh[2 * h:]
         return b_ih + b_hh, None
 
-    def _direction_kernels(self, params, key, layer_in, s0):
-        w_ih, w_hh, b_ih, b_hh = self._torch_weights(params, key)
-        b, bhn = self._input_bias(b_ih, b_hh)
-        xp = project(layer_in, w_ih, b)
+    def _project(self, params, keys, layer_in, fused):
+        """The input pre-activations of each direction (``keys``), time-major.
+        With ``fused`` and two directions, ONE matmul by both directions'
+        stacked ``W_ih`` over the layer input (the previous layer's two
+        directions' outputs), split afterwards."""
+        weights = [self._torch_weights(params, key) for key in keys]
+        biases = [self._input_bias(b_ih, b_hh)[0] for _, _, b_ih, b_hh in weights]
+        if not fused:
+            return [layer_in @ w_ih.T if b is None else mx.addmm(b, layer_in, w_ih.T)
+                    for (w_ih, _, _, _), b in zip(weights, biases)]
+        if len(keys) == 1:
+            return [project(layer_in, weights[0][0], biases[0])]
+        w = mx.concatenate([w_ih for w_ih, _, _, _ in weights], axis=0)
+        b = None if biases[0] is None else mx.concatenate(biases)
+        gh = weights[0][0].shape[0]
+        xp = project(layer_in, w, b)
+        return [xp[..., :gh], xp[..., gh:]]
+
+    def _direction_kernels(self, params, key, batch, s0):
+        """``recur(xp)`` for one (layer, direction) on the fused cells."""
+        _, w_hh, b_ih, b_hh = self._torch_weights(params, key)
+        bhn = self._input_bias(b_ih, b_hh)[1]
         cell = {"LSTM": LSTM_CELL, "GRU": GRU_CELL, "RNN_TANH": RNN_TANH_CELL,
                 "RNN_RELU": RNN_RELU_CELL}[self.mode]
-        batch, hidden = layer_in.shape[1], self.hidden_size
+        hidden = self.hidden_size
         if s0 is None:
             states0 = tuple(mx.zeros((batch, hidden)) for _ in range(cell.num_states))
             given = (False,) * cell.num_states
@@ -263,25 +283,26 @@ class _RNNBase(nn.Module):
         steps = default_steps(cell, current_impl() != "cell")
 
         def recur(xp):
+            # The driver and kernels take row-contiguous input (a reversed or split xp is a view).
             return recurrence(cell, steps, mx.contiguous(xp), w_hh32, states0, cell_params, given)
 
-        return recur, xp
+        return recur
 
-    def _direction_stepwise(self, params, key, layer_in, s0):
-        w_ih, w_hh, b_ih, b_hh = self._torch_weights(params, key)
-        b, bhn = self._input_bias(b_ih, b_hh)
-        xp = layer_in @ w_ih.T if b is None else mx.addmm(b, layer_in, w_ih.T)
-        batch = layer_in.shape[1]
+    def _direction_stepwise(self, params, key, batch, s0):
+        """``recur(xp)`` for one (layer, direction) as a per-step loop of MLX ops."""
+        _, w_hh, b_ih, b_hh = self._torch_weights(params, key)
+        bhn = self._input_bias(b_ih, b_hh)[1]
+        dtype = w_hh.dtype
         out_size = self.proj_size or self.hidden_size
-        h0 = mx.zeros((batch, out_size), xp.dtype) if s0 is None else s0[0]
+        h0 = mx.zeros((batch, out_size), dtype) if s0 is None else s0[0]
         if self.mode == "LSTM":
-            c0 = mx.zeros((batch, self.hidden_size), xp.dtype) if s0 is None else s0[1]
+            c0 = mx.zeros((batch, self.hidden_size), dtype) if s0 is None else s0[1]
             w_hr = params.get("weight_hr_" + key)
-            return (lambda xp: stepwise.lstm(xp, w_hh, h0, c0, w_hr)), xp
+            return lambda xp: stepwise.lstm(xp, w_hh, h0, c0, w_hr)
         if self.mode == "GRU":
-            return (lambda xp: stepwise.gru(xp, w_hh, bhn, h0)), xp
+            return lambda xp: stepwise.gru(xp, w_hh, bhn, h0)
         relu = self.mode == "RNN_RELU"
-        return (lambda xp: stepwise.rnn(xp, w_hh, h0, relu)), xp
+        return lambda xp: stepwise.rnn(xp, w_hh, h0, relu)
 
 
 def _dropout(x, p):
