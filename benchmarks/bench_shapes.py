@@ -17,6 +17,10 @@ SHAPES = (
     ("1x1x640", 1, 1, 640),  # streaming: one step, carried state passed in
 )
 SHAPE_BY_NAME = {s[0]: s for s in SHAPES}
+# The default on a CPU: the small shapes, so that the README's main command
+# finishes in about a minute on a 2-core machine (the big ones are matmul-bound
+# there, ~7 minutes with them); --full (or a GPU) runs all of SHAPES.
+CPU_DEFAULT_SHAPES = tuple(SHAPE_BY_NAME[n] for n in ("32x40x200", "16x100x32", "1x1x640"))
 
 
 def is_streaming(shape):
@@ -40,11 +44,14 @@ def parse_list(text, allowed, what):
     return out
 
 
-def parse_shapes(text):
+def parse_shapes(text, default=SHAPES):
     """'32x40x200,1x1x640' -> shape tuples; an index into SHAPES (0..4) works too.
 
-    Shapes not in SHAPES are allowed (any BxLxH, input size = H)."""
-    if text is None or text.strip().lower() in ("", "all"):
+    Shapes not in SHAPES are allowed (any BxLxH, input size = H). No text gives
+    ``default``; 'all' gives SHAPES."""
+    if text is None or text.strip() == "":
+        return list(default)
+    if text.strip().lower() == "all":
         return list(SHAPES)
     out = []
     for item in text.split(","):

@@ -51,7 +51,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_shapes import DTYPES, LAYERS, MODES, is_streaming, parse_list, parse_shapes  # noqa: E402
+from bench_shapes import (  # noqa: E402
+    CPU_DEFAULT_SHAPES, DTYPES, LAYERS, MODES, SHAPES, is_streaming, parse_list, parse_shapes)
 
 try:
     import mlx_fastrnn
@@ -292,6 +293,12 @@ def fmt_ms(stats):
 # main
 
 
+def _progress(done, total, elapsed, what):
+    """One line on stderr before each config: where the run is and about how long is left."""
+    left = f", ~{elapsed / done * (total - done):.0f} s left" if done else ""
+    print(f"[{done + 1}/{total}, {elapsed:.0f} s{left}] {what}", file=sys.stderr, flush=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,8 +308,11 @@ def parse_args(argv=None):
                    help=f"one or more of {','.join(DTYPES)} (comma-separated)")
     p.add_argument("--layers", default=None, help="comma-separated subset of GRU,LSTM,RNN")
     p.add_argument("--shapes", default=None,
-                   help="comma-separated BxLxH (input = H) or indices; default: "
-                        "32x40x200,64x256x256,16x1024x512,16x100x32,1x1x640")
+                   help="comma-separated BxLxH (input = H), indices, or 'all'; default: on a GPU "
+                        "(or with --full) 32x40x200,64x256x256,16x1024x512,16x100x32,1x1x640, on a "
+                        "CPU the small ones 32x40x200,16x100x32,1x1x640 (about a minute on 2 cores)")
+    p.add_argument("--full", action="store_true",
+                   help="on a CPU too, every benchmark shape (the big ones take minutes there)")
     p.add_argument("--modes", default=None, help="comma-separated subset of fwd,fwdbwd")
     p.add_argument("--budget", type=float, default=1.0,
                    help="seconds of timed calls per config and impl (adapts repeats; default 1.0)")
@@ -327,7 +337,8 @@ def main(argv=None):
     args = parse_args(argv)
     dtypes = parse_list(args.dtype, DTYPES, "dtype")
     layers = parse_list(args.layers, LAYERS, "layer")
-    shapes = parse_shapes(args.shapes)
+    on_gpu = mx.default_device().type == mx.gpu
+    shapes = parse_shapes(args.shapes, default=SHAPES if (on_gpu or args.full) else CPU_DEFAULT_SHAPES)
     modes = parse_list(args.modes, MODES, "mode")
     impls = ["legacy", "fast"] if args.compare else [mlx_fastrnn.IMPL]
     slow = args.slow if args.slow and args.slow > 0 else None
@@ -385,10 +396,17 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     worst = []
+    total = len(dtypes) * len(layers) * len(shapes) * len(modes)
+    done = 0
+    if not on_gpu and args.shapes is None and not args.full:
+        print("# CPU: the small shapes only (--full for all)", flush=True)
     for dtype in dtypes:
         for layer_name in layers:
             for shape in shapes:
                 for mode in modes:
+                    _progress(done, total, time.perf_counter() - t_start,
+                              f"{dtype} {layer_name} {shape[0]} {mode}")
+                    done += 1
                     row_stats, outs, rows, runs = {}, {}, {}, {}
                     for impl in impls:
                         base = dict(layer=layer_name, shape=shape[0], batch=shape[1], length=shape[2],
