@@ -92,3 +92,4 @@ class Steps:
 from .gru import GRU_CELL  # noqa: E402
 from .lstm import LSTM_CELL  # noqa: E402
 from .rnn import RNN_RELU_CELL, RNN_TANH_CELL  # noqa: E402
+from .slstm import SLSTM_CELL  # noqa: E402

@@ -1,0 +1,164 @@
+"""FlashRNN-compatible recurrences on MLX: :func:`flashrnn`.
+
+The argument layouts and results of FlashRNN 1.0.8's ``flashrnn(Wx, R, b,
+states, function, backend="vanilla")`` with its default shapes (input
+"BTGHD", recurrent "GHDP", bias "GHD", states and outputs "SBTHD"), the same
+numbers as its vanilla backend (``flashrnn/vanilla/*.py``). This is the
+reference: a plain time loop in MLX ops, differentiable by MLX autodiff
+w.r.t. Wx, R, b and states.
+
+FlashRNN's conventions, as read from its vanilla sources:
+
+- R per head maps the previous state to the gates as ``R @ y``: ``R[g, n]`` is
+  [D_out, D_in], ``Ry[b, g, n, d] = sum_p R[g, n, d, p] y[b, n, p]`` (vanilla
+  permutes R "GHDP" -> "HPGD" and computes ``y[n] (B x P) @ R[n] (P x G*D)``).
+- The pre-activations are ``Wx + Ry + b`` per gate; only the output ``y``
+  (state 0) recurs through R.
+- Gate orders: LSTM i, f, z, o (c' = f c + i tanh z, y' = o tanh c'); Elman one
+  gate (y' = tanh); sLSTM i, f, z, o (see cells/slstm/naive.py); GRU: Wx has
+  (r, z, n), R has (g, r, z), b has (g, r, z, n), and
+  ``y' = z y + (1 - z) tanh(Wx_n + b_n + r (Ry_g + b_g))`` with
+  ``r = sigmoid(Wx_r + Ry_r + b_r)``, ``z = sigmoid(Wx_z + Ry_z + b_z)``: the
+  candidate's recurrent part (bias included) gated by r after the matmul, as
+  torch's GRU does (so it is our GRU cell with bhn = b_g).
+- sLSTM's initial-state special case: vanilla takes ``m' = i_raw`` when
+  ``torch.all(n == 0)`` over the WHOLE state tensor (every batch row, head and
+  unit), ``max(i_raw, lf)`` everywhere otherwise; so do we (the sLSTM cell
+  tests per element, as FlashRNN's kernels do: the same whenever n is all zero
+  or nowhere zero, e.g. from the second step on, where n >= 1).
+- Ties of a max split the cotangent in half (torch's rule); see
+  cells/slstm/naive.py, which also has the one deliberate difference: a fresh
+  sLSTM step caps its forget gate at e^88 where vanilla's overflows to inf
+  (and its zero state to NaN).
+
+States and accumulation are float32 whatever the input dtypes (vanilla keeps
+them in Wx's dtype); the results have Wx's dtype.
+"""
+
+import mlx.core as mx
+
+from ..cells.gru import naive as gru_naive
+from ..cells.lstm import naive as lstm_naive
+from ..cells.rnn import naive as rnn_naive
+from ..cells.slstm import naive as slstm_naive
+
+__all__ = ["flashrnn", "FUNCTIONS"]
+
+
+# Each function maps the step's (Wx + b, Ry, b) in head-major layout
+# ([N, B, G, D]; b [N, 1, Gb, D]) to a cell's reference step.
+
+def _lstm(xb, ry, b, states):
+    return lstm_naive.forward_step(_flat(xb), _flat(ry), states, ())
+
+
+def _elman(xb, ry, b, states):
+    return rnn_naive.forward_step(_flat(xb), _flat(ry), states, ())
+
+
+def _gru(xb, ry, b, states):
+    # xb = Wx + b[r, z, n]; ry comes in (r, z, g) order (R is permuted once, in
+    # flashrnn); the GRU cell's bhn is b_g, added to Ry_g before r scales it.
+    return gru_naive.forward_step(_flat(xb), _flat(ry), states, (b[:, :, 0],))
+
+
+def _slstm(xb, ry, b, states):
+    return slstm_naive.step(_flat(xb), _flat(ry), states, mx.all(states[2] == 0))
+
+
+def _flat(a):
+    """[N, B, G, D] -> [N, B, G*D]: the cells' gate blocks."""
+    return a.reshape(*a.shape[:2], -1)
+
+
+class _Function:
+    def __init__(self, gates_x, gates_r, gates_b, num_states, step, r_order=None):
+        self.gates_x, self.gates_r, self.gates_b = gates_x, gates_r, gates_b
+        self.num_states, self.step = num_states, step
+        self.r_order = r_order  # R's gates reordered to the cell's hp order
+        # b's gates that go with Wx's (GRU: b has one more, the candidate's recurrent bias)
+        self.b_x = slice(gates_b - gates_x, gates_b)
+
+
+FUNCTIONS = {
+    "lstm": _Function(4, 4, 4, 2, _lstm),
+    "gru": _Function(3, 3, 4, 1, _gru, r_order=[1, 2, 0]),
+    "elman": _Function(1, 1, 1, 1, _elman),
+    "slstm": _Function(4, 4, 4, 4, _slstm),
+}
+
+
+def flashrnn(Wx, R, b, states=None, function="lstm"):
+    """Run a FlashRNN recurrence.
+
+    Args:
+        Wx: [B, T, Gx, N, D] input pre-activations (``x W^T`` per gate and head).
+        R: [Gr, N, D, D] recurrent weights, ``R[g, n] @ y_head`` (rows: gate units).
+        b: [Gb, N, D] biases.
+        states: [S, B, 1, N, D] initial states (zeros when None).
+        function: "lstm" (Gx, Gr, Gb, S = 4, 4, 4, 2; states y, c), "gru"
+            (3, 3, 4, 1), "elman" (1, 1, 1, 1), "slstm" (4, 4, 4, 4; y, c, n, m).
+
+    Returns:
+        ``(states_seq [S, B, T, N, D], last_states [S, B, 1, N, D])`` in Wx's dtype.
+    """
+    fn = FUNCTIONS.get(function)
+    if fn is None:
+        raise ValueError(f"flashrnn: unknown function {function!r}; expected one of {sorted(FUNCTIONS)}")
+    batch, length, heads, dim = _check_shapes(fn, function, Wx, R, b, states)
+    f32 = mx.float32
+    # Head-major internally ([N, B, ...]): the per-head matmul needs no transpose per step.
+    b = b.astype(f32).transpose(1, 0, 2)[:, None]  # [N, 1, Gb, D]
+    xb = Wx.astype(f32).transpose(1, 3, 0, 2, 4) + b[None, :, :, fn.b_x]  # [T, N, B, Gx, D]
+    r = R.astype(f32)
+    if fn.r_order is not None:
+        r = r[mx.array(fn.r_order)]
+    # [Gr, N, D, P] -> [N, P, Gr*D]: y[n] [B, P] @ r_t[n] gives Ry[n] [B, Gr*D].
+    r_t = r.transpose(1, 3, 0, 2).reshape(heads, dim, fn.gates_r * dim)
+    if states is None:
+        state = tuple(mx.zeros((heads, batch, dim), f32) for _ in range(fn.num_states))
+    else:
+        s = states.astype(f32)[:, :, 0].transpose(0, 2, 1, 3)  # [S, N, B, D]
+        state = tuple(s[i] for i in range(fn.num_states))
+    seqs = [[] for _ in range(fn.num_states)]
+    for t in range(length):
+        ry = (state[0] @ r_t).reshape(heads, batch, fn.gates_r, dim)
+        state = tuple(fn.step(xb[t], ry, b, state))
+        for seq, a in zip(seqs, state):
+            seq.append(a)
+    last = mx.stack(state).transpose(0, 2, 1, 3)[:, :, None]  # [S, B, 1, N, D]
+    if length:
+        seq = mx.stack([mx.stack(q, axis=1) for q in seqs])  # [S, N, T, B, D]
+        seq = seq.transpose(0, 3, 2, 1, 4)
+    else:
+        seq = mx.zeros((fn.num_states, batch, 0, heads, dim), f32)
+    return seq.astype(Wx.dtype), last.astype(Wx.dtype)
+
+
+def _check_shapes(fn, function, Wx, R, b, states):
+    """(B, T, N, D) after checking every layout; ValueError naming the expected one."""
+    where = f"flashrnn(function={function!r})"
+    for name, a in (("Wx", Wx), ("R", R), ("b", b), ("states", states)):
+        if a is None and name == "states":
+            continue
+        if not isinstance(a, mx.array):
+            raise ValueError(f"{where}: {name} must be an mlx array, got {type(a).__name__}")
+        if not mx.issubdtype(a.dtype, mx.floating):
+            raise ValueError(f"{where}: {name} must be floating point, got {a.dtype}")
+    if Wx.ndim != 5 or Wx.shape[2] != fn.gates_x:
+        raise ValueError(f"{where}: Wx must be [B, T, Gx={fn.gates_x}, N, D], got shape {tuple(Wx.shape)}")
+    batch, length, _, heads, dim = Wx.shape
+    expected = {
+        "R": ((fn.gates_r, heads, dim, dim), f"[Gr={fn.gates_r}, N={heads}, D={dim}, D={dim}]"),
+        "b": ((fn.gates_b, heads, dim), f"[Gb={fn.gates_b}, N={heads}, D={dim}]"),
+        "states": ((fn.num_states, batch, 1, heads, dim),
+                   f"[S={fn.num_states}, B={batch}, 1, N={heads}, D={dim}]"),
+    }
+    for name, a in (("R", R), ("b", b), ("states", states)):
+        shape, layout = expected[name]
+        if a is not None and tuple(a.shape) != shape:
+            raise ValueError(f"{where}: {name} must be {layout} (from Wx's [B, T, Gx, N, D] = "
+                             f"{tuple(Wx.shape)}), got shape {tuple(a.shape)}")
+    if batch < 1 or heads < 1 or dim < 1:
+        raise ValueError(f"{where}: Wx [B, T, Gx, N, D] needs B, N, D >= 1, got {tuple(Wx.shape)}")
+    return batch, length, heads, dim
