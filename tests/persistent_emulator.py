@@ -307,24 +307,13 @@ def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tp
     p = plan or P.select("backward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
-    cs = P.CELLS[cell]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[1]
-    GH = cs.num_gates * H
     w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
     spec = P.kernel_spec(p, xp.dtype, need_d_state0)
-    f32, sync = mx.float32, ((p.sync_words,), mx.uint32)
-    if cell == "gru":
-        res = emulate(spec, [d_outs[0], xp, hp, prevs[0], w, params[0]],
-                      [((L, B, GH), f32), ((L, B, GH), f32), ((B, H), f32), sync])
-        out = (res[0], res[1], (res[2],))
-    elif cell == "lstm":
-        res = emulate(spec, [d_outs[0], d_outs[1], xp, hp, prevs[1], w],
-                      [((L, B, GH), f32), ((B, H), f32), ((B, H), f32), sync])
-        out = (res[0], res[0], (res[1], res[2]))
-    else:
-        res = emulate(spec, [d_outs[0], xp, hp, w], [((L, B, GH), f32), ((B, H), f32), sync])
-        out = (res[0], res[0], (res[1],))
-    return (out[0], out[1], out[2] if need_d_state0 else None), (p, res[-1])
+    mod = P.cell_module(cell)
+    inputs, shapes = mod.backward_launch(d_outs, xp, hp, prevs, w, params)
+    res = emulate(spec, list(inputs), [(s, mx.float32) for s in shapes] + [((p.sync_words,), mx.uint32)])
+    dx, dhp, d0 = mod.backward_results(res[:-1])
+    return (dx, dhp, d0 if need_d_state0 else None), (p, res[-1])
 
 
 # --------------------------------------------------------------------------- NVRTC

@@ -29,6 +29,13 @@ class Cell:
     kernels: str  # module holding the fused steps, imported only on a GPU
     step_kwargs: dict = field(default_factory=dict)
     param_grads: Callable = lambda dhp_seq: ()
+    persistent: str = None  # module holding the whole-sequence CUDA kernels (None: none)
+
+    def __post_init__(self):
+        if self.persistent is not None:
+            from ..kernels import persistent
+
+            persistent.register_cell(self.name, self.persistent)
 
     @functools.cached_property
     def compiled_steps(self):
@@ -60,7 +67,7 @@ class Cell:
         module = importlib.import_module(self.kernels)
         kw = dict(self.step_kwargs, target=target)
         forward_sequence = backward_sequence = None
-        if target == "cuda" and whole_sequence:
+        if target == "cuda" and whole_sequence and self.persistent is not None:
             from ..kernels import persistent
 
             forward_sequence = functools.partial(persistent.persistent_sequence, self.name)

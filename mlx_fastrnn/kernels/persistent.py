@@ -47,18 +47,22 @@ from .persistent_header import HEADER
 
 @dataclass(frozen=True)
 class CellSpec:
-    module: str  # holds FORWARD_BODY / BACKWARD_BODY and their I/O names
+    module: str  # the cell folder's persistent.py: bodies, I/O names, backward_launch/results
     num_gates: int
     num_states: int
     num_params: int
 
 
-CELLS = {
-    "gru": CellSpec("mlx_fastrnn.cells.gru.persistent", 3, 1, 1),
-    "lstm": CellSpec("mlx_fastrnn.cells.lstm.persistent", 4, 2, 0),
-    "rnn_tanh": CellSpec("mlx_fastrnn.cells.rnn.persistent", 1, 1, 0),
-    "rnn_relu": CellSpec("mlx_fastrnn.cells.rnn.persistent", 1, 1, 0),
-}
+# Filled by the cells (``Cell(persistent=...)`` registers its module): a new
+# cell brings its persistent kernels in its own folder, nothing here changes.
+CELLS = {}
+
+
+def register_cell(cell_name, module):
+    """Make ``module`` (a cell folder's ``persistent.py``, by name) the
+    whole-sequence kernels of ``cell_name``."""
+    mod = importlib.import_module(module)
+    CELLS[cell_name] = CellSpec(module, mod.NUM_GATES, mod.NUM_STATES, mod.NUM_PARAMS)
 
 X_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 SYNC_STRIDE = 32  # uint32 words between the barrier counters of two batch groups (FRNN_SYNC_STRIDE)
@@ -669,23 +673,7 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
     d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
     w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
     spec = kernel_spec(p, xp.dtype, need_d_state0, header)
-    f32 = mx.float32
-    if cell_name == "gru":
-        inputs = (d_outs[0], xp, hp, prevs[0], w, params[0])
-        shapes = [(L, B, GH), (L, B, GH), (B, H), (p.sync_words,)]
-        dtypes = [f32, f32, f32, mx.uint32]
-        dx, dhp, dh0, _ = _launch(spec, inputs, shapes, dtypes)
-        d0 = (dh0,)
-    elif cell_name == "lstm":
-        inputs = (d_outs[0], d_outs[1], xp, hp, prevs[1], w)
-        shapes = [(L, B, GH), (B, H), (B, H), (p.sync_words,)]
-        dtypes = [f32, f32, f32, mx.uint32]
-        dx, dh0, dc0, _ = _launch(spec, inputs, shapes, dtypes)
-        dhp, d0 = dx, (dh0, dc0)
-    else:
-        inputs = (d_outs[0], xp, hp, w)
-        shapes = [(L, B, GH), (B, H), (p.sync_words,)]
-        dtypes = [f32, f32, mx.uint32]
-        dx, dh0, _ = _launch(spec, inputs, shapes, dtypes)
-        dhp, d0 = dx, (dh0,)
+    inputs, shapes = cell_module(cell_name).backward_launch(d_outs, xp, hp, prevs, w, params)
+    outs = _launch(spec, inputs, [*shapes, (p.sync_words,)], [mx.float32] * len(shapes) + [mx.uint32])
+    dx, dhp, d0 = cell_module(cell_name).backward_results(outs[:-1])
     return dx, dhp, (d0 if need_d_state0 else None)

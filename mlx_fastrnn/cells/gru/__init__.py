@@ -15,5 +15,6 @@ GRU_CELL = Cell(
     backward_step=naive.backward_step,
     backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
+    persistent=__name__ + ".persistent",
     param_grads=_bhn_grad,
 )

@@ -8,6 +8,8 @@ Shared device code (barrier, W_h slice, projection) is in
 from ...kernels.persistent_header import ELEMENT_SLOT, block_prologue
 
 NUM_GATES = 3
+NUM_STATES = 1
+NUM_PARAMS = 1  # bhn
 
 FORWARD_INPUTS = ("x", "w", "h0", "bhn")
 FORWARD_OUTPUTS = ("h_seq", "hp", "sync")
@@ -147,3 +149,17 @@ BACKWARD_BODY = r"""
 def template_extras(cell_name):
     """Cell-specific template arguments (none for GRU)."""
     return []
+
+
+def backward_launch(d_outs, xp, hp, prevs, w, params):
+    """The backward kernel's inputs (``BACKWARD_INPUTS`` order) and output shapes
+    (``BACKWARD_OUTPUTS`` but the barrier counters)."""
+    L, B, GH = xp.shape
+    H = GH // NUM_GATES
+    return (d_outs[0], xp, hp, prevs[0], w, params[0]), [(L, B, GH), (L, B, GH), (B, H)]
+
+
+def backward_results(outs):
+    """``(dx, dhp, d_states0)`` from the backward kernel's outputs."""
+    dx, dhp, dh0 = outs
+    return dx, dhp, (dh0,)

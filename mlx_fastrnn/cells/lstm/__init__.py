@@ -9,4 +9,5 @@ LSTM_CELL = Cell(
     backward_step=naive.backward_step,
     backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
+    persistent=__name__ + ".persistent",
 )

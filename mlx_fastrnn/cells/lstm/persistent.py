@@ -9,6 +9,8 @@ Shared device code and constants: ``mlx_fastrnn.kernels.persistent_header``.
 from ...kernels.persistent_header import ELEMENT_SLOT, block_prologue
 
 NUM_GATES = 4
+NUM_STATES = 2
+NUM_PARAMS = 0
 
 FORWARD_INPUTS = ("x", "w", "h0", "c0")
 FORWARD_OUTPUTS = ("h_seq", "c_seq", "hp", "sync")
@@ -146,3 +148,17 @@ BACKWARD_BODY = r"""
 def template_extras(cell_name):
     """Cell-specific template arguments (none for LSTM)."""
     return []
+
+
+def backward_launch(d_outs, xp, hp, prevs, w, params):
+    """The backward kernel's inputs (``BACKWARD_INPUTS`` order) and output shapes
+    (``BACKWARD_OUTPUTS`` but the barrier counters)."""
+    L, B, GH = xp.shape
+    H = GH // NUM_GATES
+    return (d_outs[0], d_outs[1], xp, hp, prevs[1], w), [(L, B, GH), (B, H), (B, H)]
+
+
+def backward_results(outs):
+    """``(dx, dhp, d_states0)`` from the backward kernel's outputs (dhp is dx)."""
+    dx, dh0, dc0 = outs
+    return dx, dx, (dh0, dc0)

@@ -9,6 +9,7 @@ RNN_TANH_CELL = Cell(
     backward_step=naive.backward_step,
     backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
+    persistent=__name__ + ".persistent",
     step_kwargs={"relu": False},
 )
 RNN_RELU_CELL = Cell(
@@ -19,5 +20,6 @@ RNN_RELU_CELL = Cell(
     backward_step=naive.backward_step,
     backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
+    persistent=__name__ + ".persistent",
     step_kwargs={"relu": True},
 )

@@ -8,6 +8,8 @@ set (``naive.py``). Shared device code and constants:
 from ...kernels.persistent_header import ELEMENT_SLOT, block_prologue
 
 NUM_GATES = 1
+NUM_STATES = 1
+NUM_PARAMS = 0
 
 FORWARD_INPUTS = ("x", "w", "h0")
 FORWARD_OUTPUTS = ("h_seq", "hp", "sync")
@@ -105,3 +107,16 @@ BACKWARD_BODY = r"""
 def template_extras(cell_name):
     """``RELU`` selects the activation."""
     return [("RELU", cell_name == "rnn_relu")]
+
+
+def backward_launch(d_outs, xp, hp, prevs, w, params):
+    """The backward kernel's inputs (``BACKWARD_INPUTS`` order) and output shapes
+    (``BACKWARD_OUTPUTS`` but the barrier counters)."""
+    L, B, H = xp.shape  # one gate: G*H = H
+    return (d_outs[0], xp, hp, w), [(L, B, H), (B, H)]
+
+
+def backward_results(outs):
+    """``(dx, dhp, d_states0)`` from the backward kernel's outputs (dhp is dx)."""
+    dx, dh0 = outs
+    return dx, dx, (dh0,)
