@@ -11,20 +11,26 @@ import math
 
 import mlx.core as mx
 
-from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
+from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL, SLSTM_CELL
 
-CELLS = {"gru": GRU_CELL, "lstm": LSTM_CELL, "rnn_tanh": RNN_TANH_CELL, "rnn_relu": RNN_RELU_CELL}
+CELLS = {"gru": GRU_CELL, "lstm": LSTM_CELL, "rnn_tanh": RNN_TANH_CELL, "rnn_relu": RNN_RELU_CELL,
+         "slstm": SLSTM_CELL}
 CELL_NAMES = list(CELLS)
 
 
 def problem(cell_name, L, B, H, x_dtype=mx.float32, seed=0, w_scale=0.9):
     """Random forward inputs: (xp, w_h, states0, params)."""
     cell = CELLS[cell_name]
-    G = {"gru": 3, "lstm": 4}.get(cell_name, 1)
+    G = cell.num_gates
     ks = mx.random.split(mx.random.key(seed), 8)
     xp = mx.random.normal((L, B, G * H), key=ks[0]).astype(x_dtype)
     w_h = mx.random.normal((G * H, H), key=ks[1]) * (w_scale / math.sqrt(H))
     states0 = tuple(mx.random.normal((B, H), key=ks[2 + i]) * 0.5 for i in range(cell.num_states))
+    if cell_name == "slstm":
+        # a reachable state: the normalizer n >= 1 (and exactly 0 in one row: a fresh one)
+        y, c, n, m = states0
+        n = mx.where(mx.arange(B)[:, None] == 0, 0.0, 1.0 + mx.abs(n))
+        states0 = (y, c, n, m)
     params = (mx.random.normal((H,), key=ks[5]) * 0.1,) if cell_name == "gru" else ()
     return xp, w_h, states0, params
 

@@ -198,6 +198,9 @@ EMU_CASES = [
     ("rnn_tanh", 6, 2, 17, mx.float32, False, SMALL),
     ("rnn_relu", 1, 4, 9, mx.bfloat16, False, SMALL),
     ("lstm", 3, 7, 40, mx.float32, False, P.Limits(num_sms=8, smem_per_block=6 * 1024, smem_per_sm=16 * 1024)),
+    ("slstm", 5, 3, 33, mx.float32, False, SMALL),
+    ("slstm", 4, 2, 20, mx.bfloat16, True, SMALL),
+    ("slstm", 3, 7, 40, mx.float32, False, P.Limits(num_sms=8, smem_per_block=6 * 1024, smem_per_sm=16 * 1024)),
 ]
 
 

@@ -51,6 +51,7 @@ class CellSpec:
     num_gates: int
     num_states: int
     num_params: int
+    max_ept: int  # most cell elements per thread (the cell's register budget)
 
 
 # Filled by the cells (``Cell(persistent=...)`` registers its module): a new
@@ -62,12 +63,13 @@ def register_cell(cell_name, module):
     """Make ``module`` (a cell folder's ``persistent.py``, by name) the
     whole-sequence kernels of ``cell_name``."""
     mod = importlib.import_module(module)
-    CELLS[cell_name] = CellSpec(module, mod.NUM_GATES, mod.NUM_STATES, mod.NUM_PARAMS)
+    CELLS[cell_name] = CellSpec(module, mod.NUM_GATES, mod.NUM_STATES, mod.NUM_PARAMS,
+                                getattr(mod, "MAX_EPT", MAX_EPT))
 
 X_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 SYNC_STRIDE = 32  # uint32 words between the barrier counters of two batch groups (FRNN_SYNC_STRIDE)
 MAX_N = 64  # most projection columns per block (accumulators per lane = RB * N)
-MAX_EPT = 4  # most cell elements per thread
+MAX_EPT = 4  # most cell elements per thread (a cell may declare fewer)
 INDEX_LIMIT = 2**31 - 1
 
 
@@ -357,7 +359,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, _smem_env, 
         BBP = -(-BB // RB) * RB
         rg = BBP // RB
         EPT = -(-(BB * U) // tpb)
-        if EPT > MAX_EPT:
+        if EPT > CELLS[cell].max_ept:
             continue
         for w_bf16 in _weight_options(weights, x_dtype):
             w_bytes = 2 if w_bf16 else 4

@@ -11,4 +11,5 @@ SLSTM_CELL = Cell(
     backward_step=naive.backward_step,
     backward_sequence=naive.backward_sequence,
     kernels=__name__ + ".kernels",
+    persistent=__name__ + ".persistent",
 )
