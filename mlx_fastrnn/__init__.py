@@ -6,9 +6,11 @@ or ``legacy`` (stock mlx.nn, bit for bit). ``use_impl`` overrides it in a block.
 
 from .config import IMPL, IMPLS, current_impl, use_impl
 from .layers import GRU, LSTM, RNN
+from .multihead import SLSTM, MultiHeadGRU, MultiHeadLSTM, MultiHeadRNN
 from .ops.flashrnn import flashrnn
 from .patching import is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["GRU", "LSTM", "RNN", "IMPL", "IMPLS", "current_impl", "use_impl",
-           "patch", "unpatch", "is_patched", "flashrnn"]
+           "patch", "unpatch", "is_patched", "flashrnn",
+           "SLSTM", "MultiHeadLSTM", "MultiHeadGRU", "MultiHeadRNN"]

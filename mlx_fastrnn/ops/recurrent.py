@@ -8,7 +8,7 @@ the exception type stock raises (with a message naming the expected shape).
 
 import mlx.core as mx
 
-from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
+from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL, SLSTM_CELL
 from ..cells.timeaxis import f32
 from ..kernels.launch import gpu_target
 from .projection import project
@@ -42,6 +42,25 @@ def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None, whole_sequence
     cell = RNN_RELU_CELL if relu else RNN_TANH_CELL
     (hs,), dtype = _run(cell, x, w_xh, bias, w_hh, batch, (hidden,), (), extras, steps, whole_sequence)
     return cast_to(hs, dtype)
+
+
+def slstm(x, w_x, w_h, bias, states=None, steps=None, whole_sequence=True):
+    """The sLSTM (``cells/slstm``) over ``x`` [..., L, in]: ``states`` is None or
+    ``(y, c, n, m)``, each [..., H] (broadcast to the batch); returns the four
+    state sequences [..., L, H]."""
+    hidden_size = w_h.shape[1]
+    if states is not None:
+        if not isinstance(states, (tuple, list)) or len(states) != 4:
+            raise ValueError("SLSTM expects states as a tuple (y, c, n, m) or None")
+        shapes = {tuple(s.shape) for s in states}
+        if len(shapes) != 1:
+            raise ValueError(f"SLSTM: the states (y, c, n, m) must share one shape, got {sorted(shapes)}")
+    batch = _check(x, w_x, hidden_size, "SLSTM", hidden=None if states is None else states[0],
+                   hidden_sets_batch=True)
+    states = tuple(states) if states is not None else (None,) * 4
+    extras = [bias, *states, w_h]
+    seqs, dtype = _run(SLSTM_CELL, x, w_x, bias, w_h, batch, states, (), extras, steps, whole_sequence)
+    return tuple(cast_to(s, dtype) for s in seqs)
 
 
 def fast_path_supports(x, *arrays):
