@@ -41,15 +41,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .ops import recurrent as ops
+from .ops.flashrnn import block_diagonal
 
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1, "slstm": 4}
-
-
-def block_diagonal(r):
-    """``R [G, N, D, D]`` -> the dense ``[G*N*D, N*D]`` matrix whose gate-g rows
-    hold ``R[g, k]`` at head k's columns (zeros elsewhere)."""
-    g, n, d, _ = r.shape
-    return mx.einsum("gkij,kl->gkilj", r, mx.eye(n, dtype=r.dtype)).reshape(g * n * d, n * d)
 
 
 class _MultiHead(nn.Module):

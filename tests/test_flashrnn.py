@@ -28,14 +28,22 @@ GRAD_TOL = dict(rtol=1e-4, atol=5e-6)
 FUNCTION_NAMES = list(FUNCTIONS)
 
 
-def run_with_grads(arrays, function):
+BACKENDS = ["fused", "vanilla"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def run_with_grads(arrays, function, backend="fused"):
     """flashrnn on ``arrays`` (mx: Wx, R, b, states or None, d_seq, d_last):
     ``{seq, last, dWx, dR, db[, dstates]}``, the gradients by mx.vjp."""
     names = ["Wx", "R", "b"] + (["states"] if arrays.get("states") is not None else [])
 
     def fn(*primals):
         given = dict(zip(names, primals))
-        return flashrnn(given["Wx"], given["R"], given["b"], given.get("states"), function)
+        return flashrnn(given["Wx"], given["R"], given["b"], given.get("states"), function, backend)
 
     (seq, last), grads = mx.vjp(fn, [arrays[k] for k in names], [arrays["d_seq"], arrays["d_last"]])
     out = {"seq": seq, "last": last, **{"d" + k: g for k, g in zip(names, grads)}}
@@ -56,9 +64,9 @@ GOLDEN = golden.read_fixture()
 
 
 @pytest.mark.parametrize("spec, arrays", GOLDEN, ids=["-".join(map(str, s)) for s, _ in GOLDEN])
-def test_matches_golden_vanilla(spec, arrays):
+def test_matches_golden_vanilla(spec, arrays, backend):
     ref = {k: arrays[k] for k in ("seq", "last", "dWx", "dR", "db", "dstates") if k in arrays}
-    got = run_with_grads(arrays, spec[0])
+    got = run_with_grads(arrays, spec[0], backend)
     for key in ("seq", "last"):
         assert got[key].dtype == mx.float32
     assert_matches(got, ref, str(spec))
@@ -98,9 +106,9 @@ def _ref_as_mx(ref):
 @pytest.mark.parametrize("states", ["none", "random"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}N{}D{}".format(*s))
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
-def test_matches_vanilla_float64(vanilla, function, shape, states):
+def test_matches_vanilla_float64(vanilla, function, shape, states, backend):
     case = golden.make_case(function, *shape, states=states, seed=1)
-    got = run_with_grads(_as_mx(case), function)
+    got = run_with_grads(_as_mx(case), function, backend)
     assert_matches(got, _ref_as_mx(vanilla(case, function)), f"{function} {shape} {states}")
 
 
@@ -116,10 +124,10 @@ def test_slstm_special_cases_match_vanilla(vanilla, states):
 
 
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
-def test_matches_vanilla_float32(vanilla, function):
+def test_matches_vanilla_float32(vanilla, function, backend):
     """The vanilla backend in float32 (its states in float32 too) on the same tensors."""
     case = golden.make_case(function, 2, 16, 2, 8, states="random", seed=3)
-    got = run_with_grads(_as_mx(case), function)
+    got = run_with_grads(_as_mx(case), function, backend)
     assert_matches(got, _ref_as_mx(vanilla(case, function, dtype="float32")), function)
 
 
@@ -208,3 +216,28 @@ def test_bad_function_and_types():
     gru = _valid("gru")
     with pytest.raises(ValueError, match=r"b must be \[Gb=4"):
         flashrnn(gru["Wx"], gru["R"], gru["b"][:3], function="gru")
+
+
+# --------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("function", FUNCTION_NAMES)
+@pytest.mark.parametrize("shape", [(4, 33, 4, 16), (2, 20, 1, 64)], ids=lambda s: "B{}T{}N{}D{}".format(*s))
+def test_gpu_fused_matches_cpu_vanilla(function, shape):
+    """The fused backend on the GPU (persistent kernels on CUDA) against the
+    reference loop on the CPU: outputs, last states and every gradient."""
+    arrays = _mx_case(function, *shape, seed=5)
+    if function == "slstm":
+        arrays["states"] = None  # given sLSTM states run the reference loop on every backend
+    keys = mx.random.split(mx.random.key(6), 2)
+    seq_shape = (golden.GATES[function][3], shape[0], shape[1], shape[2], shape[3])
+    arrays["d_seq"] = mx.random.normal(seq_shape, key=keys[0])
+    arrays["d_last"] = mx.random.normal((*seq_shape[:2], 1, *seq_shape[3:]), key=keys[1])
+    got = run_with_grads(arrays, function, "fused")
+    prev = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        want = run_with_grads(arrays, function, "vanilla")
+    finally:
+        mx.set_default_device(prev)
+    assert_matches(got, want, f"gpu {function} {shape}")

@@ -1,5 +1,5 @@
 """Multi-head layers (mlx_fastrnn.multihead): outputs, states and every gradient
-against ``flashrnn()`` (the FlashRNN-vanilla-equivalent reference, itself
+against ``flashrnn(backend="vanilla")`` (the FlashRNN-vanilla-equivalent reference loop, itself
 tested against the package and golden arrays in test_flashrnn.py) on the same
 numbers, through MLX autodiff of the reference; on a GPU, against the CPU."""
 
@@ -45,7 +45,7 @@ def _via_reference(kind, params, x, states, heads):
     st = None
     if states is not None:
         st = mx.stack([mx.broadcast_to(s, (*batch_shape, hidden)).reshape(b, 1, heads, d) for s in states])
-    seq, _ = flashrnn(xp.reshape(b, length, g, heads, d), r, bias, st, function=kind)
+    seq, _ = flashrnn(xp.reshape(b, length, g, heads, d), r, bias, st, function=kind, backend="vanilla")
     return tuple(s.reshape(*batch_shape, length, hidden) for s in seq)
 
 

@@ -37,12 +37,29 @@ them in Wx's dtype); the results have Wx's dtype.
 
 import mlx.core as mx
 
+from ..cells import GRU_CELL, LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
 from ..cells.gru import naive as gru_naive
 from ..cells.lstm import naive as lstm_naive
 from ..cells.rnn import naive as rnn_naive
 from ..cells.slstm import naive as slstm_naive
 
-__all__ = ["flashrnn", "FUNCTIONS"]
+from .sequence import recurrence
+
+__all__ = ["flashrnn", "FUNCTIONS", "BACKENDS", "block_diagonal"]
+
+# "fused": the drop-in layers' recurrence driver (persistent kernels on CUDA,
+# step kernels on Metal, compiled cells on the CPU; fused backward) on the
+# dense form of the block-diagonal R. "vanilla": the reference time loop below
+# (FlashRNN's backend of that name, step for step).
+BACKENDS = ("fused", "vanilla")
+
+
+def block_diagonal(r):
+    """``R [G, N, D, D]`` -> the dense ``[G*N*D, N*D]`` matrix whose gate-g rows
+    hold ``R[g, k]`` at head k's columns (zeros elsewhere): the ``W_h`` of the
+    cells' gate-major, head-major layout."""
+    g, n, d, _ = r.shape
+    return mx.einsum("gkij,kl->gkilj", r, mx.eye(n, dtype=r.dtype)).reshape(g * n * d, n * d)
 
 
 # Each function maps the step's (Wx + b, Ry, b) in head-major layout
@@ -72,23 +89,23 @@ def _flat(a):
 
 
 class _Function:
-    def __init__(self, gates_x, gates_r, gates_b, num_states, step, r_order=None):
+    def __init__(self, gates_x, gates_r, gates_b, num_states, step, cell, r_order=None):
         self.gates_x, self.gates_r, self.gates_b = gates_x, gates_r, gates_b
-        self.num_states, self.step = num_states, step
+        self.num_states, self.step, self.cell = num_states, step, cell
         self.r_order = r_order  # R's gates reordered to the cell's hp order
         # b's gates that go with Wx's (GRU: b has one more, the candidate's recurrent bias)
         self.b_x = slice(gates_b - gates_x, gates_b)
 
 
 FUNCTIONS = {
-    "lstm": _Function(4, 4, 4, 2, _lstm),
-    "gru": _Function(3, 3, 4, 1, _gru, r_order=[1, 2, 0]),
-    "elman": _Function(1, 1, 1, 1, _elman),
-    "slstm": _Function(4, 4, 4, 4, _slstm),
+    "lstm": _Function(4, 4, 4, 2, _lstm, LSTM_CELL),
+    "gru": _Function(3, 3, 4, 1, _gru, GRU_CELL, r_order=[1, 2, 0]),
+    "elman": _Function(1, 1, 1, 1, _elman, RNN_TANH_CELL),
+    "slstm": _Function(4, 4, 4, 4, _slstm, SLSTM_CELL),
 }
 
 
-def flashrnn(Wx, R, b, states=None, function="lstm"):
+def flashrnn(Wx, R, b, states=None, function="lstm", backend="fused"):
     """Run a FlashRNN recurrence.
 
     Args:
@@ -98,6 +115,10 @@ def flashrnn(Wx, R, b, states=None, function="lstm"):
         states: [S, B, 1, N, D] initial states (zeros when None).
         function: "lstm" (Gx, Gr, Gb, S = 4, 4, 4, 2; states y, c), "gru"
             (3, 3, 4, 1), "elman" (1, 1, 1, 1), "slstm" (4, 4, 4, 4; y, c, n, m).
+        backend: "fused" (default) or "vanilla" (see ``BACKENDS``). An sLSTM
+            with given states runs "vanilla": its fresh-state test is over the
+            whole state tensor, the fused cell's per element (they differ only
+            for a partly zero normalizer).
 
     Returns:
         ``(states_seq [S, B, T, N, D], last_states [S, B, 1, N, D])`` in Wx's dtype.
@@ -105,7 +126,11 @@ def flashrnn(Wx, R, b, states=None, function="lstm"):
     fn = FUNCTIONS.get(function)
     if fn is None:
         raise ValueError(f"flashrnn: unknown function {function!r}; expected one of {sorted(FUNCTIONS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"flashrnn: unknown backend {backend!r}; expected one of {BACKENDS}")
     batch, length, heads, dim = _check_shapes(fn, function, Wx, R, b, states)
+    if backend == "fused" and length > 0 and (function != "slstm" or states is None):
+        return _fused(fn, Wx, R, b, states, batch, length, heads, dim)
     f32 = mx.float32
     # Head-major internally ([N, B, ...]): the per-head matmul needs no transpose per step.
     b = b.astype(f32).transpose(1, 0, 2)[:, None]  # [N, 1, Gb, D]
@@ -132,6 +157,39 @@ def flashrnn(Wx, R, b, states=None, function="lstm"):
         seq = seq.transpose(0, 3, 2, 1, 4)
     else:
         seq = mx.zeros((fn.num_states, batch, 0, heads, dim), f32)
+    return seq.astype(Wx.dtype), last.astype(Wx.dtype)
+
+
+def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
+    """flashrnn on the recurrence driver: pre-activations ``Wx + b`` time-major
+    [T, B, G*H] (FlashRNN's gate-major, head-major order is the cells' gate
+    blocks), the dense block-diagonal R as ``W_h``."""
+    hidden = heads * dim
+    f32 = mx.float32
+    b = b.astype(f32)
+    r = R.astype(f32)
+    params = ()
+    if fn.r_order is not None:  # GRU: R (g, r, z) -> the cell's (r, z, n); b_g is the cell's bhn
+        r = r[mx.array(fn.r_order)]
+        params = (b[0].reshape(hidden),)
+    x_bias = b[fn.b_x].reshape(fn.gates_x * hidden)
+    # float32 pre-activations (as the reference: the bias is added in float32)
+    xp = Wx.reshape(batch, length, fn.gates_x * hidden).astype(f32) + x_bias
+    xp = mx.contiguous(xp.swapaxes(0, 1))
+    if states is None:
+        states0 = tuple(mx.zeros((batch, hidden), f32) for _ in range(fn.num_states))
+        given = (False,) * fn.num_states
+    else:
+        s = states.astype(f32).reshape(fn.num_states, batch, hidden)
+        states0 = tuple(s[i] for i in range(fn.num_states))
+        given = (True,) * fn.num_states
+    from .recurrent import default_steps  # noqa: PLC0415 - the device is decided per call
+
+    seqs = recurrence(fn.cell, default_steps(fn.cell), xp, block_diagonal(r), states0, params, given)
+    seq = mx.stack(seqs).swapaxes(1, 2).reshape(fn.num_states, batch, length, heads, dim)
+    # An index, not the slice seq[:, :, -1:]: for T = 1 that slice IS seq (MLX
+    # returns the array itself), and a VJP keeps one cotangent per array.
+    last = mx.expand_dims(seq[:, :, -1], 2)
     return seq.astype(Wx.dtype), last.astype(Wx.dtype)
 
 
