@@ -11,6 +11,8 @@
 #   2. recurrent_bench.py --compare, float32 then bfloat16     -> $OUT/mlx_float32.json, mlx_bfloat16.json
 #   3. torch_baseline.py (cuDNN; PYTHONPATH without MLX)       -> $OUT/torch.json
 #   4. report.py                                               -> $OUT/results.md (+ speedup.png if matplotlib)
+# and, named in STAGES: ptl_torch / ptl_f32 / ptl_bf16 (mlx_fastrnn.pytorch vs cuDNN and the stock
+# composition: pytorch_layers_torch.py / pytorch_layers_bench.py) and flashrnn (flashrnn_bench.py).
 # Everything printed goes to $OUT/device_run.log too; $OUT/status.txt has one line
 # per stage (exit code, seconds). At most 7 files in $OUT (the device tool returns 8).
 # On the H100 (25 Nov 2026, fresh machine): f32 90-125 s, bf16 90-140 s (it also runs a
@@ -30,6 +32,9 @@ T_TESTS=${T_TESTS:-100}
 T_F32=${T_F32:-150}
 T_BF16=${T_BF16:-150}
 T_TORCH=${T_TORCH:-80}
+T_PTL_F32=${T_PTL_F32:-240}    # pytorch_layers_bench.py: 36 configs per dtype on the GPU shapes (not yet timed)
+T_PTL_BF16=${T_PTL_BF16:-240}
+T_PTL_TORCH=${T_PTL_TORCH:-120}
 BUDGET=${BUDGET:-0.5}
 STAGES=${STAGES:-"tests f32 bf16 torch"}
 GPU_TEST_SHARDS=${GPU_TEST_SHARDS:-4}
@@ -93,6 +98,15 @@ for s in $STAGES; do
              --dtype bfloat16 --budget "$BUDGET" --json "$OUT/mlx_bfloat16.json" ;;
     torch) stage torch "$T_TORCH" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/torch_baseline.py \
              --dtype float32,bfloat16 --budget "$BUDGET" --json "$OUT/torch.json" ;;
+    # mlx_fastrnn.pytorch (2-layer bidirectional LSTM/GRU) vs cuDNN and vs the stock composition
+    ptl_torch) stage ptl_torch "$T_PTL_TORCH" env PYTHONPATH="$TORCH_PYTHONPATH" python3 \
+             benchmarks/pytorch_layers_torch.py --dtype float32,bfloat16 --budget "$BUDGET" --json "$OUT/ptl_torch.json" ;;
+    ptl_f32) stage ptl_float32 "$T_PTL_F32" python3 benchmarks/pytorch_layers_bench.py --dtype float32 \
+             --budget "$BUDGET" --json "$OUT/ptl_float32.json" ;;
+    ptl_bf16) stage ptl_bfloat16 "$T_PTL_BF16" python3 benchmarks/pytorch_layers_bench.py --dtype bfloat16 \
+             --budget "$BUDGET" --json "$OUT/ptl_bfloat16.json" ;;
+    flashrnn) stage flashrnn "$T_F32" python3 benchmarks/flashrnn_bench.py --functions lstm,slstm \
+             --heads 1,4 --dims 64,128 --batches 16 --lengths 1024 --budget "$BUDGET" --json "$OUT/flashrnn.json" ;;
     *) echo "device_run: unknown stage $s" ;;
   esac
 done
