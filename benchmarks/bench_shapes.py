@@ -2,7 +2,11 @@
 test_recurrent_bench.py and report.py.
 
 Pure Python on purpose: torch_baseline.py imports it and must never import MLX.
+Also the one JSON writer every benchmark script uses.
 """
+
+import json
+import os
 
 LAYERS = ("GRU", "LSTM", "RNN")
 MODES = ("fwd", "fwdbwd")
@@ -69,3 +73,14 @@ def parse_shapes(text, default=SHAPES):
             ) from None
         out.append(SHAPE_BY_NAME.get(f"{b}x{l}x{h}", (f"{b}x{l}x{h}", b, l, h)))
     return out
+
+
+def write_json(path, meta, results):
+    """Write ``{"meta", "results"}`` to ``path`` (atomically: a killed run keeps the
+    last complete file); nothing when ``path`` is empty."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    os.replace(tmp, path)

@@ -42,7 +42,6 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pytorch_layers_torch import add_common_args, build_configs, config_label, seeded_lengths  # noqa: E402

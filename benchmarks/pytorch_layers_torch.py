@@ -26,7 +26,6 @@ when torch or CUDA (without --allow-cpu) is missing.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import random
@@ -36,14 +35,15 @@ import sys
 import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shapes import DTYPES, MODES, write_json  # noqa: E402
+
 # ---------------------------------------------------------------------------
 # configuration shared with pytorch_layers_bench.py (pure Python: no torch, no MLX)
 
 LAYER_KINDS = ("LSTM", "GRU", "RNN")
 DEFAULT_LAYER_KINDS = "LSTM,GRU"
-MODES = ("fwd", "fwdbwd")
 LENGTH_CASES = ("without", "with")
-DTYPES = ("float32", "bfloat16", "float16")
 GPU_SHAPES = ("16x1024x512->512", "32x40x200->200", "1x256x256->256")
 CPU_SHAPES = ("1x256x512->256", "8x100x128->128")
 
@@ -155,15 +155,6 @@ def cpu_model():
                         platform.processor())
     except OSError:
         return platform.processor()
-
-
-def write_json(path, meta, results):
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------

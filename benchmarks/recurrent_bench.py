@@ -38,7 +38,6 @@ also compared with a float32 stock run on the same rounded weights and inputs
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import socket
@@ -52,7 +51,7 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_shapes import (  # noqa: E402
-    CPU_DEFAULT_SHAPES, DTYPES, LAYERS, MODES, SHAPES, is_streaming, parse_list, parse_shapes)
+    CPU_DEFAULT_SHAPES, DTYPES, LAYERS, MODES, SHAPES, is_streaming, parse_list, parse_shapes, write_json)
 
 try:
     import mlx_fastrnn
@@ -268,15 +267,6 @@ def machine_meta():
         "cpu_model": cpu,
         "python": sys.version.split()[0],
     }
-
-
-def write_json(path, meta, results):
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    os.replace(tmp, path)
 
 
 def fmt_ms(stats):

@@ -21,7 +21,6 @@ in report.py's tables) and are a pessimistic baseline, mostly for small shapes.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import socket
@@ -31,7 +30,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_shapes import DTYPES, LAYERS, MODES, is_streaming, parse_list, parse_shapes  # noqa: E402
+from bench_shapes import DTYPES, LAYERS, MODES, is_streaming, parse_list, parse_shapes, write_json  # noqa: E402
 
 if "mlx" in sys.modules or "mlx.core" in sys.modules:
     sys.exit("torch_baseline.py must run in a process without MLX")
@@ -52,15 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="PATH", help="write results here (after every config)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def write_json(path, meta, results):
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
