@@ -291,8 +291,9 @@ def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights=
     if p is None:
         return None, None
     cs = P.CELLS[cell]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[1]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
     w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
+    params = P._problem_params(tuple(params), p, H)
     spec = P.kernel_spec(p, xp.dtype, h0_is_zero)
     outs = [((L, B, H), mx.float32)] * cs.num_states + [((L, B, cs.num_gates * H), mx.float32),
                                                         ((p.sync_words,), mx.uint32)]
@@ -310,6 +311,7 @@ def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tp
     w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
     spec = P.kernel_spec(p, xp.dtype, need_d_state0)
     mod = P.cell_module(cell)
+    params = P._problem_params(tuple(params), p, w_h.shape[-1])
     inputs, shapes = mod.backward_launch(d_outs, xp, hp, prevs, w, params)
     res = emulate(spec, list(inputs), [(s, mx.float32) for s in shapes] + [((p.sync_words,), mx.uint32)])
     dx, dhp, d0 = mod.backward_results(res[:-1])

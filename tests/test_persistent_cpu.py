@@ -390,3 +390,58 @@ def test_emulated_lstm_backward_shaped_like_h100_h512(switches, kch, monkeypatch
     expected = ref.forward(cell, xp, w_h, s0, params, False)
     _, sync = _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, plan=p)
     assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * L] * p.NBB
+
+
+# --------------------------------------------------------------------- several problems in one launch
+
+def _stacked(cell, problems, L, B, H, xdt, zero):
+    """``problems`` independent problems (own W_h, params, rows), stacked the way
+    the kernels take them: rows problem-major, W_h [NP, G*H, H], params [NP, H]."""
+    parts = [ref.problem(cell, L, B, H, xdt, seed=10 + k) for k in range(problems)]
+    if zero:
+        parts = [(xp, w, tuple(mx.zeros_like(s) for s in s0), prm) for xp, w, s0, prm in parts]
+    xp = mx.concatenate([p[0] for p in parts], axis=1)
+    w = mx.stack([p[1] for p in parts])
+    s0 = tuple(mx.concatenate(ss, axis=0) for ss in zip(*(p[2] for p in parts)))
+    params = tuple(mx.stack(qs) for qs in zip(*(p[3] for p in parts)))
+    return parts, (xp, w, s0, params)
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell,L,B,H,xdt,zero", [
+    ("gru", 4, 3, 20, mx.float32, False), ("lstm", 3, 2, 17, mx.bfloat16, True),
+    ("rnn_relu", 5, 1, 9, mx.float32, False), ("slstm", 3, 2, 12, mx.float32, False),
+])
+def test_emulated_two_problems_in_one_launch(cell, L, B, H, xdt, zero):
+    """Two problems (a bidirectional layer's directions) in one launch equal each
+    problem run alone: outputs, dx/dhp and the initial-state cotangents; each
+    problem's batch groups keep their own barrier counter."""
+    parts, (xp, w, s0, params) = _stacked(cell, 2, L, B, H, xdt, zero)
+    got, (p, sync) = emu.forward(cell, xp, w, s0, params, zero, SMALL)
+    assert p is not None and p.NP == 2 and p.nblocks <= SMALL.num_sms
+    expected = [ref.forward(cell, *part, zero) for part in parts]
+    for i, a in enumerate(got):
+        assert ref.max_rel_err(a, mx.concatenate([e[i] for e in expected], axis=1)) < 2e-6
+    assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * (L - 1)] * (p.NBB * 2)
+
+    need = not zero
+    seqs, hp = got[:-1], got[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, 2 * B, H)
+    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w, need, SMALL)
+    for k, (pxp, pw, ps0, pprm) in enumerate(parts):
+        rows = slice(k * B, (k + 1) * B)
+        rdx, rdhp, rd0 = ref.backward(cell, tuple(d[:, rows] for d in d_outs), pxp, hp[:, rows],
+                                      tuple(q[:, rows] for q in prevs), pprm, pw, need)
+        assert ref.max_rel_err(dx[:, rows], rdx) < 2e-6
+        assert ref.max_rel_err(dhp[:, rows], rdhp) < 2e-6
+        if need:
+            for a, e in zip(d0, rd0):
+                assert ref.max_rel_err(a[rows], e) < 2e-6
+
+
+def test_plan_splits_blocks_between_problems():
+    one = P.plan("forward", "lstm", 200, 32, H100)
+    two = P.plan("forward", "lstm", 200, 32, H100, problems=2)
+    assert two.NP == 2 and two.nblocks <= H100.num_sms and two.NU * two.NBB <= H100.num_sms // 2
+    assert one.NP == 1

@@ -258,6 +258,10 @@ class Plan:
     w_bf16: bool  # W_h slice held as bfloat16
     smem: int  # dynamic shared memory bytes
     cost: float = field(default=0.0, compare=False)  # model cycles per step
+    # Independent problems in one launch (the directions of a bidirectional
+    # layer): each has B rows and its own W_h and per-unit parameters; its NBB
+    # batch groups never meet another problem's at a barrier.
+    NP: int = 1
 
     @property
     def K(self):
@@ -269,11 +273,11 @@ class Plan:
 
     @property
     def nblocks(self):
-        return self.NU * self.NBB
+        return self.NU * self.NBB * self.NP
 
     @property
     def sync_words(self):
-        return self.NBB * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
+        return self.NBB * self.NP * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
 
 
 def smem_bytes(K, N, BBP, KCH, KS, w_bytes):
@@ -311,21 +315,24 @@ def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes):
     return 2000.0 + stage + matvec + cell
 
 
-def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None):
+def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None,
+         problems=1):
     """The cheapest feasible split for one launch, or ``None``.
 
     ``None`` when nothing fits: the W_h slice of the smallest unit split (or
     the accumulators) exceeds the shared-memory / register budget.
     ``nbb`` restricts the candidates to that many batch groups (for tuning).
+    ``problems`` independent problems of ``B`` rows each share the launch: each
+    gets ``1/problems`` of the blocks.
     """
     # Cached (the search took ~20 us, twice per training call); the env
     # overrides the search reads are part of the key.
-    return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb,
+    return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
                  _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"))
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, _smem_env, _blocks_env):
+def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -333,7 +340,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, _smem_env, 
     G = CELLS[cell].num_gates
     K = H if direction == "forward" else G * H
     budget = smem_budget(limits)
-    max_blocks = limits.max_blocks
+    max_blocks = limits.max_blocks // max(1, problems)
     if max_blocks < 1 or budget <= 0:
         return None
     nw = tpb // 32
@@ -374,7 +381,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, _smem_env, 
                 continue
             cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes)
             p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
-                     w_bf16, smem, cost)
+                     w_bf16, smem, cost, problems)
             key = (cost, p.nblocks, w_bf16)
             if best is None or key < (best.cost, best.nblocks, best.w_bf16):
                 best = p
@@ -449,6 +456,8 @@ def kernel_spec(p, x_dtype, flag, header=HEADER):
         ("KCH", p.KCH),
         ("TPB", p.TPB),
         ("EPT", p.EPT),
+        ("NBB", p.NBB),
+        ("NP", p.NP),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *mod.template_extras(p.cell),
     )
@@ -559,19 +568,26 @@ def _shape_ok(a, shape, dtype=mx.float32):
 
 
 def _check_common(cell_name, xp, w_h):
-    """(G, L, B, H) if xp / w_h are what the persistent path takes, else None."""
+    """(G, L, B, H, NP) if xp / w_h are what the persistent path takes, else None.
+
+    ``w_h`` is [G*H, H], or [NP, G*H, H] for NP independent problems whose rows
+    are stacked in ``xp`` [L, NP*B, G*H] (problem-major); B is rows per problem."""
     if cell_name not in CELLS or not enabled():
         return None
     G = CELLS[cell_name].num_gates
-    if xp.ndim != 3 or xp.dtype not in X_DTYPES or w_h.ndim != 2 or w_h.dtype != mx.float32:
+    if xp.ndim != 3 or xp.dtype not in X_DTYPES or w_h.ndim not in (2, 3) or w_h.dtype != mx.float32:
         return None
-    L, B, GH = xp.shape
-    H = w_h.shape[1]
-    if L < 1 or B < 1 or H < 1 or GH != G * H or tuple(w_h.shape) != (G * H, H):
+    NP = 1 if w_h.ndim == 2 else w_h.shape[0]
+    L, rows, GH = xp.shape
+    H = w_h.shape[-1]
+    if NP < 1 or rows % NP:
         return None
-    if L * B * GH > INDEX_LIMIT or G * H * H > INDEX_LIMIT:
+    B = rows // NP
+    if L < 1 or B < 1 or H < 1 or GH != G * H or tuple(w_h.shape[-2:]) != (G * H, H):
         return None
-    return G, L, B, H
+    if L * rows * GH > INDEX_LIMIT or NP * G * H * H > INDEX_LIMIT:
+        return None
+    return G, L, B, H, NP
 
 
 def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
@@ -579,13 +595,22 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     dims = _check_common(cell_name, xp, w_h)
     if dims is None:
         return None
-    G, L, B, H = dims
+    G, L, B, H, NP = dims
     if limits is None:
         limits = device_limits()
-    p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights=weights)
+    p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights=weights, problems=NP)
     if p is None or p.nblocks > limits.num_sms or p.NU * (L + 1) >= 2**31:
         return None
     return p
+
+
+def accepts(cell_name, xp, w_h):
+    """Whether both the forward and the backward kernel take this problem (the
+    caller of a multi-problem recurrence needs both: the per-step path has no
+    multi-problem form)."""
+    if not cuda_available():
+        return False
+    return select("forward", cell_name, xp, w_h) is not None and select("backward", cell_name, xp, w_h) is not None
 
 
 def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, weights):
@@ -595,11 +620,19 @@ def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, wei
     lim = limits if limits is not None else device_limits()
     if dims is None or lim is None:
         return None
-    B, H = dims[2], dims[3]
+    B, H, NP = dims[2], dims[3], dims[4]
     p = use_plan
-    if (p.direction, p.cell, p.H, p.B) != (direction, cell_name, H, B) or p.nblocks > lim.num_sms:
-        raise ValueError(f"plan {p} does not fit this {direction} {cell_name} problem (B={B}, H={H})")
+    if (p.direction, p.cell, p.H, p.B, p.NP) != (direction, cell_name, H, B, NP) or p.nblocks > lim.num_sms:
+        raise ValueError(f"plan {p} does not fit this {direction} {cell_name} problem (B={B}, H={H}, NP={NP})")
     return p
+
+
+def _problem_params(params, p, H):
+    """Per-unit parameters as the kernels read them: [NP*H] (problem-major)."""
+    want = (H,) if p.NP == 1 else (p.NP, H)
+    if not all(_shape_ok(q, want) for q in params):
+        return None
+    return tuple(q if p.NP == 1 else q.reshape(p.NP * H) for q in params)
 
 
 def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limits=None, tpb=256,
@@ -622,13 +655,14 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
     if p is None:
         return None
     spec_cell = CELLS[cell_name]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[1]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
     states0, params = tuple(states0), tuple(params)
     if len(states0) != spec_cell.num_states or len(params) != spec_cell.num_params:
         return None
     if not all(_shape_ok(s, (B, H)) for s in states0):
         return None
-    if not all(_shape_ok(q, (H,)) for q in params):
+    params = _problem_params(params, p, H)
+    if params is None:
         return None
     w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
     spec = kernel_spec(p, xp.dtype, h0_is_zero, header)
@@ -659,12 +693,13 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
     if p is None:
         return None
     spec_cell = CELLS[cell_name]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[1]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
     GH = spec_cell.num_gates * H
     d_outs, prevs, params = tuple(d_outs), tuple(prevs), tuple(params)
     if len(d_outs) != spec_cell.num_states or len(prevs) != spec_cell.num_states:
         return None
-    if len(params) != spec_cell.num_params or not all(_shape_ok(q, (H,)) for q in params):
+    params = _problem_params(params, p, H) if len(params) == spec_cell.num_params else None
+    if params is None:
         return None
     if tuple(hp.shape) != (L, B, GH) or hp.dtype != mx.float32:
         return None

@@ -469,6 +469,7 @@ __device__ __forceinline__ float part_sum(const float* part, int r, int n) {
 #   BBP   BB rounded up to a multiple of RB               RB   rows per warp task
 #   KS    K-splits of one chunk                           KCH  K-chunk staged at once
 #   TPB   threads per block                               EPT  cell elements per thread (ceil(BB*U / TPB))
+#   NBB   batch groups per problem                        NP   independent problems (own W_h, own rows)
 #   H0Z   forward: the initial state is zero (step 0 skips the projection)
 #   NEED_D0  backward: also produce the initial states' cotangents
 #   RELU  RNN: relu instead of tanh
@@ -480,24 +481,30 @@ def block_prologue(direction, gates):
     """The opening every persistent body shares, as body text.
 
     It must stay in the body, not the header: MLX adds the ``x_shape`` kernel
-    parameter only when the body names it. Declares L, B, j0, r0, nrows,
-    counter, the shared-memory carve (hs, part, Ws) with this block's W_h
+    parameter only when the body names it. Declares L, B (all rows),
+    prob / pofs (the problem: NP independent recurrences with their own W_h and
+    per-unit parameters, rows problem-major), j0, r0, nrows, counter, the shared-memory carve (hs, part, Ws) with this block's W_h
     slice loaded (rows for the forward, transposed columns for the backward),
     and the per-thread element slots ok/er/eu (filled by ``ELEMENT_SLOT``).
     ``gates`` is the C++ expression for the number of gates (``"G"`` or ``"1"``).
     """
     width, load = ("N", "rows") if direction == "forward" else ("U", "cols")
     return f"""  const int L = x_shape[0];
-  const int B = x_shape[1];
+  const int B = x_shape[1];  // all rows: NP problems of B / NP rows each
+  const int grp = blockIdx.x / NU;  // batch group (its own barrier counter)
+  const int prob = grp / NBB;  // problem (its own W_h and per-unit parameters)
+  const int gin = grp - prob * NBB;  // batch group within the problem
+  const int BP = B / NP;
   const int j0 = (blockIdx.x % NU) * U;
-  const int r0 = (blockIdx.x / NU) * BB;
-  const int nrows = frnn::imin(BB, B - r0);
-  unsigned* counter = sync + (blockIdx.x / NU) * FRNN_SYNC_STRIDE;
+  const int r0 = prob * BP + gin * BB;
+  const int nrows = frnn::imin(BB, BP - gin * BB);
+  const int pofs = prob * H;  // this problem's offset into per-unit parameters
+  unsigned* counter = sync + grp * FRNN_SYNC_STRIDE;
   float* hs;
   float* part;
   WT* Ws;
   frnn::carve<BBP, KCH, KS, {width}>(hs, part, Ws);
-  frnn::load_w_{load}<{gates}, U, H, TPB>(Ws, w, j0);
+  frnn::load_w_{load}<{gates}, U, H, TPB>(Ws, w + (long long)prob * ({gates}) * H * H, j0);
 
   bool ok[EPT];
   int er[EPT], eu[EPT];

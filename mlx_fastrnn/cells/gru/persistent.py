@@ -24,7 +24,7 @@ FORWARD_BODY = r"""
 """ + ELEMENT_SLOT + r"""    const long long b = r0 + er[e];
     const int j = j0 + eu[e];
     hreg[e] = ok[e] ? h0[b * H + j] : 0.0f;
-    bn[e] = ok[e] ? bhn[j] : 0.0f;
+    bn[e] = ok[e] ? bhn[pofs + j] : 0.0f;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       xv[e][g] = ok[e] ? frnn::to_f(x[b * GH + g * H + j]) : 0.0f;
@@ -83,7 +83,7 @@ BACKWARD_BODY = r"""
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
 """ + ELEMENT_SLOT + r"""    direct[e] = 0.0f;
-    bn[e] = ok[e] ? bhn[j0 + eu[e]] : 0.0f;
+    bn[e] = ok[e] ? bhn[pofs + j0 + eu[e]] : 0.0f;
   }
   // Step inputs of step s into registers (issued early, used after the barrier).
   auto fetch = [&](int s) {
