@@ -66,18 +66,20 @@ class Cell:
 
         module = importlib.import_module(self.kernels)
         kw = dict(self.step_kwargs, target=target)
-        forward_sequence = backward_sequence = None
+        forward_sequence = backward_sequence = accepts_problems = None
         if target == "cuda" and whole_sequence and self.persistent is not None:
             from ..kernels import persistent
 
             forward_sequence = functools.partial(persistent.persistent_sequence, self.name)
             backward_sequence = functools.partial(persistent.persistent_backward, self.name)
+            accepts_problems = functools.partial(persistent.accepts, self.name)
         return Steps(
             target + ("+sequence" if forward_sequence else ""),
             functools.partial(module.forward_step, **kw),
             backward_step=functools.partial(module.backward_step, **kw),
             forward_sequence=forward_sequence,
             backward_sequence_kernel=backward_sequence,
+            accepts_problems=accepts_problems,
         )
 
 
@@ -94,6 +96,10 @@ class Steps:
     # for shapes they can't run (the step loop runs then).
     forward_sequence: Callable = None
     backward_sequence_kernel: Callable = None
+    # accepts_problems(xp, w_h): whether the whole-sequence kernels take NP
+    # independent problems at once (w_h [NP, G*H, H], rows problem-major), forward
+    # and backward; only then may a caller pass a stacked w_h (no per-step form).
+    accepts_problems: Callable = None
 
 
 from .gru import GRU_CELL  # noqa: E402

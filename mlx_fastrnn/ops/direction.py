@@ -119,7 +119,20 @@ def run_direction(recur, xp, lens, reverse):
     """
     if reverse:
         xp = reverse_time(xp, lens)
-    seqs = recur(xp)
+    return _finish(recur(xp), lens, reverse)
+
+
+def run_both_directions(recur, xps, lens):
+    """Both directions as ONE recurrence of two problems (the whole-sequence
+    kernels run them in one launch): the forward ``xps[0]`` and the reversed
+    ``xps[1]`` stacked on the row axis; ``recur`` runs the stacked [L, 2B, G*H].
+    Returns ``[(output, finals), (output, finals)]`` as :func:`run_direction`."""
+    batch = xps[0].shape[1]
+    seqs = recur(mx.concatenate([xps[0], reverse_time(xps[1], lens)], axis=1))
+    return [_finish([s[:, d * batch:(d + 1) * batch] for s in seqs], lens, d == 1) for d in range(2)]
+
+
+def _finish(seqs, lens, reverse):
     finals = tuple(last_step(s, lens) for s in seqs)
     out = seqs[0]
     if reverse:

@@ -25,7 +25,10 @@ def recurrence(cell, steps, xp, w_h, states0, params, given):
         cell: a :class:`mlx_fastrnn.cells.Cell`.
         steps: a :class:`mlx_fastrnn.cells.Steps` (compiled reference, kernels).
         xp: [L, B, G*H] input pre-activations, row contiguous (any float dtype).
-        w_h: [G*H, H] float32 recurrent weights.
+        w_h: [G*H, H] float32 recurrent weights, or [NP, G*H, H] for NP
+            independent problems whose rows are stacked problem-major in xp,
+            states and outputs (params then [NP, ...]); only where
+            ``steps.accepts_problems`` says the whole-sequence kernels take them.
         states0: initial states, each [B, H] float32.
         params: the cell's extra float32 params (GRU: ``(bhn,)``).
         given: per state, whether the caller passed it. States not given are
@@ -53,6 +56,8 @@ def _make_function(cell, steps, given):
             out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
             if out is not None:
                 return out
+        if w_h.ndim == 3:
+            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence needs the whole-sequence kernels")
         length, batch = xp.shape[0], xp.shape[1]
         w_h_t = transposed(w_h, length * batch)  # reused by every step
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
@@ -81,7 +86,7 @@ def _make_function(cell, steps, given):
         k = len(rest) - 2 * n - 1
         states0, params = tuple(rest[:n]), tuple(rest[n:k])
         outputs, d_outs = rest[k : k + n + 1], rest[k + n + 1 :]
-        length, hidden = xp.shape[0], w_h.shape[1]
+        length, hidden = xp.shape[0], w_h.shape[-1]
         hp = outputs[n]
         # The state entering each step.
         prevs = tuple(
@@ -94,6 +99,8 @@ def _make_function(cell, steps, given):
             )
         if whole is not None:
             dx, dhp, d_states0 = whole
+        elif w_h.ndim == 3:
+            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence needs the whole-sequence kernels")
         elif steps.backward_sequence is not None:
             dx, dhp, d_states0 = steps.backward_sequence(
                 d_outs, xp, hp, prevs, params, w_h, need_d_states0
@@ -109,6 +116,19 @@ def _make_function(cell, steps, given):
         # initial state contributes nothing, so its step is left out.
         first = 1 if h0_is_zero else 0
         gh = dhp.shape[-1]
+        if w_h.ndim == 3:  # per problem: its rows only
+            n_prob = w_h.shape[0]
+            batch = xp.shape[1] // n_prob
+            steps_used = length - first
+            if steps_used > 0:
+                d = dhp[first:].reshape(steps_used, n_prob, batch, gh).transpose(1, 3, 0, 2)
+                h = prevs[0][first:].reshape(steps_used, n_prob, batch, hidden).transpose(1, 0, 2, 3)
+                d_w_h = d.reshape(n_prob, gh, -1) @ h.reshape(n_prob, -1, hidden)
+            else:
+                d_w_h = mx.zeros_like(w_h)
+            per = [cell.param_grads(dhp[:, k * batch:(k + 1) * batch]) for k in range(n_prob)]
+            d_params = tuple(mx.stack(g) for g in zip(*per))
+            return (dx.astype(xp.dtype), d_w_h, *d_states0, *d_params)
         if length > first:
             rows = (length - first) * xp.shape[1]
             d_w_h = dhp[first:].reshape(rows, gh).T @ prevs[0][first:].reshape(rows, hidden)
@@ -129,6 +149,9 @@ def _make_function(cell, steps, given):
         # axis into B. Mapping over the weights has no such reading.
         xp, w_h, *rest = inputs
         x_axis, w_axis, *rest_axes = axes
+        if w_h.ndim == 3:
+            raise ValueError("mlx_fastrnn: vmap over a multi-problem recurrence is not supported; "
+                             "use MLX_RNN_IMPL=legacy.")
         if w_axis is not None or any(a is not None for a in rest_axes[n:]):
             raise ValueError(
                 "mlx_fastrnn: vmap over the recurrent weights is not supported; "

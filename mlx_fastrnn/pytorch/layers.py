@@ -43,7 +43,8 @@ import mlx.nn as nn
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
 from ..config import current_impl
 from ..ops import stepwise
-from ..ops.direction import InputError, pad_time, prepare_lengths, run_direction, truncate
+from ..ops.direction import (InputError, pad_time, prepare_lengths, run_both_directions, run_direction,
+                             truncate)
 from ..ops.projection import project
 from ..ops.recurrent import FAST_DTYPES, cast_to, default_steps, result_dtype
 from ..ops.sequence import recurrence
@@ -175,13 +176,17 @@ class _RNNBase(nn.Module):
         for layer in range(self.num_layers):
             keys = [f"l{layer}{suffix}" for suffix in self._suffixes]
             xps = self._project(params, keys, layer_in, fused=use_kernels)
+            s0s = [None if states0 is None else tuple(s[layer * self.num_directions + d] for s in states0)
+                   for d in range(len(keys))]
+            run = self._direction_kernels if use_kernels else self._direction_stepwise
+            recurs = [run(params, key, layer_in.shape[1], s0) for key, s0 in zip(keys, s0s)]
+            both = _stacked(recurs, xps[0].dtype) if use_kernels and len(recurs) == 2 else None
+            if both is not None:
+                results = run_both_directions(both, xps, lens)
+            else:
+                results = [run_direction(r, xp, lens, reverse=d == 1) for d, (r, xp) in enumerate(zip(recurs, xps))]
             outs = []
-            for d, (key, xp) in enumerate(zip(keys, xps)):
-                k = layer * self.num_directions + d
-                s0 = None if states0 is None else tuple(s[k] for s in states0)
-                run = self._direction_kernels if use_kernels else self._direction_stepwise
-                recur = run(params, key, layer_in.shape[1], s0)
-                out, fin = run_direction(recur, xp, lens, reverse=d == 1)
+            for out, fin in results:
                 outs.append(cast_to(out, dtype))
                 for acc, f in zip(finals, fin):
                     acc.append(cast_to(f, dtype))
@@ -280,13 +285,8 @@ class _RNNBase(nn.Module):
         else:
             cell_params = ()
         w_hh32 = w_hh if w_hh.dtype == mx.float32 else w_hh.astype(mx.float32)
-        steps = default_steps(cell, current_impl() != "cell")
-
-        def recur(xp):
-            # The driver and kernels take row-contiguous input (a reversed or split xp is a view).
-            return recurrence(cell, steps, mx.contiguous(xp), w_hh32, states0, cell_params, given)
-
-        return recur
+        return _KernelRecurrence(cell, default_steps(cell, current_impl() != "cell"), w_hh32, states0,
+                                 cell_params, given)
 
     def _direction_stepwise(self, params, key, batch, s0):
         """``recur(xp)`` for one (layer, direction) as a per-step loop of MLX ops."""
@@ -303,6 +303,37 @@ class _RNNBase(nn.Module):
             return lambda xp: stepwise.gru(xp, w_hh, bhn, h0)
         relu = self.mode == "RNN_RELU"
         return lambda xp: stepwise.rnn(xp, w_hh, h0, relu)
+
+
+class _KernelRecurrence:
+    """``recur(xp)`` of one (layer, direction) on the drop-in layers' driver."""
+
+    def __init__(self, cell, steps, w_hh, states0, params, given):
+        self.cell, self.steps, self.w_hh = cell, steps, w_hh
+        self.states0, self.params, self.given = states0, params, given
+
+    def __call__(self, xp):
+        # The driver and kernels take row-contiguous input (a reversed or split xp is a view).
+        return recurrence(self.cell, self.steps, mx.contiguous(xp), self.w_hh, self.states0,
+                          self.params, self.given)
+
+
+def _stacked(recurs, x_dtype):
+    """Both directions as one two-problem recurrence, when the whole-sequence
+    kernels take it (CUDA; forward and backward plans both fit); else None."""
+    fwd, rev = recurs
+    accepts = fwd.steps.accepts_problems
+    if accepts is None:
+        return None
+    w = mx.stack([fwd.w_hh, rev.w_hh])
+    batch, gates_h = fwd.states0[0].shape[0], fwd.w_hh.shape[0]
+    # shape and dtype are all the planner reads: a stand-in of the stacked xp's
+    probe = mx.zeros((1, 2 * batch, gates_h), x_dtype)
+    if not accepts(probe, w):
+        return None
+    states0 = tuple(mx.concatenate([a, b], axis=0) for a, b in zip(fwd.states0, rev.states0))
+    params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
+    return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
 
 
 def _dropout(x, p):
