@@ -445,3 +445,12 @@ def test_plan_splits_blocks_between_problems():
     two = P.plan("forward", "lstm", 200, 32, H100, problems=2)
     assert two.NP == 2 and two.nblocks <= H100.num_sms and two.NU * two.NBB <= H100.num_sms // 2
     assert one.NP == 1
+
+
+def test_multi_problem_switch(monkeypatch):
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", raising=False)
+    assert P.multi_problem_enabled() is P.MULTI_PROBLEM_DEFAULT
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
+    assert P.multi_problem_enabled()
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "0")
+    assert not P.multi_problem_enabled()

@@ -97,11 +97,14 @@ CASES = [
 
 @pytest.mark.parametrize("kind,batch,length,inp,hidden,kw,with_hx,with_lengths", CASES,
                          ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[4]}-{i}" for i, c in enumerate(CASES)])
-@pytest.mark.parametrize("impl", ["fast", "cell"])
-def test_gpu_matches_cpu(kind, batch, length, inp, hidden, kw, with_hx, with_lengths, impl):
+@pytest.mark.parametrize("impl", ["fast", "fast-stacked", "cell"])
+def test_gpu_matches_cpu(kind, batch, length, inp, hidden, kw, with_hx, with_lengths, impl, monkeypatch):
     layer = _layer(kind, inp, hidden, **kw)
     x, hx, lengths = _inputs(kind, layer, batch, length, with_hx, with_lengths)
     want = _on_cpu(lambda: _loss_and_grads(layer, x, hx, lengths))
+    # fast-stacked: both directions in one two-problem persistent launch
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1" if impl == "fast-stacked" else "0")
+    impl = "fast" if impl == "fast-stacked" else impl
     with use_impl(impl):
         got = _loss_and_grads(layer, x, hx, lengths)
     _assert_close(got, want, rtol=1e-4, atol_scale=2e-5, what=f"{kind} {impl}")

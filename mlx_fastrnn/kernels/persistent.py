@@ -608,9 +608,23 @@ def accepts(cell_name, xp, w_h):
     """Whether both the forward and the backward kernel take this problem (the
     caller of a multi-problem recurrence needs both: the per-step path has no
     multi-problem form)."""
-    if not cuda_available():
+    if not cuda_available() or not multi_problem_enabled():
         return False
     return select("forward", cell_name, xp, w_h) is not None and select("backward", cell_name, xp, w_h) is not None
+
+
+# Whether callers may run several problems in one launch (``accepts``):
+# MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides the default. The default stays
+# off until the multi-problem launch has passed the GPU suite on a device (it
+# has run in the CPU emulator only).
+MULTI_PROBLEM_DEFAULT = False
+
+
+def multi_problem_enabled():
+    value = os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip().lower()
+    if value == "":
+        return MULTI_PROBLEM_DEFAULT
+    return value not in ("0", "false", "off", "no")
 
 
 def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, weights):
