@@ -614,9 +614,10 @@ def accepts(cell_name, xp, w_h):
 
 
 # Whether callers may run several problems in one launch (``accepts``):
-# MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides the default. The default stays
-# off until the multi-problem launch has passed the GPU suite on a device (it
-# has run in the CPU emulator only).
+# MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides the default. Off by default:
+# on the H200 (2026-12-01) the two-problem launch passed the GPU parity tests and
+# was faster for LSTM 32x40x200 float32, but slower for GRU 32x40x200 forward and
+# 4.5x slower for bfloat16 LSTM 32x40x200 forward+backward (benchmarks/RESULTS.md).
 MULTI_PROBLEM_DEFAULT = False
 
 
