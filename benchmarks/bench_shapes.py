@@ -2,7 +2,8 @@
 test_recurrent_bench.py and report.py.
 
 Pure Python on purpose: torch_baseline.py imports it and must never import MLX.
-Also the one JSON writer every benchmark script uses.
+Also the one JSON writer every benchmark script uses, and the PyTorch set-up of
+the two baselines (torch imported only when called).
 """
 
 import json
@@ -84,3 +85,23 @@ def write_json(path, meta, results):
     with open(tmp, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     os.replace(tmp, path)
+
+
+def open_torch(tool, allow_cpu=False, cudnn_benchmark=False):
+    """``(torch, device)`` for a PyTorch baseline: CUDA, or the CPU with
+    ``allow_cpu``; ``None`` after printing why there is nothing to time (no
+    torch, or no CUDA without ``allow_cpu``)."""
+    try:
+        import torch
+    except Exception as e:  # ImportError, or a broken install
+        print(f"{tool}: PyTorch is not available ({type(e).__name__}: {e}); nothing to do.")
+        return None
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif allow_cpu:
+        device = torch.device("cpu")
+    else:
+        print(f"{tool}: CUDA is not available (pass --allow-cpu to time torch on the CPU); nothing to do.")
+        return None
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    return torch, device

@@ -36,7 +36,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_shapes import DTYPES, MODES, write_json  # noqa: E402
+from bench_shapes import DTYPES, MODES, open_torch, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # configuration shared with pytorch_layers_bench.py (pure Python: no torch, no MLX)
@@ -208,21 +208,11 @@ def main(argv=None):
     if "mlx" in sys.modules or "mlx.core" in sys.modules:
         sys.exit("pytorch_layers_torch.py must run in a process without MLX")
     args = parse_args(argv)
-    try:
-        import torch
-    except Exception as e:  # ImportError, or a broken install
-        print(f"pytorch_layers_torch: PyTorch is not available ({type(e).__name__}: {e}); nothing to do.")
+    opened = open_torch("pytorch_layers_torch", args.allow_cpu, args.cudnn_benchmark)
+    if opened is None:
         return 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif args.allow_cpu:
-        device = torch.device("cpu")
-    else:
-        print("pytorch_layers_torch: CUDA is not available (pass --allow-cpu to time torch on the CPU); "
-              "nothing to do.")
-        return 0
+    torch, device = opened
     cuda = device.type == "cuda"
-    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     configs = build_configs(args, on_gpu=cuda)
     impl = "cudnn" if cuda else "torch-cpu"

@@ -30,7 +30,8 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_shapes import DTYPES, LAYERS, MODES, is_streaming, parse_list, parse_shapes, write_json  # noqa: E402
+from bench_shapes import (  # noqa: E402
+    DTYPES, LAYERS, MODES, is_streaming, open_torch, parse_list, parse_shapes, write_json)
 
 if "mlx" in sys.modules or "mlx.core" in sys.modules:
     sys.exit("torch_baseline.py must run in a process without MLX")
@@ -55,20 +56,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        import torch
-    except Exception as e:  # ImportError, or a broken install
-        print(f"torch_baseline: PyTorch is not available ({type(e).__name__}: {e}); nothing to do.")
+    opened = open_torch("torch_baseline", args.allow_cpu, args.cudnn_benchmark)
+    if opened is None:
         return 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif args.allow_cpu:
-        device = torch.device("cpu")
-    else:
-        print("torch_baseline: CUDA is not available (pass --allow-cpu to time torch on the CPU); nothing to do.")
-        return 0
+    torch, device = opened
     cuda = device.type == "cuda"
-    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
 
     dtypes = parse_list(args.dtype, DTYPES, "dtype")
     layers = parse_list(args.layers, LAYERS, "layer")
