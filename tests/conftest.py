@@ -332,3 +332,25 @@ def outcome(fn):
         return "ok", r
     except Exception as e:  # noqa: BLE001 - we compare exception types
         return "raise", e
+
+
+# --------------------------------------------------------------------- step results
+
+def flat_step_results(result):
+    """A step's results -> a list of arrays (None kept): a backward step's
+    ``(dx, dhp, direct)`` is unpacked, anything else listed as it is."""
+    if len(result) == 3 and isinstance(result[2], tuple):
+        return [result[0], result[1], *result[2]]
+    return list(result)
+
+
+def assert_step_results(actual, expected, what, **tol):
+    """Every array of two steps' results close (``assert_close``), ``None`` where expected."""
+    actual, expected = flat_step_results(actual), flat_step_results(expected)
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if e is None:
+            assert a is None, f"{what}[{i}]: expected None"
+            continue
+        mx.eval(a, e)
+        assert_close(a, e, f"{what}[{i}]", **tol)

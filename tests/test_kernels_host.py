@@ -18,7 +18,7 @@ import pytest
 
 import mlx.core as mx
 
-from conftest import assert_close
+from conftest import assert_step_results, flat_step_results
 from mlx_fastrnn.cells.gru import kernels as gru_kernels
 from mlx_fastrnn.cells.gru import naive as gru_naive
 from mlx_fastrnn.cells.lstm import kernels as lstm_kernels
@@ -93,27 +93,9 @@ def _resolve(target):
     return target
 
 
-def _flat(result):
-    """Backward results ``(dx, dhp, direct)`` -> list of arrays (None kept)."""
-    if len(result) == 3 and isinstance(result[2], tuple):
-        return [result[0], result[1], *result[2]]
-    return list(result)
-
-
-def assert_same(actual, expected, what):
-    actual, expected = _flat(actual), _flat(expected)
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        if e is None:
-            assert a is None, f"{what}[{i}]: expected None"
-            continue
-        mx.eval(a, e)
-        assert_close(a, e, f"{what}[{i}]")
-
-
 def check(cell, case, target, direction):
     fn = forward if direction == "forward" else backward
-    assert_same(fn(cell, case, target), fn(cell, case), f"{cell} {direction} {target}")
+    assert_step_results(fn(cell, case, target), fn(cell, case), f"{cell} {direction} {target}")
 
 
 # --------------------------------------------------------------------- against naive
@@ -145,7 +127,7 @@ def test_leading_axes_and_zero_states(cell, target):
     zero = dict(case, hp=None, states=tuple(None for _ in case["states"]))
     zeros = dict(case, hp=mx.zeros_like(case["hp"]),
                  states=tuple(mx.zeros_like(s) for s in case["states"]))
-    assert_same(forward(cell, zero, target), forward(cell, zeros), f"{cell} zero-state {target}")
+    assert_step_results(forward(cell, zero, target), forward(cell, zeros), f"{cell} zero-state {target}")
 
 
 # --------------------------------------------------------------------- extreme values
@@ -169,15 +151,15 @@ def test_extreme_values(cell, target, direction):
     x = mx.concatenate([special[None], rows[1:]]).reshape(B, gates * H)
     case = dict(case, x=x)
     fn = forward if direction == "forward" else backward
-    ref = _flat(fn(cell, case))
+    ref = flat_step_results(fn(cell, case))
     for r in ref:
         if r is not None:
             assert not mx.any(mx.isnan(r)).item(), "test setup: naive gave NaN"
-    got = _flat(fn(cell, case, target))
+    got = flat_step_results(fn(cell, case, target))
     for g in got:
         if g is not None:
             assert not mx.any(mx.isnan(g)).item(), f"{cell} {direction} {target}: NaN"
-    assert_same(got, ref, f"{cell} {direction} {target} extremes")
+    assert_step_results(got, ref, f"{cell} {direction} {target} extremes")
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -191,9 +173,9 @@ def test_nan_propagates(cell, target, direction):
     d_h = mx.where((mx.arange(d_h.size).reshape(d_h.shape) % 41) == 3, float("nan"), d_h)
     case = dict(case, x=mx.where(nan_at, float("nan"), x), d_out=(d_h, *case["d_out"][1:]))
     fn = forward if direction == "forward" else backward
-    ref = _flat(fn(cell, case))
+    ref = flat_step_results(fn(cell, case))
     assert any(r is not None and mx.any(mx.isnan(r)).item() for r in ref), "test setup"
-    assert_same(fn(cell, case, target), ref, f"{cell} {direction} {target} NaN")
+    assert_step_results(fn(cell, case, target), ref, f"{cell} {direction} {target} NaN")
 
 
 # --------------------------------------------------------------------- grid and bounds

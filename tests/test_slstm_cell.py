@@ -14,7 +14,7 @@ import pytest
 
 import mlx.core as mx
 
-from conftest import assert_close
+from conftest import assert_close, assert_step_results, flat_step_results
 from mlx_fastrnn.cells.slstm import SLSTM_CELL, kernels, naive
 from mlx_fastrnn.kernels import dialect, host_harness, launch
 from mlx_fastrnn.ops.sequence import recurrence
@@ -56,23 +56,6 @@ def make_case(batch, hidden, kind="settled", dtype=mx.float32, seed=0, scale=1.0
     return dict(x=x.astype(dtype), hp=hp, states=(y, c, n, m), d_out=d_out, d_rec=d_rec)
 
 
-def _flat(result):
-    if len(result) == 3 and isinstance(result[2], tuple):
-        return [result[0], result[1], *result[2]]
-    return list(result)
-
-
-def assert_same(actual, expected, what, **tol):
-    actual, expected = _flat(actual), _flat(expected)
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        if e is None:
-            assert a is None, f"{what}[{i}]: expected None"
-            continue
-        mx.eval(a, e)
-        assert_close(a, e, f"{what}[{i}]", **tol)
-
-
 # --------------------------------------------------------------------- the reference adjoint
 
 def _autodiff_step(case):
@@ -94,7 +77,7 @@ def test_backward_step_is_the_adjoint(kind):
     gx, ghp, gy, gc, gn, gm = _autodiff_step(case)
     assert dx is dhp and direct[0] is None
     assert not mx.any(gy).item()  # y reaches the step only through hp
-    assert_same([dx, dhp, *direct[1:]], [gx, ghp, gc, gn, gm], f"{kind} adjoint", rtol=1e-5, atol=2e-6)
+    assert_step_results([dx, dhp, *direct[1:]], [gx, ghp, gc, gn, gm], f"{kind} adjoint", rtol=1e-5, atol=2e-6)
 
 
 def test_ties_split_the_cotangent_in_half():
@@ -151,7 +134,7 @@ def test_recurrence_gradients(steps, given):
     got = mx.grad(ours, argnums=argnums)(xp, w_h, *states0)
     want = mx.grad(lambda xp, w_h, *s: _loop_loss(xp, w_h, s, cots), argnums=argnums)(
         xp, w_h, *states0)
-    assert_same(list(got), list(want), f"recurrence {steps}", rtol=1e-5, atol=2e-6)
+    assert_step_results(list(got), list(want), f"recurrence {steps}", rtol=1e-5, atol=2e-6)
 
 
 # --------------------------------------------------------------------- the step kernels
@@ -183,7 +166,7 @@ def _resolve(target):
 def check(case, target, direction, what=""):
     fn = forward if direction == "forward" else backward
     got, ref = fn(case, target), fn(case)
-    assert_same(got, ref, f"slstm {direction} {target} {what}")
+    assert_step_results(got, ref, f"slstm {direction} {target} {what}")
     return got, ref
 
 
@@ -192,7 +175,7 @@ def check(case, target, direction, what=""):
 @pytest.mark.parametrize("target", RUN_ON)
 def test_kernels_match_naive(target, dtype, direction):
     got, _ = check(make_case(B, H, "mixed", DTYPES[dtype], seed=3), target, direction, dtype)
-    assert all(g.dtype == mx.float32 for g in _flat(got) if g is not None)  # f32 state for half x
+    assert all(g.dtype == mx.float32 for g in flat_step_results(got) if g is not None)  # f32 state for half x
 
 
 @pytest.mark.parametrize("kind", ["settled", "fresh", "tie"])
@@ -219,8 +202,8 @@ def test_leading_axes_and_zero_states(target):
     check(case, target, "backward")
     zero = dict(case, hp=None, states=(None,) * 4)
     zeros = dict(case, hp=mx.zeros_like(case["hp"]), states=tuple(mx.zeros_like(s) for s in case["states"]))
-    assert_same(forward(zero, target), forward(zeros), f"zero-state {target}")
-    assert_same(backward(zero, target), backward(zeros), f"zero-state backward {target}")
+    assert_step_results(forward(zero, target), forward(zeros), f"zero-state {target}")
+    assert_step_results(backward(zero, target), backward(zeros), f"zero-state backward {target}")
 
 
 @pytest.mark.parametrize("target", RUN_ON)
@@ -265,7 +248,7 @@ def test_extremes_do_not_overflow(target, kind):
     for g in got:
         assert mx.all(mx.isfinite(g)).item(), f"kernel {kind}: not finite"
     got, ref = check(case, target, "backward", kind)
-    for g in _flat(got):
+    for g in flat_step_results(got):
         if g is not None:
             assert not mx.any(mx.isnan(g)).item(), f"{kind} backward {target}: NaN"
 
@@ -283,12 +266,12 @@ def test_nan_propagates(target, direction):
     d_y = mx.where((mx.arange(d_y.size).reshape(d_y.shape) % 41) == 3, float("nan"), d_y)
     case = dict(case, x=x, states=(y, c, n, m), d_out=(d_y, *case["d_out"][1:]))
     fn = forward if direction == "forward" else backward
-    ref = _flat(fn(case))
+    ref = flat_step_results(fn(case))
     assert all(mx.any(mx.isnan(r)).item() for r in ref if r is not None), "test setup"
     if direction == "forward":  # y' is NaN wherever a gate, n or m is
         bad = mx.isnan(x.reshape(B, 4, H)).any(axis=1) | mx.isnan(n) | mx.isnan(m)
         assert mx.array_equal(mx.isnan(ref[0]), bad).item()
-    assert_same(fn(case, target), ref, f"{direction} {target} NaN")
+    assert_step_results(fn(case, target), ref, f"{direction} {target} NaN")
 
 
 @pytest.mark.parametrize("target", RUN_ON)
