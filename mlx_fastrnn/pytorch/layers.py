@@ -241,13 +241,17 @@ class _RNNBase(nn.Module):
         return w_ih, w_hh, b_ih, b_hh
 
     def _input_bias(self, b_ih, b_hh):
-        """The bias folded into the input projection, and GRU's separate ``b_hn``."""
+        """The bias folded into the input projection (GRU: all of ``b_ih``, ``b_hh``'s r, z parts)."""
         if b_ih is None:
-            return None, None
+            return None
         if self.mode == "GRU":
             h = self.hidden_size
-            return b_ih + mx.concatenate([b_hh[: 2 * h], mx.zeros((h,), b_hh.dtype)]), b_hh[2 * h:]
-        return b_ih + b_hh, None
+            return b_ih + mx.concatenate([b_hh[: 2 * h], mx.zeros((h,), b_hh.dtype)])
+        return b_ih + b_hh
+
+    def _hn_bias(self, b_hh):
+        """GRU's ``b_hn`` (the n part of ``b_hh``, inside ``r * (...)``); None otherwise."""
+        return b_hh[2 * self.hidden_size:] if self.mode == "GRU" and b_hh is not None else None
 
     def _project(self, params, keys, layer_in, fused):
         """The input pre-activations of each direction (``keys``), time-major.
@@ -255,7 +259,7 @@ class _RNNBase(nn.Module):
         stacked ``W_ih`` over the layer input (the previous layer's two
         directions' outputs), split afterwards."""
         weights = [self._torch_weights(params, key) for key in keys]
-        biases = [self._input_bias(b_ih, b_hh)[0] for _, _, b_ih, b_hh in weights]
+        biases = [self._input_bias(b_ih, b_hh) for _, _, b_ih, b_hh in weights]
         if not fused:
             return [layer_in @ w_ih.T if b is None else mx.addmm(b, layer_in, w_ih.T)
                     for (w_ih, _, _, _), b in zip(weights, biases)]
@@ -269,8 +273,8 @@ class _RNNBase(nn.Module):
 
     def _direction_kernels(self, params, key, batch, s0):
         """``recur(xp)`` for one (layer, direction) on the fused cells."""
-        _, w_hh, b_ih, b_hh = self._torch_weights(params, key)
-        bhn = self._input_bias(b_ih, b_hh)[1]
+        _, w_hh, _, b_hh = self._torch_weights(params, key)
+        bhn = self._hn_bias(b_hh)
         cell = {"LSTM": LSTM_CELL, "GRU": GRU_CELL, "RNN_TANH": RNN_TANH_CELL,
                 "RNN_RELU": RNN_RELU_CELL}[self.mode]
         hidden = self.hidden_size
@@ -290,8 +294,8 @@ class _RNNBase(nn.Module):
 
     def _direction_stepwise(self, params, key, batch, s0):
         """``recur(xp)`` for one (layer, direction) as a per-step loop of MLX ops."""
-        _, w_hh, b_ih, b_hh = self._torch_weights(params, key)
-        bhn = self._input_bias(b_ih, b_hh)[1]
+        _, w_hh, _, b_hh = self._torch_weights(params, key)
+        bhn = self._hn_bias(b_hh)
         dtype = w_hh.dtype
         out_size = self.proj_size or self.hidden_size
         h0 = mx.zeros((batch, out_size), dtype) if s0 is None else s0[0]
@@ -325,12 +329,11 @@ def _stacked(recurs, x_dtype):
     accepts = fwd.steps.accepts_problems
     if accepts is None:
         return None
-    w = mx.stack([fwd.w_hh, rev.w_hh])
-    batch, gates_h = fwd.states0[0].shape[0], fwd.w_hh.shape[0]
-    # shape and dtype are all the planner reads: a stand-in of the stacked xp's
-    probe = mx.zeros((1, 2 * batch, gates_h), x_dtype)
-    if not accepts(probe, w):
+    batch, (gates_h, hidden) = fwd.states0[0].shape[0], fwd.w_hh.shape
+    # shapes and dtypes are all the planner reads: stand-ins (never evaluated)
+    if not accepts(mx.zeros((1, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden))):
         return None
+    w = mx.stack([fwd.w_hh, rev.w_hh])
     states0 = tuple(mx.concatenate([a, b], axis=0) for a, b in zip(fwd.states0, rev.states0))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
     return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
