@@ -73,7 +73,7 @@ class _MultiHead(nn.Module):
 
     def _extra_repr(self):
         return (f"input_dims={self.Wx.shape[1]}, hidden_size={self.hidden_size}, "
-                f"num_heads={self.num_heads}, bias={'Wx' in self and ('bias' in self or 'b' in self)}")
+                f"num_heads={self.num_heads}, bias={'bias' in self or 'b' in self}")
 
     def _recurrent(self):
         return block_diagonal(self.R)

@@ -43,6 +43,7 @@ from ..cells.lstm import naive as lstm_naive
 from ..cells.rnn import naive as rnn_naive
 from ..cells.slstm import naive as slstm_naive
 
+from .recurrent import default_steps
 from .sequence import recurrence
 
 __all__ = ["flashrnn", "FUNCTIONS", "BACKENDS", "block_diagonal"]
@@ -183,8 +184,6 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
         s = states.astype(f32).reshape(fn.num_states, batch, hidden)
         states0 = tuple(s[i] for i in range(fn.num_states))
         given = (True,) * fn.num_states
-    from .recurrent import default_steps  # noqa: PLC0415 - the device is decided per call
-
     seqs = recurrence(fn.cell, default_steps(fn.cell), xp, block_diagonal(r), states0, params, given)
     seq = mx.stack(seqs).swapaxes(1, 2).reshape(fn.num_states, batch, length, heads, dim)
     # An index, not the slice seq[:, :, -1:]: for T = 1 that slice IS seq (MLX
