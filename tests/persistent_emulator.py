@@ -411,3 +411,30 @@ def ptxas_info(log):
             int(spills[-1][0]) if spills else None,
             int(spills[-1][1]) if spills else None,
             int(stack[-1]) if stack else None)
+
+
+# --------------------------------------------------------------------------- the resident class, emulated
+
+
+def resident_forward(cell, xp, w_h, states0, params, h0_is_zero, limits, plan=None):
+    """``resident.run_forward`` with the launch replaced by the emulator."""
+    from mlx_fastrnn.kernels import resident as R
+
+    p = plan or R.select("forward", cell, xp, w_h, limits)
+    if p is None:
+        return None, None
+    spec, inputs, shapes, dtypes = R.forward_launch(p, xp, w_h, states0, params, h0_is_zero)
+    res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
+    return tuple(res[:-1]), p
+
+
+def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, plan=None):
+    """``resident.run_backward`` with the launch replaced by the emulator."""
+    from mlx_fastrnn.kernels import resident as R
+
+    p = plan or R.select("backward", cell, xp, w_h, limits)
+    if p is None:
+        return None, None
+    spec, inputs, shapes, dtypes = R.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0)
+    res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
+    return R.backward_results(cell, res, need_d_state0), p

@@ -68,11 +68,11 @@ class Cell:
         kw = dict(self.step_kwargs, target=target)
         forward_sequence = backward_sequence = accepts_problems = None
         if target == "cuda" and whole_sequence and self.persistent is not None:
-            from ..kernels import persistent
+            from ..kernels import classes
 
-            forward_sequence = functools.partial(persistent.persistent_sequence, self.name)
-            backward_sequence = functools.partial(persistent.persistent_backward, self.name)
-            accepts_problems = functools.partial(persistent.accepts, self.name)
+            forward_sequence = functools.partial(classes.sequence, self.name)
+            backward_sequence = functools.partial(classes.backward, self.name)
+            accepts_problems = functools.partial(classes.accepts, self.name)
         return Steps(
             target + ("+sequence" if forward_sequence else ""),
             functools.partial(module.forward_step, **kw),

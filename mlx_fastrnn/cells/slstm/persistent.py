@@ -39,6 +39,62 @@ _STEP = r"""
           const float yn = og * cn / nn;
 """.replace("EXP_CAP", repr(float(EXP_CAP)) + "f")
 
+# One element's step as device functions (the resident class calls them; see
+# kernels/resident.py and the LSTM's for the contract): s = (y, c, n, m).
+DHP_IS_DX = True
+POINT = r"""
+namespace frnn_cell {
+__device__ __forceinline__ void forward(const float* x, const float* a, const float* prm, float* s) {
+  const float ir = x[0] + a[0];
+  const float fr = x[1] + a[1];
+  const float zr = x[2] + a[2];
+  const float orw = x[3] + a[3];
+  const float cp = s[1];
+  const float np_ = s[2];
+  const float mp = s[3];
+""" + _STEP + r"""
+  s[0] = yn;
+  s[1] = cn;
+  s[2] = nn;
+  s[3] = mn;
+}
+__device__ __forceinline__ void backward(const float* x, const float* a, const float* prm, const float* sp,
+                                         const float* g, float* dx, float* dhp, float* dprev) {
+  const float ir = x[0] + a[0];
+  const float fr = x[1] + a[1];
+  const float zr = x[2] + a[2];
+  const float orw = x[3] + a[3];
+  const float cp = sp[1];
+  const float np_ = sp[2];
+  const float mp = sp[3];
+""" + _STEP + r"""
+  // The adjoint of naive._adjoint; wu / wi are the tie weights (1/2 at a tie).
+  const float gy = g[0];
+  const float gm = g[3];
+  const float fdv = capped ? 0.0f : fg;
+  const float wu = u < 1.0f ? 0.0f : (u == 1.0f ? 0.5f : 1.0f);
+  const float wi = fresh ? 1.0f : (ir < lf ? 0.0f : (ir == lf ? 0.5f : 1.0f));
+  const float g_c = g[1] + gy * (og / nn);
+  const float g_u = (g[2] - gy * (yn / nn)) * wu;
+  const float di = g_c * (tz * ig) + g_u * ig;
+  const float df = g_c * (cp * fdv) + g_u * (np_ * fdv);
+  const float d_lf = wi * df + (1.0f - wi) * (gm - di);
+  dx[0] = wi * (gm - df) + (1.0f - wi) * di;
+  dx[1] = d_lf * frnn::sigmoid(-fr);
+  dx[2] = g_c * (ig * (1.0f - tz * tz));
+  dx[3] = gy * ((cn / nn) * og * (1.0f - og));
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    dhp[k] = dx[k];
+  }
+  dprev[0] = 0.0f;
+  dprev[1] = g_c * fg;
+  dprev[2] = g_u * fg;
+  dprev[3] = d_lf;
+}
+}  // namespace frnn_cell
+"""
+
 FORWARD_INPUTS = ("x", "w", "y0", "c0", "n0", "m0")
 FORWARD_OUTPUTS = ("y_seq", "c_seq", "n_seq", "m_seq", "hp", "sync")
 

@@ -1,0 +1,106 @@
+"""Which whole-sequence kernel class runs a launch.
+
+Two classes share one driver contract (``ops/sequence.py``):
+
+* ``resident`` (:mod:`.resident`): one block holds a problem's whole W_h and
+  runs a few batch rows through the whole sequence alone (no grid barrier);
+  only where W_h fits one block's shared memory.
+* ``tiled`` (:mod:`.persistent`): W_h split over a co-resident grid, a
+  barrier per step; up to the grid's total shared memory.
+
+``MLX_FASTRNN_KERNEL_CLASS`` = ``resident`` / ``tiled`` forces one (where it
+takes the problem; the other is the fallback); by default the measured table
+``SELECTION`` (``benchmarks/persistent_tune.py --classes`` writes it) decides,
+and where it has no entry for the cell and direction the resident class runs
+whenever it fits.
+"""
+
+import math
+import os
+
+from . import persistent as P
+from . import resident as R
+
+# (cell, direction, dtype name) -> [(B, H, class, rows per block, rows per thread)],
+# measured by benchmarks/kernel_classes_tune.py on the device (class_table.py);
+# a shape takes the choice of the nearest point in (log B, log H).
+try:
+    from .class_table import SELECTION
+except ImportError:  # no table measured yet
+    SELECTION = {}
+
+
+def _forced():
+    value = os.environ.get("MLX_FASTRNN_KERNEL_CLASS", "").strip().lower()
+    return value if value in ("resident", "tiled") else None
+
+
+def table_point(cell, direction, dtype, B, H):
+    """The measured point nearest to (B, H) in (log B, log H): ``(B, H, class,
+    rows per block, rows per thread)``, or ``None`` without a table entry."""
+    points = SELECTION.get((cell, direction, str(dtype).split(".")[-1]))
+    if not points:
+        return None
+    lb, lh = math.log2(B), math.log2(H)
+    return min(points, key=lambda q: (math.log2(q[0]) - lb) ** 2 + (math.log2(q[1]) - lh) ** 2)
+
+
+def choose(direction, cell_name, xp, w_h):
+    """``("resident", plan)``, ``("tiled", plan)`` or ``(None, None)``."""
+    dims = P._check_common(cell_name, xp, w_h)
+    if dims is None:
+        return None, None
+    _, _, B, H, NP = dims
+    rp = R.select(direction, cell_name, xp, w_h)
+    forced = _forced()
+    if rp is not None and forced != "tiled":
+        point = table_point(cell_name, direction, xp.dtype, B, H)
+        want = forced or (point[2] if point else "resident")
+        if want == "resident":
+            if point and point[2] == "resident":
+                tuned = R.plan(direction, cell_name, H, B, P.device_limits(), xp.dtype, NP,
+                               min(point[3], B), point[4])
+                rp = tuned or rp
+            return "resident", rp
+    tp = P.select(direction, cell_name, xp, w_h)
+    if tp is not None:
+        return "tiled", tp
+    return ("resident", rp) if rp is not None else (None, None)
+
+
+def sequence(cell_name, xp, w_h, states0, params, h0_is_zero):
+    """``persistent.persistent_sequence``'s contract, on the chosen class."""
+    if not P.cuda_available():
+        return None
+    klass, p = choose("forward", cell_name, xp, w_h)
+    if klass == "resident":
+        return R.run_forward(p, xp, w_h, states0, params, h0_is_zero)
+    if klass == "tiled":
+        return P.persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, use_plan=p)
+    return None
+
+
+def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
+    """``persistent.persistent_backward``'s contract, on the chosen class."""
+    if not P.cuda_available():
+        return None
+    klass, p = choose("backward", cell_name, xp, w_h)
+    if klass == "resident":
+        return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0)
+    if klass == "tiled":
+        return P.persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
+                                     use_plan=p)
+    return None
+
+
+def accepts(cell_name, xp, w_h):
+    """Whether both directions of NP stacked problems run in one launch each.
+    The resident class always may (its blocks never wait on each other); the
+    tiled class under ``persistent.multi_problem_enabled``."""
+    if not P.cuda_available():
+        return False
+    for direction in ("forward", "backward"):
+        klass, _ = choose(direction, cell_name, xp, w_h)
+        if klass is None or (klass == "tiled" and not P.multi_problem_enabled()):
+            return False
+    return True

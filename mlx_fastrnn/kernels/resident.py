@@ -1,0 +1,566 @@
+"""Resident whole-sequence kernels: the latency class (no grid-wide barrier).
+
+When one problem's whole W_h fits in one block's shared memory (float32, or
+bfloat16 for half-precision inputs), a block owns ALL hidden units of a few
+batch rows and runs the whole sequence alone: W_h resident in shared memory,
+h_{t-1} in shared memory (never through L2), one ``__syncthreads`` per step.
+Blocks never wait on each other, so the grid may be any size (no
+co-residency rule to keep) and independent work (batch groups, the NP
+problems of a launch: heads, directions) just adds blocks.
+
+Block ``b``: problem ``b / NBB``, its batch rows ``[gin*BB, gin*BB + BB)``.
+Thread ``(rs, j)`` (``j`` fastest, ``HP`` = H rounded up to a warp) owns unit
+``j`` of rows ``rs, rs + RS, ...``: all G gates of it, so the cell's
+elementwise step needs no exchange between threads. Its projection reads
+``Wt[k][g*H + j]`` (consecutive threads, consecutive words) and ``h[r][k]``
+(one word for the whole warp: a broadcast).
+
+The cell math is the cell's own device code (``POINT`` in its
+``persistent.py``: ``frnn_cell::forward`` / ``backward``); this module only
+moves data. Same driver contract and outputs as :mod:`.persistent`.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from . import persistent as P
+from .persistent_header import HEADER
+
+MAX_TPB = 1024
+ROWS_PER_THREAD = (1, 2, 4, 8)  # candidate rows per thread (registers: RPT * (G + S) live values)
+
+
+@dataclass(frozen=True)
+class ResidentPlan:
+    direction: str
+    cell: str
+    G: int
+    H: int
+    B: int  # rows per problem
+    BB: int  # rows per block
+    NBB: int  # blocks per problem
+    RS: int  # row slices (threads per unit)
+    RPT: int  # rows per thread = ceil(BB / RS)
+    TPB: int
+    w_bf16: bool
+    smem: int
+    NP: int = 1
+    cost: float = 0.0
+
+    @property
+    def nblocks(self):
+        return self.NBB * self.NP
+
+    @property
+    def K(self):
+        return self.H if self.direction == "forward" else self.G * self.H
+
+
+def _round(a, m):
+    return -(-a // m) * m
+
+
+def smem_bytes(direction, G, H, BB, w_bytes):
+    """hb / db [2][BB][KS] float32 (the step operand, double-buffered), then W_h
+    (forward: transposed [KS][G*H]; backward: [KS][H]), KS = K rounded up to 4
+    (zero-padded, so the projection reads whole float4s)."""
+    K = H if direction == "forward" else G * H
+    KS = _round(K, 4)
+    N = G * H if direction == "forward" else H
+    return 8 * BB * KS + KS * N * w_bytes
+
+
+def _step_cost(direction, G, H, RPT, RS, TPB, w_bytes):
+    """Cycles of one block's step (a ranking model; the device tuning decides):
+    per k the warp issues G (forward) or 1 (backward) W loads, RPT/4 operand
+    loads and G*RPT or RPT FMAs; warps share the SM's four schedulers."""
+    K = H if direction == "forward" else G * H
+    per_k = (G if direction == "forward" else 1) * (1 + RPT) + RPT / 4.0
+    warps = TPB // 32
+    issue = K * per_k * max(1.0, warps / 4.0)
+    latency = K * 4.0 / max(1, min(4, G * RPT if direction == "forward" else RPT))  # FMA chains
+    return 600.0 + max(issue, latency) + 200.0 * G
+
+
+@functools.lru_cache(maxsize=256)
+def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=None, rpt=None):
+    """The resident plan for one launch, or ``None`` when W_h does not fit one
+    block (``rows`` / ``rpt``: force that many batch rows per block / per
+    thread, for tuning and for the measured table)."""
+    if limits is None or cell not in P.CELLS or H < 1 or B < 1:
+        return None
+    G = P.CELLS[cell].num_gates
+    HP = _round(H, 32)
+    if HP > MAX_TPB:
+        return None
+    per_sm = limits.smem_per_sm or (limits.smem_per_block + limits.reserved_smem_per_block)
+    best = None
+    for w_bf16 in (False, True):
+        if w_bf16 and x_dtype not in (mx.float16, mx.bfloat16):
+            break
+        w_bytes = 2 if w_bf16 else 4
+        for BB in (rows,) if rows else sorted({min(B, b) for b in (1, 2, 4, 8, 16, 32)}):
+            smem = smem_bytes(direction, G, H, BB, w_bytes)
+            if smem > limits.smem_per_block:
+                continue
+            NBB = -(-B // BB)
+            nblocks = NBB * problems
+            per_block_sm = max(1, min(per_sm // (smem + limits.reserved_smem_per_block),
+                                      limits.threads_per_sm // HP))
+            waves = -(-nblocks // (limits.num_sms * per_block_sm))
+            for RPT in (min(rpt, BB),) if rpt else ROWS_PER_THREAD:
+                RS = -(-BB // RPT)
+                if RPT > BB and RPT != ROWS_PER_THREAD[0]:
+                    break
+                TPB = HP * RS
+                if TPB > MAX_TPB:
+                    continue
+                cost = waves * _step_cost(direction, G, H, RPT, RS, TPB, w_bytes)
+                p = ResidentPlan(direction, cell, G, H, B, BB, NBB, RS, RPT, TPB, w_bf16, smem, problems,
+                                 cost)
+                if best is None or cost < best.cost:
+                    best = p
+        if best is not None:
+            break  # float32 W_h fits: no bfloat16
+    return best
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def _names(cell):
+    mod = P.cell_module(cell)
+    S, NPRM = P.CELLS[cell].num_states, P.CELLS[cell].num_params
+    return mod, S, NPRM
+
+
+def forward_io(cell):
+    _, S, NPRM = _names(cell)
+    inputs = ("x", "w", *(f"init{k}" for k in range(S)), *(f"prm{k}" for k in range(NPRM)))
+    outputs = (*(f"seq{k}" for k in range(S)), "hp", "sync")
+    return inputs, outputs
+
+
+def backward_io(cell):
+    mod, S, NPRM = _names(cell)
+    inputs = (*(f"gseq{k}" for k in range(S)), "x", "hp", *(f"prev{k}" for k in range(S)), "w",
+              *(f"prm{k}" for k in range(NPRM)))
+    outputs = ("dx", *(() if mod.DHP_IS_DX else ("dhp",)), *(f"dinit{k}" for k in range(S)), "sync")
+    return inputs, outputs
+
+
+def _declarations(cell, decl_a, name_a, decl_b, name_b):
+    """Constants G, S, NPRM and arrays of the per-state / per-parameter pointers
+    (indexed with unrolled constants, so they stay kernel parameters)."""
+    _, S, NPRM = _names(cell)
+    def arr(decl, name, n):
+        return f"  {decl}[{n}] = {{{', '.join(f'{name}{k}' for k in range(n))}}};\n"
+    prms = arr("const float* prms", "prm", NPRM) if NPRM else "  const float* prms[1] = {nullptr};\n"
+    return (f"  constexpr int G = {P.CELLS[cell].num_gates};\n  constexpr int S = {S};\n"
+            f"  constexpr int NPRM = {NPRM};\n" + arr(decl_a, name_a, S) + arr(decl_b, name_b, S) + prms)
+
+
+_PROLOGUE = r"""
+  const int L = x_shape[0];
+  const int B = x_shape[1];  // all rows: NP problems of B / NP rows each
+  const int BP = B / NP;
+  const int NBB = (BP + BB - 1) / BB;  // blocks per problem (not a template constant: one kernel for every B)
+  const int prob = blockIdx.x / NBB;
+  const int gin = blockIdx.x - prob * NBB;
+  const int r0 = prob * BP + gin * BB;
+  const int nrows = frnn::imin(BB, BP - gin * BB);
+  const int j = threadIdx.x % HP;
+  const int rs = threadIdx.x / HP;
+  float prm[NPRM > 0 ? NPRM : 1];
+#pragma unroll
+  for (int q = 0; q < NPRM; ++q) {
+    prm[q] = j < H ? prms[q][prob * H + j] : 0.0f;
+  }
+  bool ok[RPT];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    ok[rr] = j < H && rs + rr * RS < nrows;
+  }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def forward_body(cell):
+    mod, S, NPRM = _names(cell)
+    call = "frnn_cell::forward" + getattr(mod, "POINT_TEMPLATE", "")
+    return (
+        _declarations(cell, "const float* inits", "init", "float* seqs", "seq")
+        + r"""  constexpr int GH = G * H;
+  constexpr int HP = TPB / RS;
+  constexpr int KS = (H + 3) / 4 * 4;
+""" + _PROLOGUE + r"""  float* hb;  // [2][BB][KS]: h_{t-1} and h_t
+  WT* Wt;     // [KS][GH]: W_h transposed, rows k >= H zero
+  frnn::resident_carve<2 * BB * KS>(hb, Wt);
+  frnn::load_w_transposed<GH, H, KS, TPB>(Wt, w + (long long)prob * GH * H);
+  for (int i = threadIdx.x; i < 2 * BB * KS; i += TPB) {
+    const int r = i / KS;
+    const int k = i - r * KS;
+    hb[i] = (!H0Z && r < nrows && k < H) ? inits[0][(long long)(r0 + r) * H + k] : 0.0f;
+  }
+  float st[RPT][S];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+#pragma unroll
+    for (int q = 0; q < S; ++q) {
+      st[rr][q] = ok[rr] ? inits[q][(long long)(r0 + rs + rr * RS) * H + j] : 0.0f;
+    }
+  }
+  __syncthreads();
+
+  for (int t = 0; t < L; ++t) {
+    const float* hcur = hb + (t & 1) * BB * KS;
+    float* hnext = hb + ((t + 1) & 1) * BB * KS;
+    float xv[RPT][G], a[RPT][G];
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      const long long row = (long long)t * B + r0 + rs + rr * RS;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xv[rr][g] = ok[rr] ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
+        a[rr][g] = 0.0f;
+      }
+    }
+    if (!(H0Z && t == 0) && j < H) {
+      frnn::resident_project<KS, GH, H, G, RPT, RS, BB, WT>(hcur, Wt, j, rs, a);
+    }
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      if (ok[rr]) {
+        const int r = rs + rr * RS;
+        const long long row = (long long)t * B + r0 + r;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          hp[row * GH + g * H + j] = a[rr][g];
+        }
+        """ + call + r"""(xv[rr], a[rr], prm, st[rr]);
+#pragma unroll
+        for (int q = 0; q < S; ++q) {
+          seqs[q][row * H + j] = st[rr][q];
+        }
+        hnext[r * KS + j] = st[rr][0];
+      }
+    }
+    __syncthreads();
+  }
+"""
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def backward_body(cell):
+    mod, S, NPRM = _names(cell)
+    call = "frnn_cell::backward" + getattr(mod, "POINT_TEMPLATE", "")
+    dhp_out = "dx" if mod.DHP_IS_DX else "dhp"
+    lines = (_declarations(cell, "const float* gseqs", "gseq", "const float* prevs", "prev")
+             + f"  float* dinits[S] = {{{', '.join(f'dinit{k}' for k in range(S))}}};\n")
+    return lines + r"""  constexpr int GH = G * H;
+  constexpr int HP = TPB / RS;
+  constexpr int KS = (GH + 3) / 4 * 4;
+  constexpr int STOP = NEED_D0 ? -1 : 0;
+""" + _PROLOGUE + r"""  float* db;  // [2][BB][KS]: dhp_{s+1} and dhp_s
+  WT* Wn;     // [KS][H]: W_h as it is, rows m >= GH zero
+  frnn::resident_carve<2 * BB * KS>(db, Wn);
+  frnn::load_w_natural<GH, H, KS, TPB>(Wn, w + (long long)prob * GH * H);
+  for (int i = threadIdx.x; i < 2 * BB * KS; i += TPB) {
+    db[i] = 0.0f;
+  }
+  float dcar[RPT][S];  // cotangents of the states entering step s+1 through the cell's direct paths
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+#pragma unroll
+    for (int q = 0; q < S; ++q) {
+      dcar[rr][q] = 0.0f;
+    }
+  }
+  __syncthreads();
+
+  for (int s = L - 1; s >= STOP; --s) {
+    const float* dcur = db + ((L - 1 - s) & 1) * BB * KS;
+    float* dnext = db + ((L - s) & 1) * BB * KS;
+    float gv[RPT][S], pv[RPT][S], xv[RPT][G], hv[RPT][G], drec[RPT];
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      const long long row = (long long)(s < 0 ? 0 : s) * B + r0 + rs + rr * RS;
+      const bool ld = ok[rr] && s >= 0;
+#pragma unroll
+      for (int q = 0; q < S; ++q) {
+        gv[rr][q] = ld ? gseqs[q][row * H + j] : 0.0f;
+        pv[rr][q] = ld ? prevs[q][row * H + j] : 0.0f;
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xv[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
+        hv[rr][g] = ld ? hp[row * GH + g * H + j] : 0.0f;
+      }
+      drec[rr] = 0.0f;
+    }
+    if (s < L - 1 && j < H) {
+      frnn::resident_project_back<KS, H, RPT, RS, BB, WT>(dcur, Wn, j, rs, drec);
+    }
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      if (ok[rr]) {
+        const int r = rs + rr * RS;
+        if (s >= 0) {
+          const long long row = (long long)s * B + r0 + r;
+          float gt[S], dxg[G], dhg[G], dpv[S];
+#pragma unroll
+          for (int q = 0; q < S; ++q) {
+            gt[q] = gv[rr][q] + dcar[rr][q] + (q == 0 ? drec[rr] : 0.0f);
+          }
+          """ + call + r"""(xv[rr], hv[rr], prm, pv[rr], gt, dxg, dhg, dpv);
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            dx[row * GH + g * H + j] = dxg[g];
+""" + ("" if mod.DHP_IS_DX else "            dhp[row * GH + g * H + j] = dhg[g];\n") + r"""            dnext[r * KS + g * H + j] = dhg[g];
+          }
+#pragma unroll
+          for (int q = 0; q < S; ++q) {
+            dcar[rr][q] = dpv[q];
+          }
+        } else {
+          const long long b = r0 + r;
+#pragma unroll
+          for (int q = 0; q < S; ++q) {
+            dinits[q][b * H + j] = dcar[rr][q] + (q == 0 ? drec[rr] : 0.0f);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+"""
+
+
+RESIDENT_HEADER = r"""
+// ---------------------------------------------------------------- resident class
+#ifndef FRNN_RESIDENT_HEADER
+#define FRNN_RESIDENT_HEADER
+namespace frnn {
+
+// The step operand buffer first (NF floats: a multiple of 4), then W_h.
+template <int NF, typename WT>
+__device__ __forceinline__ void resident_carve(float*& buf, WT*& W) {
+  unsigned char* base = dyn_smem();
+  buf = reinterpret_cast<float*>(base);
+  W = reinterpret_cast<WT*>(buf + NF);
+}
+
+template <typename WT> __device__ __forceinline__ WT from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// Wt[k*GH + n] = w[n*H + k] (k < H), 0 for H <= k < KS. Reads are coalesced;
+// the one-off strided shared stores are not worth a transpose tile.
+template <int GH, int H, int KS, int TPB, typename WT>
+__device__ __forceinline__ void load_w_transposed(WT* Wt, const WT* w) {
+  for (int i = threadIdx.x; i < GH * H; i += TPB) {
+    const int n = i / H;
+    const int k = i - n * H;
+    Wt[k * GH + n] = w[i];
+  }
+  for (int i = H * GH + threadIdx.x; i < KS * GH; i += TPB) {
+    Wt[i] = zero<WT>();
+  }
+}
+
+// Wn[m*H + j] = w[m*H + j] (m < GH), 0 for GH <= m < KS.
+template <int GH, int H, int KS, int TPB, typename WT>
+__device__ __forceinline__ void load_w_natural(WT* Wn, const WT* w) {
+  for (int i = threadIdx.x; i < KS * H; i += TPB) {
+    Wn[i] = i < GH * H ? w[i] : zero<WT>();
+  }
+}
+
+// a[rr][g] += sum_k h[r][k] * Wt[k][g*H + j] for the thread's rows r = rs + rr*RS
+// (rows past BB read row BB-1; the caller drops them).
+template <int KS, int GH, int H, int G, int RPT, int RS, int BB, typename WT>
+__device__ __forceinline__ void resident_project(const float* h, const WT* Wt, int j, int rs,
+                                                 float (&a)[RPT][G]) {
+  const float* hrow[RPT];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    hrow[rr] = h + imin(rs + rr * RS, BB - 1) * KS;
+  }
+#pragma unroll 2
+  for (int k = 0; k < KS; k += 4) {
+    float4 hv[RPT];
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      hv[rr] = *reinterpret_cast<const float4*>(hrow[rr] + k);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float w0 = to_f(Wt[(k + 0) * GH + g * H + j]);
+      const float w1 = to_f(Wt[(k + 1) * GH + g * H + j]);
+      const float w2 = to_f(Wt[(k + 2) * GH + g * H + j]);
+      const float w3 = to_f(Wt[(k + 3) * GH + g * H + j]);
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) {
+        float v = a[rr][g];
+        v = fmaf(hv[rr].x, w0, v);
+        v = fmaf(hv[rr].y, w1, v);
+        v = fmaf(hv[rr].z, w2, v);
+        a[rr][g] = fmaf(hv[rr].w, w3, v);
+      }
+    }
+  }
+}
+
+// d[rr] += sum_m dh[r][m] * Wn[m][j] (the backward's dhp_{s+1} W_h).
+template <int KS, int H, int RPT, int RS, int BB, typename WT>
+__device__ __forceinline__ void resident_project_back(const float* dh, const WT* Wn, int j, int rs,
+                                                      float (&d)[RPT]) {
+  const float* drow[RPT];
+  float acc[RPT][2];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    drow[rr] = dh + imin(rs + rr * RS, BB - 1) * KS;
+    acc[rr][0] = 0.0f;
+    acc[rr][1] = 0.0f;
+  }
+#pragma unroll 2
+  for (int m = 0; m < KS; m += 4) {
+    const float w0 = to_f(Wn[(m + 0) * H + j]);
+    const float w1 = to_f(Wn[(m + 1) * H + j]);
+    const float w2 = to_f(Wn[(m + 2) * H + j]);
+    const float w3 = to_f(Wn[(m + 3) * H + j]);
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      const float4 v = *reinterpret_cast<const float4*>(drow[rr] + m);
+      acc[rr][0] = fmaf(v.x, w0, acc[rr][0]);
+      acc[rr][1] = fmaf(v.y, w1, acc[rr][1]);
+      acc[rr][0] = fmaf(v.z, w2, acc[rr][0]);
+      acc[rr][1] = fmaf(v.w, w3, acc[rr][1]);
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    d[rr] = acc[rr][0] + acc[rr][1];
+  }
+}
+
+} // namespace frnn
+#endif // FRNN_RESIDENT_HEADER
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def header_for(cell):
+    """The kernel header: the shared device code, this class's, the cell's point functions."""
+    return HEADER + RESIDENT_HEADER + P.cell_module(cell).POINT
+
+
+def kernel_spec(p, x_dtype, flag):
+    fwd = p.direction == "forward"
+    header = header_for(p.cell)
+    body = forward_body(p.cell) if fwd else backward_body(p.cell)
+    inputs, outputs = forward_io(p.cell) if fwd else backward_io(p.cell)
+    template = (
+        ("T", x_dtype),
+        ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
+        ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
+        ("NP", p.NP),
+        ("H0Z" if fwd else "NEED_D0", bool(flag)),
+        *P.cell_module(p.cell).template_extras(p.cell),
+    )
+    digest = P._source_digest(header, body)
+    name = f"frnn_res_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
+    return P.KernelSpec(name=name, input_names=inputs, output_names=outputs, header=header, body=body,
+                        template=template, shared_memory=p.smem, grid=(p.nblocks * p.TPB, 1, 1),
+                        threadgroup=(p.TPB, 1, 1))
+
+
+SYNC_WORDS = 4  # the unused barrier-counter output (kept so every class has one output list)
+
+
+def select(direction, cell_name, xp, w_h, limits=None):
+    dims = P._check_common(cell_name, xp, w_h)
+    if dims is None:
+        return None
+    G, L, B, H, NP = dims
+    if limits is None:
+        limits = P.device_limits()
+    return plan(direction, cell_name, H, B, limits, xp.dtype, NP)
+
+
+def _params(params, p):
+    want = (p.H,) if p.NP == 1 else (p.NP, p.H)
+    if not all(P._shape_ok(q, want) for q in params):
+        return None
+    return tuple(q.reshape(p.NP * p.H) for q in params)
+
+
+def forward_launch(p, xp, w_h, states0, params, h0_is_zero):
+    """(spec, inputs, output shapes, output dtypes) of the forward, or None."""
+    cs = P.CELLS[p.cell]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
+    states0, params = tuple(states0), tuple(params)
+    if len(states0) != cs.num_states or len(params) != cs.num_params:
+        return None
+    if not all(P._shape_ok(s, (B, H)) for s in states0):
+        return None
+    params = _params(params, p)
+    if params is None:
+        return None
+    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
+    spec = kernel_spec(p, xp.dtype, h0_is_zero)
+    shapes = [(L, B, H)] * cs.num_states + [(L, B, cs.num_gates * H), (SYNC_WORDS,)]
+    dtypes = [mx.float32] * (cs.num_states + 1) + [mx.uint32]
+    return spec, (xp, w, *states0, *params), shapes, dtypes
+
+
+def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
+    cs = P.CELLS[p.cell]
+    mod = P.cell_module(p.cell)
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
+    GH = cs.num_gates * H
+    d_outs, prevs, params = tuple(d_outs), tuple(prevs), tuple(params)
+    if len(d_outs) != cs.num_states or len(prevs) != cs.num_states or len(params) != cs.num_params:
+        return None
+    params = _params(params, p)
+    if params is None or tuple(hp.shape) != (L, B, GH) or hp.dtype != mx.float32:
+        return None
+    if not all(tuple(a.shape) == (L, B, H) for a in (*d_outs, *prevs)):
+        return None
+    if not all(a.dtype == mx.float32 for a in prevs):
+        return None
+    d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
+    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
+    spec = kernel_spec(p, xp.dtype, need_d_state0)
+    shapes = [(L, B, GH)] * (1 if mod.DHP_IS_DX else 2) + [(B, H)] * cs.num_states + [(SYNC_WORDS,)]
+    dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
+    return spec, (*d_outs, xp, hp, *prevs, w, *params), shapes, dtypes
+
+
+def backward_results(cell, outs, need_d_state0):
+    """``(dx, dhp, d_states0)`` from the outputs (barrier word dropped)."""
+    mod = P.cell_module(cell)
+    outs = list(outs[:-1])
+    dx = outs.pop(0)
+    dhp = dx if mod.DHP_IS_DX else outs.pop(0)
+    return dx, dhp, (tuple(outs) if need_d_state0 else None)
+
+
+def run_forward(p, xp, w_h, states0, params, h0_is_zero):
+    launch = forward_launch(p, xp, w_h, states0, params, h0_is_zero)
+    if launch is None:
+        return None
+    spec, inputs, shapes, dtypes = launch
+    return tuple(P._launch(spec, inputs, shapes, dtypes)[:-1])
+
+
+def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
+    launch = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0)
+    if launch is None:
+        return None
+    spec, inputs, shapes, dtypes = launch
+    return backward_results(p.cell, P._launch(spec, inputs, shapes, dtypes), need_d_state0)

@@ -1,0 +1,130 @@
+"""The resident (latency-class) CUDA kernels, checked without a GPU: planning in
+pure Python, the exact kernel sources run by the CPU emulator against the cells'
+reference steps (skipped without a C++20 compiler), NVRTC compiles (skipped
+unless MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS are set)."""
+
+import pytest
+
+import mlx.core as mx
+
+import persistent_emulator as emu
+import persistent_reference as ref
+from mlx_fastrnn.kernels import persistent as P
+from mlx_fastrnn.kernels import resident as R
+
+H100 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
+SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
+needs_cxx = pytest.mark.skipif(emu.host_compiler() is None, reason="no C++20 host compiler")
+
+
+def test_plan_fits_one_block_or_declines():
+    for cell in ref.CELL_NAMES:
+        G = P.CELLS[cell].num_gates
+        for direction in ("forward", "backward"):
+            for H in (1, 31, 64, 100, 128, 200, 256, 400):
+                for B in (1, 7, 64):
+                    p = R.plan(direction, cell, H, B, H100)
+                    if p is None:
+                        # declined only when even one row's W_h does not fit
+                        assert R.smem_bytes(direction, G, H, 1, 4) > H100.smem_per_block
+                        continue
+                    assert p.smem == R.smem_bytes(direction, G, H, p.BB, 4) <= H100.smem_per_block
+                    assert p.NBB * p.BB >= B > (p.NBB - 1) * p.BB
+                    assert p.RS * p.RPT >= p.BB and p.TPB % 32 == 0 and p.TPB <= R.MAX_TPB
+                    assert p.TPB // p.RS >= H
+    # bfloat16 weights only for half inputs, and only when float32 does not fit
+    assert R.plan("forward", "lstm", 128, 8, H100) is None
+    p = R.plan("forward", "lstm", 128, 8, H100, mx.bfloat16)
+    assert p is not None and p.w_bf16
+    assert not R.plan("forward", "lstm", 64, 8, H100, mx.bfloat16).w_bf16
+
+
+CASES = [
+    # cell, L, B, H, x dtype, zero initial state, forced rows per block
+    ("gru", 5, 3, 20, mx.float32, False, None),
+    ("gru", 4, 5, 33, mx.bfloat16, True, 2),
+    ("lstm", 4, 3, 17, mx.float32, False, None),
+    ("lstm", 3, 6, 8, mx.float16, True, 4),
+    ("rnn_tanh", 6, 2, 40, mx.float32, False, None),
+    ("rnn_relu", 5, 3, 9, mx.float32, True, 2),
+    ("slstm", 4, 3, 12, mx.float32, False, None),
+    ("slstm", 3, 2, 6, mx.bfloat16, True, 2),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-L{c[1]}-B{c[2]}-H{c[3]}-{c[4]}-{c[5]}-{c[6]}")
+def test_emulated_resident_forward_backward(case):
+    cell, L, B, H, xdt, zero, rows = case
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    if zero:
+        s0 = tuple(mx.zeros_like(s) for s in s0)
+    pf = R.plan("forward", cell, H, B, SMALL, xdt, 1, rows)
+    pb = R.plan("backward", cell, H, B, SMALL, xdt, 1, rows)
+    assert pf is not None and pb is not None
+    expected = ref.forward(cell, xp, w_h, s0, params, zero)
+    got, _ = emu.resident_forward(cell, xp, w_h, s0, params, zero, SMALL, plan=pf)
+    for a, e in zip(got, expected):
+        assert ref.max_rel_err(a, e) < 2e-6
+    need = not zero
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    (dx, dhp, d0), _ = emu.resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need, SMALL, plan=pb)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, need)
+    assert ref.max_rel_err(dx, rdx) < 2e-6
+    assert ref.max_rel_err(dhp, rdhp) < 2e-6
+    if need:
+        for a, e in zip(d0, rd0):
+            assert ref.max_rel_err(a, e) < 2e-6
+    else:
+        assert d0 is None
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell", ["gru", "lstm", "slstm"])
+def test_emulated_resident_problems_are_independent(cell):
+    """Three problems (heads, or directions) in one launch: each its own W_h,
+    parameters and rows, equal to the problem run alone."""
+    L, B, H, n = 4, 2, 10, 3
+    parts = [ref.problem(cell, L, B, H, mx.float32, seed=20 + k) for k in range(n)]
+    xp = mx.concatenate([p[0] for p in parts], axis=1)
+    w = mx.stack([p[1] for p in parts])
+    s0 = tuple(mx.concatenate(ss, axis=0) for ss in zip(*(p[2] for p in parts)))
+    params = tuple(mx.stack(qs) for qs in zip(*(p[3] for p in parts)))
+    got, p = emu.resident_forward(cell, xp, w, s0, params, False, SMALL)
+    assert p.NP == n
+    expected = [ref.forward(cell, *part, False) for part in parts]
+    for i, a in enumerate(got):
+        assert ref.max_rel_err(a, mx.concatenate([e[i] for e in expected], axis=1)) < 2e-6
+    seqs, hp = got[:-1], got[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, n * B, H)
+    (dx, dhp, d0), _ = emu.resident_backward(cell, d_outs, xp, hp, prevs, params, w, True, SMALL)
+    for k, (pxp, pw, ps0, pprm) in enumerate(parts):
+        rows = slice(k * B, (k + 1) * B)
+        rdx, rdhp, rd0 = ref.backward(cell, tuple(d[:, rows] for d in d_outs), pxp, hp[:, rows],
+                                      tuple(q[:, rows] for q in prevs), pprm, pw, True)
+        assert ref.max_rel_err(dx[:, rows], rdx) < 2e-6
+        assert ref.max_rel_err(dhp[:, rows], rdhp) < 2e-6
+        for a, e in zip(d0, rd0):
+            assert ref.max_rel_err(a[rows], e) < 2e-6
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_without_spills(cell, direction):
+    for (B, H), xdt in (((1, 64), mx.float32), ((16, 100), mx.bfloat16), ((64, 32), mx.float32)):
+        p = R.plan(direction, cell, H, B, H100, xdt)
+        spec = R.kernel_spec(p, xdt, True)
+        dts = [xdt if n == "x" else (mx.bfloat16 if n == "w" and p.w_bf16 else mx.float32)
+               for n in spec.input_names]
+        nds = [1 if n.startswith("prm") else 2 if n in ("w",) or n.startswith("init") else 3
+               for n in spec.input_names]
+        odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
+        _, src = P.generate_source(spec, dts, nds, odts)
+        ok, log = emu.nvrtc_compile(src)
+        assert ok, log[-4000:]
+        regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
+        assert spill_st == 0 and spill_ld == 0 and stack == 0, log
