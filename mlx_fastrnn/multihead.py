@@ -27,12 +27,13 @@ initialised from U(-1/sqrt(H), 1/sqrt(H)) (``R`` from U(-1/sqrt(D), 1/sqrt(D)):
 its fan-in is a head). Calls follow the drop-in layers: input ``[..., L, in]``
 (batched or not), states in and every state's sequence out.
 
-How it runs: the block-diagonal matrix is formed densely (``[G*H, H]``, one
-op, differentiable, so only the head blocks get gradients) and the
-recurrence runs on the drop-in layers' path (persistent kernels on CUDA where
-``H`` fits, fused step kernels on Metal, compiled cells on the CPU). The dense
-product does ``num_heads`` times the work a block-diagonal kernel would;
-kernels that multiply by the head blocks only are future work.
+How it runs (``ops/heads.py``): on CUDA the heads are independent problems of
+the whole-sequence kernels (each head's R block its own W_h, its own blocks of
+the grid); elsewhere, or where those kernels decline the shape, the
+block-diagonal matrix is formed densely (``[G*H, H]``, one differentiable op,
+so only the head blocks get gradients) and runs on the drop-in layers' path
+(fused step kernels on Metal, compiled cells on the CPU), doing ``num_heads``
+times the recurrent work of the head blocks alone.
 """
 
 import math
@@ -41,7 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .ops import recurrent as ops
-from .ops.flashrnn import block_diagonal
+from .ops.heads import block_diagonal  # noqa: F401 (re-exported)
 
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1, "slstm": 4}
 
@@ -76,7 +77,7 @@ class _MultiHead(nn.Module):
                 f"num_heads={self.num_heads}, bias={'bias' in self or 'b' in self}")
 
     def _recurrent(self):
-        return block_diagonal(self.R)
+        return self.R  # the ops take R [G, N, D, D] as the heads' block-diagonal W_h
 
 
 class MultiHeadLSTM(_MultiHead):

@@ -43,8 +43,8 @@ from ..cells.lstm import naive as lstm_naive
 from ..cells.rnn import naive as rnn_naive
 from ..cells.slstm import naive as slstm_naive
 
+from .heads import block_diagonal, head_recurrence
 from .recurrent import default_steps
-from .sequence import recurrence
 
 __all__ = ["flashrnn", "FUNCTIONS", "BACKENDS", "block_diagonal"]
 
@@ -53,14 +53,6 @@ __all__ = ["flashrnn", "FUNCTIONS", "BACKENDS", "block_diagonal"]
 # dense form of the block-diagonal R. "vanilla": the reference time loop below
 # (FlashRNN's backend of that name, step for step).
 BACKENDS = ("fused", "vanilla")
-
-
-def block_diagonal(r):
-    """``R [G, N, D, D]`` -> the dense ``[G*N*D, N*D]`` matrix whose gate-g rows
-    hold ``R[g, k]`` at head k's columns (zeros elsewhere): the ``W_h`` of the
-    cells' gate-major, head-major layout."""
-    g, n, d, _ = r.shape
-    return mx.einsum("gkij,kl->gkilj", r, mx.eye(n, dtype=r.dtype)).reshape(g * n * d, n * d)
 
 
 # Each function maps the step's (Wx + b, Ry, b) in head-major layout
@@ -164,7 +156,7 @@ def flashrnn(Wx, R, b, states=None, function="lstm", backend="fused"):
 def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
     """flashrnn on the recurrence driver: pre-activations ``Wx + b`` time-major
     [T, B, G*H] (FlashRNN's gate-major, head-major order is the cells' gate
-    blocks), the dense block-diagonal R as ``W_h``."""
+    blocks), the heads as independent problems (``ops/heads.py``)."""
     hidden = heads * dim
     f32 = mx.float32
     b = b.astype(f32)
@@ -184,7 +176,7 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
         s = states.astype(f32).reshape(fn.num_states, batch, hidden)
         states0 = tuple(s[i] for i in range(fn.num_states))
         given = (True,) * fn.num_states
-    seqs = recurrence(fn.cell, default_steps(fn.cell), xp, block_diagonal(r), states0, params, given)
+    seqs = head_recurrence(fn.cell, default_steps(fn.cell), xp, r, states0, params, given)
     seq = mx.stack(seqs).swapaxes(1, 2).reshape(fn.num_states, batch, length, heads, dim)
     # An index, not the slice seq[:, :, -1:]: for T = 1 that slice IS seq (MLX
     # returns the array itself), and a VJP keeps one cotangent per array.

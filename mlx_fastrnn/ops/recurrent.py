@@ -12,13 +12,14 @@ from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL, SLSTM_CEL
 from ..cells.timeaxis import f32
 from ..kernels.launch import gpu_target
 from .projection import project
+from .heads import head_recurrence
 from .sequence import recurrence
 
 FAST_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None, whole_sequence=True):
-    hidden_size = w_h.shape[1]
+    hidden_size = _hidden(w_h)
     batch = _check(x, w_x, hidden_size, "GRU", hidden=hidden)
     extras = [b, bhn, hidden, w_h if x.shape[-2] > 1 or hidden is not None else None]
     bhn32 = f32(bhn) if bhn is not None else mx.zeros((hidden_size,))
@@ -27,7 +28,7 @@ def gru(x, w_x, w_h, b, bhn, hidden=None, steps=None, whole_sequence=True):
 
 
 def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None, whole_sequence=True):
-    hidden_size = w_h.shape[1]
+    hidden_size = _hidden(w_h)
     batch = _check(x, w_x, hidden_size, "LSTM", hidden=hidden, cell=cell, hidden_sets_batch=True)
     extras = [bias, hidden, cell, w_h if x.shape[-2] > 1 or hidden is not None else None]
     (hs, cs), dtype = _run(LSTM_CELL, x, w_x, bias, w_h, batch, (hidden, cell), (), extras, steps,
@@ -36,7 +37,7 @@ def lstm(x, w_x, w_h, bias, hidden=None, cell=None, steps=None, whole_sequence=T
 
 
 def rnn(x, w_xh, w_hh, bias, hidden=None, relu=False, steps=None, whole_sequence=True):
-    hidden_size = w_hh.shape[1]
+    hidden_size = _hidden(w_hh)
     batch = _check(x, w_xh, hidden_size, "RNN", hidden=hidden, hidden_sets_batch=True)
     extras = [bias, hidden, w_hh if x.shape[-2] > 1 or hidden is not None else None]
     cell = RNN_RELU_CELL if relu else RNN_TANH_CELL
@@ -48,7 +49,7 @@ def slstm(x, w_x, w_h, bias, states=None, steps=None, whole_sequence=True):
     """The sLSTM (``cells/slstm``) over ``x`` [..., L, in]: ``states`` is None or
     ``(y, c, n, m)``, each [..., H] (broadcast to the batch); returns the four
     state sequences [..., L, H]."""
-    hidden_size = w_h.shape[1]
+    hidden_size = _hidden(w_h)
     if states is not None:
         if not isinstance(states, (tuple, list)) or len(states) != 4:
             raise ValueError("SLSTM expects states as a tuple (y, c, n, m) or None")
@@ -84,7 +85,7 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_seque
     """Project the input, broadcast states to the batch, run the recurrence
     (``steps``, or the device's default ones).
     (Each op costs microseconds on the CPU: no reshape, copy or cast that isn't needed.)"""
-    length, hidden_size = x.shape[-2], w_h.shape[1]
+    length, hidden_size = x.shape[-2], _hidden(w_h)
     n_batch = 1
     for d in batch:
         n_batch *= d
@@ -105,12 +106,20 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_seque
         xp = mx.broadcast_to(xp.reshape(length, *x_batch, gh), (length, *batch, gh))
         xp = mx.contiguous(xp.reshape(length, n_batch, gh))
     steps = steps or default_steps(cell, whole_sequence)
-    seqs = recurrence(cell, steps, xp, f32(w_h), states0, params, given)
+    if w_h.ndim == 4:  # R [G, N, D, D] of N heads (mlx_fastrnn.multihead)
+        seqs = head_recurrence(cell, steps, xp, w_h, states0, params, given)
+    else:
+        seqs = recurrence(cell, steps, xp, f32(w_h), states0, params, given)
     if batch != (n_batch,):
         seqs = tuple(s.reshape(length, *batch, hidden_size) for s in seqs)
     if length == 1:
         return tuple(s.reshape(*batch, 1, hidden_size) for s in seqs), dtype
     return tuple(mx.moveaxis(s, 0, -2) for s in seqs), dtype
+
+
+def _hidden(w_h):
+    """The hidden size of a dense ``W_h`` [G*H, H] or a multi-head ``R`` [G, N, D, D]."""
+    return w_h.shape[1] * w_h.shape[2] if w_h.ndim == 4 else w_h.shape[1]
 
 
 def cast_to(a, dtype):
