@@ -22,6 +22,20 @@ SHAPES = (
     ("1x1x640", 1, 1, 640),  # streaming: one step, carried state passed in
 )
 SHAPE_BY_NAME = {s[0]: s for s in SHAPES}
+
+# The sweep (``--shapes sweep``): 32 shapes a user might bring, B 1-256, L 50-2000,
+# H 32-2048, the issue-12 table's among them; run on a GPU only (the stock
+# baseline is not timed on it: its big shapes take seconds per call).
+SWEEP_SHAPES = tuple((f"{b}x{l}x{h}", b, l, h) for b, l, h in (
+    (1, 64, 64), (1, 256, 256), (1, 500, 128), (1, 2000, 64), (1, 100, 1024),
+    (4, 2000, 256), (4, 300, 48), (4, 50, 2048),
+    (8, 512, 128), (8, 128, 2048), (8, 1000, 32), (8, 200, 96),
+    (16, 100, 32), (16, 256, 1024), (16, 500, 64), (16, 200, 384),
+    (32, 40, 200), (32, 500, 128), (32, 100, 768), (32, 1000, 64),
+    (64, 100, 64), (64, 256, 256), (64, 50, 1536), (64, 400, 32),
+    (128, 200, 512), (128, 100, 128), (128, 64, 48), (128, 50, 1024),
+    (256, 100, 32), (256, 50, 256), (256, 200, 64), (256, 64, 128),
+))
 # The default on a CPU: the small shapes, so that the README's main command
 # finishes in about a minute on a 2-core machine (the big ones are matmul-bound
 # there, ~7 minutes with them); --full (or a GPU) runs all of SHAPES.
@@ -53,11 +67,13 @@ def parse_shapes(text, default=SHAPES):
     """'32x40x200,1x1x640' -> shape tuples; an index into SHAPES (0..4) works too.
 
     Shapes not in SHAPES are allowed (any BxLxH, input size = H). No text gives
-    ``default``; 'all' gives SHAPES."""
+    ``default``; 'all' gives SHAPES, 'sweep' SWEEP_SHAPES."""
     if text is None or text.strip() == "":
         return list(default)
     if text.strip().lower() == "all":
         return list(SHAPES)
+    if text.strip().lower() == "sweep":
+        return list(SWEEP_SHAPES)
     out = []
     for item in text.split(","):
         item = item.strip().lower()

@@ -35,6 +35,7 @@ T_TORCH=${T_TORCH:-80}
 T_PTL_F32=${T_PTL_F32:-240}    # pytorch_layers_bench.py: 36 configs per dtype on the GPU shapes (not yet timed)
 T_PTL_BF16=${T_PTL_BF16:-240}
 T_PTL_TORCH=${T_PTL_TORCH:-120}
+T_CLASSES=${T_CLASSES:-200}
 BUDGET=${BUDGET:-0.5}
 STAGES=${STAGES:-"tests f32 bf16 torch"}
 GPU_TEST_SHARDS=${GPU_TEST_SHARDS:-4}
@@ -107,6 +108,20 @@ for s in $STAGES; do
              --budget "$BUDGET" --json "$OUT/ptl_bfloat16.json" ;;
     flashrnn) stage flashrnn "$T_F32" python3 benchmarks/flashrnn_bench.py --functions lstm,slstm \
              --heads 1,4 --dims 64,128 --batches 16 --lengths 1024 --budget "$BUDGET" --json "$OUT/flashrnn.json" ;;
+    # kernel classes: tiled vs resident per (cell, dtype, B, H); compile in parallel first (MLX's disk cache)
+    classes) stage classes_compile "$T_CLASSES" bash -c 'for c in gru lstm rnn_tanh slstm; do for d in float32 bfloat16; do
+               python3 benchmarks/kernel_classes_tune.py --cells $c --dtypes $d --compile-only >/dev/null 2>&1 & done; done; wait'
+             stage classes "$T_CLASSES" python3 benchmarks/kernel_classes_tune.py --json "$OUT/classes.json" \
+               --write-table "$OUT/class_table.py"
+             # later stages of this call select from the table just measured
+             [[ -f "$OUT/class_table.py" ]] && cp "$OUT/class_table.py" mlx_fastrnn/kernels/class_table.py ;;
+    # the 32-shape sweep (fast only; cuDNN in its own process)
+    sweep_f32) stage sweep_float32 "$T_F32" python3 benchmarks/recurrent_bench.py --shapes sweep \
+             --dtype float32 --budget "$BUDGET" --json "$OUT/sweep_float32.json" ;;
+    sweep_bf16) stage sweep_bfloat16 "$T_BF16" python3 benchmarks/recurrent_bench.py --shapes sweep \
+             --dtype bfloat16 --budget "$BUDGET" --json "$OUT/sweep_bfloat16.json" ;;
+    sweep_torch) stage sweep_torch "$T_TORCH" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/torch_baseline.py \
+             --shapes sweep --dtype float32,bfloat16 --budget "$BUDGET" --json "$OUT/sweep_torch.json" ;;
     *) echo "device_run: unknown stage $s" ;;
   esac
 done

@@ -1,0 +1,183 @@
+"""Which whole-sequence kernel class (and resident split) is fastest, per shape (CUDA only).
+
+    python benchmarks/kernel_classes_tune.py --json /tmp/classes.json --write-table
+    python benchmarks/kernel_classes_tune.py --cells lstm --batches 1,8 --hiddens 64
+
+For each cell, dtype, batch B, hidden H (sequence length ``--length``) and
+direction, the kernel alone (no input projection, zero initial state) on:
+
+* ``tiled``: the planner's plan of ``kernels/persistent.py``;
+* ``resident`` candidates of ``kernels/resident.py``: rows per block x rows per thread.
+
+Each candidate is checked against the first one that ran (max abs difference)
+and timed (median of ``--repeats`` calls, ms and us/step). ``--write-table``
+writes ``mlx_fastrnn/kernels/class_table.py``: per (cell, direction, dtype)
+the fastest choice at every measured (B, H) - what ``kernels/classes.py``
+selects from. ``--compile-only`` runs each kernel once, untimed (several such
+processes in parallel fill MLX's kernel cache before one timing process).
+"""
+
+import argparse
+import json
+import os
+import platform
+import pprint
+import sys
+import time
+
+import mlx.core as mx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from mlx_fastrnn.kernels import persistent as P  # noqa: E402
+from mlx_fastrnn.kernels import resident as R  # noqa: E402
+from persistent_bench import make_problem, timeit  # noqa: E402
+
+TABLE = os.path.join(ROOT, "mlx_fastrnn", "kernels", "class_table.py")
+CANDIDATES = ((1, 1), (2, 2), (4, 1), (4, 4), (8, 8), (16, 8))  # (rows per block, rows per thread)
+
+
+def resident_candidates(direction, cell, H, B, limits, dtype):
+    out = {}
+    for bb, rpt in CANDIDATES:
+        if bb > B and bb != 1:
+            continue
+        p = R.plan(direction, cell, H, B, limits, dtype, 1, bb, rpt)
+        if p is not None:
+            out.setdefault((p.BB, p.RPT, p.RS), p)
+    return list(out.values())
+
+
+def diff(a, b):
+    return max(mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max().item() for x, y in zip(a, b))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", default="gru,lstm,rnn_tanh,slstm")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--hiddens", default="32,64,128,200")
+    ap.add_argument("--length", type=int, default=100)
+    ap.add_argument("--directions", default="forward,backward")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--write-table", nargs="?", const=TABLE, default=None, metavar="PATH",
+                    help=f"write the selection table (default path {os.path.relpath(TABLE, ROOT)})")
+    args = ap.parse_args(argv)
+    if not P.cuda_available():
+        raise SystemExit("kernel_classes_tune: needs MLX's CUDA backend")
+    limits = P.device_limits()
+    L = args.length
+    meta = {"host": platform.node(), "mlx": mx.__version__, "limits": limits.__dict__, "length": L,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)}
+    results = []
+
+    def dump():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+
+    print(f"{'cell':8} {'dtype':8} {'B':>4} {'H':>5} dir {'class':8} {'split':22} {'ms':>8} {'us/step':>8} diff")
+    for cell in args.cells.split(","):
+        if cell not in P.CELLS:
+            raise SystemExit(f"unknown cell {cell!r}")
+        n = P.CELLS[cell].num_states
+        for dname in args.dtypes.split(","):
+            dtype = getattr(mx, dname)
+            for H in (int(v) for v in args.hiddens.split(",")):
+                for B in (int(v) for v in args.batches.split(",")):
+                    xp, w_h, s0, params, cots = make_problem(cell, B, L, H, dtype) if cell != "slstm" else \
+                        _slstm_problem(B, L, H, dtype)
+                    for direction in args.directions.split(","):
+                        cands = [("tiled", P.select(direction, cell, xp, w_h))]
+                        cands += [("resident", p) for p in resident_candidates(direction, cell, H, B, limits, dtype)]
+                        cands = [(k, p) for k, p in cands if p is not None]
+                        if not cands:
+                            continue
+                        fwd_out = None
+                        if direction == "backward":
+                            k0, p0 = next((k, p) for k, p in cands)
+                            fp = (P.select if k0 == "tiled" else R.select)("forward", cell, xp, w_h)
+                            if fp is None:
+                                continue
+                            fwd_out = (P.persistent_sequence(cell, xp, w_h, s0, params, True, use_plan=fp)
+                                       if k0 == "tiled" else R.run_forward(fp, xp, w_h, s0, params, True))
+                            seqs, hp = fwd_out[:n], fwd_out[n]
+                            prevs = tuple(mx.concatenate([a[None], s[:-1]], axis=0) for a, s in zip(s0, seqs))
+                            mx.eval(hp, prevs)
+                        first = None
+                        for klass, p in cands:
+                            if direction == "forward":
+                                fn = (lambda p=p: P.persistent_sequence(cell, xp, w_h, s0, params, True, use_plan=p)) \
+                                    if klass == "tiled" else (lambda p=p: R.run_forward(p, xp, w_h, s0, params, True))
+                            else:
+                                fn = (lambda p=p: P.persistent_backward(cell, cots, xp, hp, prevs, params, w_h, False,
+                                                                        use_plan=p)[:2]) \
+                                    if klass == "tiled" else \
+                                    (lambda p=p: R.run_backward(p, cots, xp, hp, prevs, params, w_h, False)[:2])
+                            split = (f"U{p.U} NU{p.NU} BB{p.BB}x{p.NBB}" if klass == "tiled"
+                                     else f"BB{p.BB} RPT{p.RPT} RS{p.RS} T{p.TPB}")
+                            rec = {"cell": cell, "dtype": dname, "B": B, "H": H, "L": L, "direction": direction,
+                                   "class": klass, "split": split, "BB": p.BB,
+                                   "RPT": getattr(p, "RPT", 0), "smem": p.smem}
+                            try:
+                                out = fn()
+                                mx.eval(out)
+                                if args.compile_only:
+                                    continue
+                                rec["ms"] = timeit(fn, args.warmup, args.repeats)
+                                if first is None:
+                                    first = out
+                                rec["diff"] = diff(out, first)
+                            except Exception as e:  # noqa: BLE001
+                                rec["error"] = repr(e)[:300]
+                            results.append(rec)
+                            ms = rec.get("ms")
+                            print(f"{cell:8} {dname:8} {B:4} {H:5} {direction[:3]} {klass:8} {split:22} "
+                                  f"{(f'{ms:8.3f}' if ms else '     err')} "
+                                  f"{(f'{ms * 1000 / L:8.2f}' if ms else '       -')} "
+                                  f"{rec.get('diff', float('nan')):.1e} {rec.get('error', '')}", flush=True)
+                        dump()
+    dump()
+    if args.write_table and not args.compile_only:
+        write_table(results, meta, args.write_table)
+
+
+def _slstm_problem(B, L, H, dtype):
+    ks = mx.random.split(mx.random.key(0), 4)
+    xp = (mx.random.normal((L, B, 4 * H), key=ks[0]) * 0.5).astype(dtype)
+    w_h = mx.random.uniform(-1, 1, (4 * H, H), key=ks[1]) / (H ** 0.5)
+    s0 = tuple(mx.zeros((B, H)) for _ in range(4))
+    cots = tuple(mx.random.normal((L, B, H), key=ks[2 + min(i, 1)]) for i in range(4))
+    mx.eval(xp, w_h, s0, cots)
+    return xp, w_h, s0, (), cots
+
+
+def write_table(results, meta, path=TABLE):
+    best = {}
+    for r in results:
+        if "ms" not in r:
+            continue
+        key = (r["cell"], r["direction"], r["dtype"], r["B"], r["H"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    table = {}
+    for (cell, direction, dtype, B, H), r in sorted(best.items()):
+        table.setdefault((cell, direction, dtype), []).append((B, H, r["class"], r["BB"], r["RPT"]))
+    with open(path, "w") as f:
+        f.write('"""Measured kernel-class choices (written by benchmarks/kernel_classes_tune.py; do not edit).\n\n'
+                f"{meta['host']}, mlx {meta['mlx']}, {meta['limits']['num_sms']} SMs, L={meta['length']}, "
+                f"{meta['started']}. Per (cell, direction, dtype): (B, H, class, rows per block,\n"
+                'rows per thread) of the fastest candidate at each measured point.\n"""\n\n')
+        f.write("SELECTION = " + pprint.pformat(table, width=110, compact=True) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
