@@ -30,7 +30,7 @@ from . import persistent as P
 from .persistent_header import HEADER
 
 MAX_TPB = 1024
-ROWS_PER_THREAD = (1, 2, 4, 8)  # candidate rows per thread (registers: RPT * (G + S) live values)
+ROWS_PER_THREAD = (1, 2, 4)  # candidate rows per thread (registers: 2 * RPT * (G + S) live values, prefetch included)
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,20 @@ def _round(a, m):
     return -(-a // m) * m
 
 
+def transposed_stride(G, H):
+    """Row stride of the transposed W_h in shared memory: G*H made odd, so the
+    prologue's transposing stores (consecutive k, one n) hit 32 different banks."""
+    return G * H + 1 - (G * H) % 2
+
+
 def smem_bytes(direction, G, H, BB, w_bytes):
     """hb / db [2][BB][KS] float32 (the step operand, double-buffered), then W_h
-    (forward: transposed [KS][G*H]; backward: [KS][H]), KS = K rounded up to 4
-    (zero-padded, so the projection reads whole float4s)."""
+    (forward: transposed [KS][GHP], GHP = ``transposed_stride``; backward:
+    [KS][H]), KS = K rounded up to 4 (zero-padded, so the projection reads
+    whole float4s)."""
     K = H if direction == "forward" else G * H
     KS = _round(K, 4)
-    N = G * H if direction == "forward" else H
+    N = transposed_stride(G, H) if direction == "forward" else H
     return 8 * BB * KS + KS * N * w_bytes
 
 
@@ -194,12 +201,13 @@ def forward_body(cell):
     return (
         _declarations(cell, "const float* inits", "init", "float* seqs", "seq")
         + r"""  constexpr int GH = G * H;
+  constexpr int GHP = GH + 1 - GH % 2;  // transposed_stride()
   constexpr int HP = TPB / RS;
   constexpr int KS = (H + 3) / 4 * 4;
 """ + _PROLOGUE + r"""  float* hb;  // [2][BB][KS]: h_{t-1} and h_t
-  WT* Wt;     // [KS][GH]: W_h transposed, rows k >= H zero
+  WT* Wt;     // [KS][GHP]: W_h transposed, rows k >= H zero
   frnn::resident_carve<2 * BB * KS>(hb, Wt);
-  frnn::load_w_transposed<GH, H, KS, TPB>(Wt, w + (long long)prob * GH * H);
+  frnn::load_w_transposed<GH, GHP, H, KS, TPB>(Wt, w + (long long)prob * GH * H);
   for (int i = threadIdx.x; i < 2 * BB * KS; i += TPB) {
     const int r = i / KS;
     const int k = i - r * KS;
@@ -213,23 +221,33 @@ def forward_body(cell):
       st[rr][q] = ok[rr] ? inits[q][(long long)(r0 + rs + rr * RS) * H + j] : 0.0f;
     }
   }
+  // x of step t is loaded during step t-1 (its latency hidden behind a whole step)
+  float xv[RPT][G];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      xv[rr][g] = ok[rr] ? frnn::to_f(x[(long long)(r0 + rs + rr * RS) * GH + g * H + j]) : 0.0f;
+    }
+  }
   __syncthreads();
 
   for (int t = 0; t < L; ++t) {
     const float* hcur = hb + (t & 1) * BB * KS;
     float* hnext = hb + ((t + 1) & 1) * BB * KS;
-    float xv[RPT][G], a[RPT][G];
+    float xn[RPT][G], a[RPT][G];
+    const bool more = t + 1 < L;
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
-      const long long row = (long long)t * B + r0 + rs + rr * RS;
+      const long long row = (long long)(t + 1) * B + r0 + rs + rr * RS;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xv[rr][g] = ok[rr] ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
+        xn[rr][g] = (ok[rr] && more) ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
         a[rr][g] = 0.0f;
       }
     }
     if (!(H0Z && t == 0) && j < H) {
-      frnn::resident_project<KS, GH, H, G, RPT, RS, BB, WT>(hcur, Wt, j, rs, a);
+      frnn::resident_project<KS, GHP, H, G, RPT, RS, BB, WT>(hcur, Wt, j, rs, a);
     }
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
@@ -246,6 +264,10 @@ def forward_body(cell):
           seqs[q][row * H + j] = st[rr][q];
         }
         hnext[r * KS + j] = st[rr][0];
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xv[rr][g] = xn[rr][g];
       }
     }
     __syncthreads();
@@ -272,6 +294,24 @@ def backward_body(cell):
   for (int i = threadIdx.x; i < 2 * BB * KS; i += TPB) {
     db[i] = 0.0f;
   }
+  auto load_step = [&](int s, float (&gs)[RPT][S], float (&ps)[RPT][S], float (&xs)[RPT][G],
+                       float (&hs)[RPT][G]) {
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      const long long row = (long long)(s < 0 ? 0 : s) * B + r0 + rs + rr * RS;
+      const bool ld = ok[rr] && s >= 0;
+#pragma unroll
+      for (int q = 0; q < S; ++q) {
+        gs[rr][q] = ld ? gseqs[q][row * H + j] : 0.0f;
+        ps[rr][q] = ld ? prevs[q][row * H + j] : 0.0f;
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xs[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
+        hs[rr][g] = ld ? hp[row * GH + g * H + j] : 0.0f;
+      }
+    }
+  };
   float dcar[RPT][S];  // cotangents of the states entering step s+1 through the cell's direct paths
 #pragma unroll
   for (int rr = 0; rr < RPT; ++rr) {
@@ -282,24 +322,16 @@ def backward_body(cell):
   }
   __syncthreads();
 
+  // the step's inputs are loaded one step ahead (their latency hidden behind a whole step)
+  float gv[RPT][S], pv[RPT][S], xv[RPT][G], hv[RPT][G];
+  load_step(L - 1, gv, pv, xv, hv);
   for (int s = L - 1; s >= STOP; --s) {
     const float* dcur = db + ((L - 1 - s) & 1) * BB * KS;
     float* dnext = db + ((L - s) & 1) * BB * KS;
-    float gv[RPT][S], pv[RPT][S], xv[RPT][G], hv[RPT][G], drec[RPT];
+    float gn[RPT][S], pn[RPT][S], xn[RPT][G], hn[RPT][G], drec[RPT];
+    load_step(s - 1, gn, pn, xn, hn);
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
-      const long long row = (long long)(s < 0 ? 0 : s) * B + r0 + rs + rr * RS;
-      const bool ld = ok[rr] && s >= 0;
-#pragma unroll
-      for (int q = 0; q < S; ++q) {
-        gv[rr][q] = ld ? gseqs[q][row * H + j] : 0.0f;
-        pv[rr][q] = ld ? prevs[q][row * H + j] : 0.0f;
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        xv[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
-        hv[rr][g] = ld ? hp[row * GH + g * H + j] : 0.0f;
-      }
       drec[rr] = 0.0f;
     }
     if (s < L - 1 && j < H) {
@@ -334,6 +366,16 @@ def backward_body(cell):
           }
         }
       }
+#pragma unroll
+      for (int q = 0; q < S; ++q) {
+        gv[rr][q] = gn[rr][q];
+        pv[rr][q] = pn[rr][q];
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xv[rr][g] = xn[rr][g];
+        hv[rr][g] = hn[rr][g];
+      }
     }
     __syncthreads();
   }
@@ -358,16 +400,35 @@ template <typename WT> __device__ __forceinline__ WT from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// Wt[k*GH + n] = w[n*H + k] (k < H), 0 for H <= k < KS. Reads are coalesced;
-// the one-off strided shared stores are not worth a transpose tile.
-template <int GH, int H, int KS, int TPB, typename WT>
+// The prologue's W_h copy: each thread first issues UNR independent global
+// loads, then stores them - the copy is bound by the latency of the loads in
+// flight, and one block of few warps must keep many in flight (one load per
+// iteration made this copy cost as much as ~40 steps).
+constexpr int RESIDENT_COPY_UNROLL = 16;
+
+// Wt[k*GHP + n] = w[n*H + k] (k < H), 0 for H <= k < KS. Reads are coalesced;
+// the stores walk k across a warp with an odd stride GHP: 32 banks, no conflict.
+template <int GH, int GHP, int H, int KS, int TPB, typename WT>
 __device__ __forceinline__ void load_w_transposed(WT* Wt, const WT* w) {
-  for (int i = threadIdx.x; i < GH * H; i += TPB) {
-    const int n = i / H;
-    const int k = i - n * H;
-    Wt[k * GH + n] = w[i];
+  constexpr int U = RESIDENT_COPY_UNROLL;
+  for (int i0 = threadIdx.x; i0 < GH * H; i0 += TPB * U) {
+    WT v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TPB;
+      v[u] = i < GH * H ? w[i] : zero<WT>();
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TPB;
+      if (i < GH * H) {
+        const int n = i / H;
+        const int k = i - n * H;
+        Wt[k * GHP + n] = v[u];
+      }
+    }
   }
-  for (int i = H * GH + threadIdx.x; i < KS * GH; i += TPB) {
+  for (int i = H * GHP + threadIdx.x; i < KS * GHP; i += TPB) {
     Wt[i] = zero<WT>();
   }
 }
@@ -375,14 +436,27 @@ __device__ __forceinline__ void load_w_transposed(WT* Wt, const WT* w) {
 // Wn[m*H + j] = w[m*H + j] (m < GH), 0 for GH <= m < KS.
 template <int GH, int H, int KS, int TPB, typename WT>
 __device__ __forceinline__ void load_w_natural(WT* Wn, const WT* w) {
-  for (int i = threadIdx.x; i < KS * H; i += TPB) {
-    Wn[i] = i < GH * H ? w[i] : zero<WT>();
+  constexpr int U = RESIDENT_COPY_UNROLL;
+  for (int i0 = threadIdx.x; i0 < KS * H; i0 += TPB * U) {
+    WT v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TPB;
+      v[u] = i < GH * H ? w[i] : zero<WT>();
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TPB;
+      if (i < KS * H) {
+        Wn[i] = v[u];
+      }
+    }
   }
 }
 
 // a[rr][g] += sum_k h[r][k] * Wt[k][g*H + j] for the thread's rows r = rs + rr*RS
-// (rows past BB read row BB-1; the caller drops them).
-template <int KS, int GH, int H, int G, int RPT, int RS, int BB, typename WT>
+// (rows past BB read row BB-1; the caller drops them). GHP: Wt's row stride.
+template <int KS, int GHP, int H, int G, int RPT, int RS, int BB, typename WT>
 __device__ __forceinline__ void resident_project(const float* h, const WT* Wt, int j, int rs,
                                                  float (&a)[RPT][G]) {
   const float* hrow[RPT];
@@ -399,10 +473,10 @@ __device__ __forceinline__ void resident_project(const float* h, const WT* Wt, i
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      const float w0 = to_f(Wt[(k + 0) * GH + g * H + j]);
-      const float w1 = to_f(Wt[(k + 1) * GH + g * H + j]);
-      const float w2 = to_f(Wt[(k + 2) * GH + g * H + j]);
-      const float w3 = to_f(Wt[(k + 3) * GH + g * H + j]);
+      const float w0 = to_f(Wt[(k + 0) * GHP + g * H + j]);
+      const float w1 = to_f(Wt[(k + 1) * GHP + g * H + j]);
+      const float w2 = to_f(Wt[(k + 2) * GHP + g * H + j]);
+      const float w3 = to_f(Wt[(k + 3) * GHP + g * H + j]);
 #pragma unroll
       for (int rr = 0; rr < RPT; ++rr) {
         float v = a[rr][g];
