@@ -13,11 +13,18 @@ Each candidate is checked against the first one that ran (max abs difference)
 and timed (median of ``--repeats`` calls, ms and us/step). ``--write-table``
 writes ``mlx_fastrnn/kernels/class_table.py``: per (cell, direction, dtype)
 the fastest choice at every measured (B, H) - what ``kernels/classes.py``
-selects from. ``--compile-only`` runs each kernel once, untimed (several such
-processes in parallel fill MLX's kernel cache before one timing process).
+selects from.
+
+Building a kernel (NVRTC) takes about a second, and there are hundreds: run one
+process per cell and dtype in parallel with ``--lock FILE`` - each builds its
+kernels, then times them only while holding the lock (the GPU timed by one
+process at a time) - and merge their JSON afterwards:
+
+    python benchmarks/kernel_classes_tune.py --merge /tmp/c_*.json --json all.json --write-table
 """
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -37,7 +44,7 @@ from mlx_fastrnn.kernels import resident as R  # noqa: E402
 from persistent_bench import make_problem, timeit  # noqa: E402
 
 TABLE = os.path.join(ROOT, "mlx_fastrnn", "kernels", "class_table.py")
-CANDIDATES = ((1, 1), (2, 2), (4, 1), (4, 4), (8, 8), (16, 8))  # (rows per block, rows per thread)
+CANDIDATES = ((1, 1), (2, 1), (2, 2), (4, 1), (4, 4), (8, 2))  # (rows per block, rows per thread)
 
 
 def resident_candidates(direction, cell, H, B, limits, dtype):
@@ -65,11 +72,17 @@ def main(argv=None):
     ap.add_argument("--directions", default="forward,backward")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--compile-only", action="store_true", help="build and run each kernel once, untimed")
+    ap.add_argument("--lock", default=None, metavar="PATH",
+                    help="time only while holding this file's lock (parallel tuning processes take turns)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--write-table", nargs="?", const=TABLE, default=None, metavar="PATH",
                     help=f"write the selection table (default path {os.path.relpath(TABLE, ROOT)})")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: merge these results (into --json, --write-table)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json, args.write_table)
     if not P.cuda_available():
         raise SystemExit("kernel_classes_tune: needs MLX's CUDA backend")
     limits = P.device_limits()
@@ -83,7 +96,10 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
 
-    print(f"{'cell':8} {'dtype':8} {'B':>4} {'H':>5} dir {'class':8} {'split':22} {'ms':>8} {'us/step':>8} diff")
+    # Phase 1: build every candidate and run it once (NVRTC compiles: CPU-bound, so
+    # several tuning processes do this part in parallel). Phase 2, under --lock:
+    # time them, one process at a time on the GPU.
+    jobs = []
     for cell in args.cells.split(","):
         if cell not in P.CELLS:
             raise SystemExit(f"unknown cell {cell!r}")
@@ -100,9 +116,9 @@ def main(argv=None):
                         cands = [(k, p) for k, p in cands if p is not None]
                         if not cands:
                             continue
-                        fwd_out = None
+                        hp = prevs = None
                         if direction == "backward":
-                            k0, p0 = next((k, p) for k, p in cands)
+                            k0, _ = cands[0]
                             fp = (P.select if k0 == "tiled" else R.select)("forward", cell, xp, w_h)
                             if fp is None:
                                 continue
@@ -114,13 +130,14 @@ def main(argv=None):
                         first = None
                         for klass, p in cands:
                             if direction == "forward":
-                                fn = (lambda p=p: P.persistent_sequence(cell, xp, w_h, s0, params, True, use_plan=p)) \
-                                    if klass == "tiled" else (lambda p=p: R.run_forward(p, xp, w_h, s0, params, True))
+                                fn = (lambda p=p, a=(xp, w_h, s0, params): P.persistent_sequence(
+                                    cell, a[0], a[1], a[2], a[3], True, use_plan=p)) if klass == "tiled" else \
+                                    (lambda p=p, a=(xp, w_h, s0, params): R.run_forward(p, *a, True))
                             else:
-                                fn = (lambda p=p: P.persistent_backward(cell, cots, xp, hp, prevs, params, w_h, False,
-                                                                        use_plan=p)[:2]) \
+                                a = (cots, xp, hp, prevs, params, w_h)
+                                fn = (lambda p=p, a=a: P.persistent_backward(cell, *a, False, use_plan=p)[:2]) \
                                     if klass == "tiled" else \
-                                    (lambda p=p: R.run_backward(p, cots, xp, hp, prevs, params, w_h, False)[:2])
+                                    (lambda p=p, a=a: R.run_backward(p, *a, False)[:2])
                             split = (f"U{p.U} NU{p.NU} BB{p.BB}x{p.NBB}" if klass == "tiled"
                                      else f"BB{p.BB} RPT{p.RPT} RS{p.RS} T{p.TPB}")
                             rec = {"cell": cell, "dtype": dname, "B": B, "H": H, "L": L, "direction": direction,
@@ -129,23 +146,37 @@ def main(argv=None):
                             try:
                                 out = fn()
                                 mx.eval(out)
-                                if args.compile_only:
-                                    continue
-                                rec["ms"] = timeit(fn, args.warmup, args.repeats)
                                 if first is None:
                                     first = out
                                 rec["diff"] = diff(out, first)
+                                jobs.append((rec, fn))
                             except Exception as e:  # noqa: BLE001
                                 rec["error"] = repr(e)[:300]
-                            results.append(rec)
-                            ms = rec.get("ms")
-                            print(f"{cell:8} {dname:8} {B:4} {H:5} {direction[:3]} {klass:8} {split:22} "
-                                  f"{(f'{ms:8.3f}' if ms else '     err')} "
-                                  f"{(f'{ms * 1000 / L:8.2f}' if ms else '       -')} "
-                                  f"{rec.get('diff', float('nan')):.1e} {rec.get('error', '')}", flush=True)
-                        dump()
+                                results.append(rec)
+    print(f"kernel_classes_tune: {len(jobs)} kernels built", flush=True)
+    if args.compile_only:
+        return
+    lock = open(args.lock, "a+") if args.lock else None
+    if lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    print(f"{'cell':8} {'dtype':8} {'B':>4} {'H':>5} dir {'class':8} {'split':22} {'ms':>8} {'us/step':>8} diff")
+    for rec, fn in jobs:
+        try:
+            rec["ms"] = timeit(fn, args.warmup, args.repeats)
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = repr(e)[:300]
+        results.append(rec)
+        ms = rec.get("ms")
+        print(f"{rec['cell']:8} {rec['dtype']:8} {rec['B']:4} {rec['H']:5} {rec['direction'][:3]} {rec['class']:8} "
+              f"{rec['split']:22} {(f'{ms:8.3f}' if ms else '     err')} "
+              f"{(f'{ms * 1000 / L:8.2f}' if ms else '       -')} "
+              f"{rec.get('diff', float('nan')):.1e} {rec.get('error', '')}", flush=True)
+        if len(results) % 25 == 0:
+            dump()
+    if lock:
+        fcntl.flock(lock, fcntl.LOCK_UN)
     dump()
-    if args.write_table and not args.compile_only:
+    if args.write_table:
         write_table(results, meta, args.write_table)
 
 
@@ -157,6 +188,25 @@ def _slstm_problem(B, L, H, dtype):
     cots = tuple(mx.random.normal((L, B, H), key=ks[2 + min(i, 1)]) for i in range(4))
     mx.eval(xp, w_h, s0, cots)
     return xp, w_h, s0, (), cots
+
+
+def merge(paths, out_json, table_path):
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            print(f"kernel_classes_tune: skipping {path}: {e}")
+    if not runs:
+        raise SystemExit("kernel_classes_tune: nothing to merge")
+    meta = dict(runs[0]["meta"], command="merge of " + ", ".join(r["meta"]["command"] for r in runs))
+    results = [rec for r in runs for rec in r["results"]]
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+    if table_path:
+        write_table(results, meta, table_path)
 
 
 def write_table(results, meta, path=TABLE):

@@ -10,7 +10,7 @@ Two classes share one driver contract (``ops/sequence.py``):
 
 ``MLX_FASTRNN_KERNEL_CLASS`` = ``resident`` / ``tiled`` forces one (where it
 takes the problem; the other is the fallback); by default the measured table
-``SELECTION`` (``benchmarks/persistent_tune.py --classes`` writes it) decides,
+``SELECTION`` (``benchmarks/kernel_classes_tune.py --write-table`` writes it) decides,
 and where it has no entry for the cell and direction the resident class runs
 whenever it fits.
 """
