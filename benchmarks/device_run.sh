@@ -35,7 +35,9 @@ T_TORCH=${T_TORCH:-80}
 T_PTL_F32=${T_PTL_F32:-240}    # pytorch_layers_bench.py: 36 configs per dtype on the GPU shapes (not yet timed)
 T_PTL_BF16=${T_PTL_BF16:-240}
 T_PTL_TORCH=${T_PTL_TORCH:-120}
-T_CLASSES=${T_CLASSES:-200}
+T_CLASSES=${T_CLASSES:-200}   # classes stage (after the tests in tests_classes)
+T_CLASSES_ALL=${T_CLASSES_ALL:-400}  # each tuning process, compile + wait + timing
+T_SWEEP=${T_SWEEP:-300}
 BUDGET=${BUDGET:-0.5}
 STAGES=${STAGES:-"tests f32 bf16 torch"}
 GPU_TEST_SHARDS=${GPU_TEST_SHARDS:-4}
@@ -90,6 +92,26 @@ stage() {
   return 0
 }
 
+LOCK=/tmp/classes/lock
+mkdir -p /tmp/classes
+# python3 -c "$HOLD_LOCK" FILE CMD...: run CMD holding FILE's lock (fcntl; no flock(1) needed)
+HOLD_LOCK='import fcntl, subprocess, sys
+f = open(sys.argv[1], "a+"); fcntl.flock(f, fcntl.LOCK_EX); sys.exit(subprocess.call(sys.argv[2:]))'
+CLASSES="for c in gru lstm rnn_tanh slstm; do for d in float32 bfloat16; do
+  timeout -k 5 $T_CLASSES_ALL python3 benchmarks/kernel_classes_tune.py --cells \$c --dtypes \$d --lock $LOCK \
+    --json /tmp/classes/\$c.\$d.json > /tmp/classes/\$c.\$d.log 2>&1 & done; done; wait"
+# python3 -c "$CONCAT_JSON" OUT IN...: one results file (the first meta, every result) from several
+CONCAT_JSON='import json, sys
+runs = [json.load(open(p)) for p in sys.argv[2:]]
+json.dump({"meta": runs[0]["meta"], "results": [r for run in runs for r in run["results"]]}, open(sys.argv[1], "w"))'
+classes_table() {
+  python3 benchmarks/kernel_classes_tune.py --merge /tmp/classes/*.json --json "$OUT/classes.json" \
+    --write-table "$OUT/class_table.py"
+  # later stages of this call select from the table just measured
+  [[ -f "$OUT/class_table.py" ]] && cp "$OUT/class_table.py" mlx_fastrnn/kernels/class_table.py
+  return 0
+}
+
 for s in $STAGES; do
   case $s in
     tests) stage tests "$T_TESTS" python3 tests/run_sharded.py --shards "$GPU_TEST_SHARDS" -- -m gpu tests ;;
@@ -108,18 +130,24 @@ for s in $STAGES; do
              --budget "$BUDGET" --json "$OUT/ptl_bfloat16.json" ;;
     flashrnn) stage flashrnn "$T_F32" python3 benchmarks/flashrnn_bench.py --functions lstm,slstm \
              --heads 1,4 --dims 64,128 --batches 16 --lengths 1024 --budget "$BUDGET" --json "$OUT/flashrnn.json" ;;
-    # kernel classes: tiled vs resident per (cell, dtype, B, H); compile in parallel first (MLX's disk cache)
-    classes) stage classes_compile "$T_CLASSES" bash -c 'for c in gru lstm rnn_tanh slstm; do for d in float32 bfloat16; do
-               python3 benchmarks/kernel_classes_tune.py --cells $c --dtypes $d --compile-only >/dev/null 2>&1 & done; done; wait'
-             stage classes "$T_CLASSES" python3 benchmarks/kernel_classes_tune.py --json "$OUT/classes.json" \
-               --write-table "$OUT/class_table.py"
-             # later stages of this call select from the table just measured
-             [[ -f "$OUT/class_table.py" ]] && cp "$OUT/class_table.py" mlx_fastrnn/kernels/class_table.py ;;
-    # the 32-shape sweep (fast only; cuDNN in its own process)
-    sweep_f32) stage sweep_float32 "$T_F32" python3 benchmarks/recurrent_bench.py --shapes sweep \
-             --dtype float32 --budget "$BUDGET" --json "$OUT/sweep_float32.json" ;;
-    sweep_bf16) stage sweep_bfloat16 "$T_BF16" python3 benchmarks/recurrent_bench.py --shapes sweep \
-             --dtype bfloat16 --budget "$BUDGET" --json "$OUT/sweep_bfloat16.json" ;;
+    # kernel classes: tiled vs resident per (cell, dtype, B, H), one tuning process per cell and
+    # dtype building its kernels in parallel (NVRTC), timing them in turns (--lock)
+    classes) stage classes "$T_CLASSES" bash -c "$CLASSES" ; classes_table ;;
+    # the same, while the GPU suite runs (holding the lock: nothing is timed until it is done)
+    tests_classes) bash -c "$CLASSES" & CPID=$!
+             stage tests "$T_TESTS" python3 -c "$HOLD_LOCK" "$LOCK" python3 tests/run_sharded.py \
+               --shards "$GPU_TEST_SHARDS" -- -m gpu tests
+             stage classes "$T_CLASSES" bash -c "wait $CPID 2>/dev/null; while kill -0 $CPID 2>/dev/null; do sleep 1; done"
+             pkill -f kernel_classes_tune.py 2>/dev/null
+             tail -n 3 /tmp/classes/*.log; classes_table ;;
+    # the 32-shape sweep, fast only (one process per layer and dtype, compiling in parallel, timing
+    # in turns), then cuDNN in its own process
+    sweep) stage sweep "$T_SWEEP" bash -c 'for l in GRU LSTM RNN; do for d in float32 bfloat16; do
+               python3 benchmarks/recurrent_bench.py --shapes sweep --layers $l --dtype $d --budget '"$BUDGET"' \
+                 --lock /tmp/sweep.lock --json /tmp/sweep.$l.$d.json > /tmp/sweep.$l.$d.log 2>&1 & done; done
+               wait; tail -n 2 /tmp/sweep.*.log'
+           pkill -f 'recurrent_bench.py --shapes sweep' 2>/dev/null  # a timeout leaves the workers running
+           python3 -c "$CONCAT_JSON" "$OUT/sweep_fast.json" /tmp/sweep.*.json ;;
     sweep_torch) stage sweep_torch "$T_TORCH" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/torch_baseline.py \
              --shapes sweep --dtype float32,bfloat16 --budget "$BUDGET" --json "$OUT/sweep_torch.json" ;;
     *) echo "device_run: unknown stage $s" ;;

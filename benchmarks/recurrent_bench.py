@@ -37,7 +37,9 @@ also compared with a float32 stock run on the same rounded weights and inputs
 """
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import os
 import platform
 import socket
@@ -320,7 +322,24 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true",
                    help="with --compare, skip the result checks (fast vs legacy; low precision vs float32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lock", default=None, metavar="PATH",
+                   help="time each config only while holding this file's lock, its compile (the "
+                        "length-2 prewarm) outside it: several processes (say one per layer) then "
+                        "compile in parallel and take turns on the GPU")
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    if path is None:
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def main(argv=None):
@@ -409,10 +428,13 @@ def main(argv=None):
                             if shape[2] > 2:
                                 short = (shape[0], shape[1], 2, shape[3])
                                 prewarm = with_impl(make_case(layer_name, short, mode, dtype, seed=args.seed), impl)
-                            stats, out = measure(run, budget=args.budget,
-                                                 min_repeats=args.min_repeats,
-                                                 max_repeats=args.max_repeats,
-                                                 max_warmup=args.warmup, slow=slow, prewarm=prewarm)
+                            if args.lock:
+                                prewarm()
+                            with _locked(args.lock):
+                                stats, out = measure(run, budget=args.budget,
+                                                     min_repeats=args.min_repeats,
+                                                     max_repeats=args.max_repeats, max_warmup=args.warmup,
+                                                     slow=slow, prewarm=None if args.lock else prewarm)
                             outs[impl] = out
                             row_stats[impl] = stats
                             rows[impl] = {**base, **stats}

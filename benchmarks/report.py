@@ -126,6 +126,7 @@ def render(sections, iqr=False):
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "|".join("---" if i < 3 else "--:" for i in range(len(cols))) + "|")
         speedups = {m: [] for m in MODES}
+        vs_ref = {}  # (layer, mode) -> [ref / fast]
         for (layer, shape, mode), r in rows:
             cells = [layer, shape.replace("x", "×"), "fwd+bwd" if mode == "fwdbwd" else mode]
             if has["legacy"]:
@@ -143,6 +144,8 @@ def render(sections, iqr=False):
             if ref and has["fast"]:
                 s = _ratio(r.get(ref), r.get("fast"))
                 cells.append(f"{s:.2f}×" if s else "")
+                if s:
+                    vs_ref.setdefault((layer, mode), []).append(s)
             if has_err:
                 for impl in ("legacy", "fast"):
                     e = (r.get(impl) or {}).get("rel_err_vs_f32")
@@ -157,6 +160,16 @@ def render(sections, iqr=False):
                              f"{g:.2f}× (min {min(vals):.2f}×, max {max(vals):.2f}×, {len(vals)} configs)")
         if notes:
             out.append("Speed-up = other / fast (above 1: fast is quicker). " + "; ".join(notes) + ".")
+        if vs_ref and ref == "cudnn":
+            out.append("")
+            out.append("| layer | mode | fast ≤ cuDNN time | geomean cuDNN ÷ fast | min | max |")
+            out.append("|---|---|--:|--:|--:|--:|")
+            for (layer, mode), vals in sorted(vs_ref.items(), key=lambda kv: (
+                    LAYERS.index(kv[0][0]) if kv[0][0] in LAYERS else 99, kv[0][1])):
+                g = math.exp(sum(math.log(v) for v in vals) / len(vals))
+                out.append(f"| {layer} | {'fwd+bwd' if mode == 'fwdbwd' else mode} | "
+                           f"{sum(v >= 1 for v in vals)} of {len(vals)} | {g:.2f}× | {min(vals):.2f}× | "
+                           f"{max(vals):.2f}× |")
         diffs = [(rec["rel_diff_vs_legacy"], key) for key, r in rows for rec in r.values()
                  if "rel_diff_vs_legacy" in rec]
         if diffs:
@@ -209,11 +222,59 @@ def plot(sections, path):
     return True
 
 
+def heatmap(sections, path):
+    """fast vs cuDNN (log2 of cuDNN time / fast time) per shape and mode, one panel
+    per (dtype, layer); shapes ordered by batch, then hidden, then length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        print(f"report: no heat map ({type(e).__name__}: matplotlib not importable)", file=sys.stderr)
+        return False
+    panels = []
+    for (host, dev, dtype), sec in sorted(sections.items(), key=lambda kv: (
+            DTYPES.index(kv[0][2]) if kv[0][2] in DTYPES else 99)):
+        for layer in LAYERS:
+            cells = {(sh, mode): _ratio(r.get("cudnn"), r.get("fast"))
+                     for (ly, sh, mode), r in sec["rows"].items() if ly == layer}
+            cells = {k: v for k, v in cells.items() if v}
+            if cells:
+                panels.append((f"{layer} {dtype}", cells))
+    if not panels:
+        return False
+
+    def dims(shape):
+        b, length, h = (int(v) for v in shape.split("x"))
+        return b, h, length
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels) + 1.5, 11), squeeze=False)
+    for n, (ax, (title, cells)) in enumerate(zip(axes[0], panels)):
+        shapes = sorted({sh for sh, _ in cells}, key=dims)
+        grid = [[math.log2(cells[(sh, m)]) if (sh, m) in cells else float("nan") for m in MODES] for sh in shapes]
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=-3, vmax=3, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{2 ** v:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(MODES)))
+        ax.set_xticklabels(["fwd", "fwd+bwd"], fontsize=7)
+        ax.set_yticks(range(len(shapes)))
+        ax.set_yticklabels([s.replace("x", "×") for s in shapes] if n == 0 else [], fontsize=6)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("cuDNN time ÷ fast time (above 1, green: fast is quicker); shapes B×L×H", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.5, label="log2(cuDNN / fast)")
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", help="result files from recurrent_bench.py / torch_baseline.py")
     p.add_argument("--out", default=None, help="write the markdown here (default: stdout)")
     p.add_argument("--png", default=None, help="also draw a speed-up bar chart here (needs matplotlib)")
+    p.add_argument("--heatmap", default=None, help="also draw a fast-vs-cuDNN heat map here (needs matplotlib)")
     p.add_argument("--iqr", action="store_true", help="show ±IQR next to each median")
     p.add_argument("--title", default=None, help="a heading above the tables")
     args = p.parse_args(argv)
@@ -233,6 +294,9 @@ def main(argv=None):
     if args.png and sections:
         if plot(sections, args.png):
             print(f"report: wrote {args.png}", file=sys.stderr)
+    if args.heatmap and sections:
+        if heatmap(sections, args.heatmap):
+            print(f"report: wrote {args.heatmap}", file=sys.stderr)
     return 0
 
 
