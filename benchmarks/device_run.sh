@@ -12,7 +12,12 @@
 #   3. torch_baseline.py (cuDNN; PYTHONPATH without MLX)       -> $OUT/torch.json
 #   4. report.py                                               -> $OUT/results.md (+ speedup.png if matplotlib)
 # and, named in STAGES: ptl_torch / ptl_f32 / ptl_bf16 (mlx_fastrnn.pytorch vs cuDNN and the stock
-# composition: pytorch_layers_torch.py / pytorch_layers_bench.py) and flashrnn (flashrnn_bench.py).
+# composition: pytorch_layers_torch.py / pytorch_layers_bench.py), flashrnn (flashrnn_bench.py),
+# classes / tests_classes (kernel_classes_tune.py per cell and dtype -> $OUT/classes.json and
+# $OUT/class_table.py, copied into the tree for the later stages; tests_classes runs the GPU suite
+# meanwhile, holding the timing lock), sweep (the 32-shape sweep, fast -> $OUT/sweep_fast.json) and
+# sweep_torch (cuDNN on it). On the H200 (2026-12-02, fresh machine): tests_classes 131 s + 6 s,
+# sweep 101 s, sweep_torch 89 s with BUDGET=0.2.
 # Everything printed goes to $OUT/device_run.log too; $OUT/status.txt has one line
 # per stage (exit code, seconds). At most 7 files in $OUT (the device tool returns 8).
 # On the H100 (25 Nov 2026, fresh machine): f32 90-125 s, bf16 90-140 s (it also runs a
