@@ -650,6 +650,41 @@ def _problem_params(params, p, H):
     return tuple(q if p.NP == 1 else q.reshape(p.NP * H) for q in params)
 
 
+def forward_operands(p, cell_name, xp, w_h, states0, params):
+    """``(states0, params, w)`` as a forward kernel of plan ``p`` (either class)
+    reads them, or ``None`` when their count or shapes do not match."""
+    cs = CELLS[cell_name]
+    B, H = xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
+    states0, params = tuple(states0), tuple(params)
+    if len(states0) != cs.num_states or len(params) != cs.num_params:
+        return None
+    if not all(_shape_ok(s, (B, H)) for s in states0):
+        return None
+    params = _problem_params(params, p, H)
+    if params is None:
+        return None
+    return states0, params, (w_h.astype(mx.bfloat16) if p.w_bf16 else w_h)
+
+
+def backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h):
+    """``(d_outs, prevs, params, w)`` as a backward kernel of plan ``p`` (either
+    class) reads them (cotangents cast to float32), or ``None`` when they do not match."""
+    cs = CELLS[cell_name]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
+    d_outs, prevs, params = tuple(d_outs), tuple(prevs), tuple(params)
+    if len(d_outs) != cs.num_states or len(prevs) != cs.num_states or len(params) != cs.num_params:
+        return None
+    params = _problem_params(params, p, H)
+    if params is None or tuple(hp.shape) != (L, B, cs.num_gates * H) or hp.dtype != mx.float32:
+        return None
+    if not all(tuple(a.shape) == (L, B, H) for a in (*d_outs, *prevs)):
+        return None
+    if not all(a.dtype == mx.float32 for a in prevs):
+        return None
+    d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
+    return d_outs, prevs, params, (w_h.astype(mx.bfloat16) if p.w_bf16 else w_h)
+
+
 def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limits=None, tpb=256,
                         weights="auto", use_plan=None, header=HEADER):
     """Run the whole forward recurrence in one kernel.
@@ -669,17 +704,12 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
     p = _given_or_selected(use_plan, "forward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
+    operands = forward_operands(p, cell_name, xp, w_h, states0, params)
+    if operands is None:
+        return None
+    states0, params, w = operands
     spec_cell = CELLS[cell_name]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
-    states0, params = tuple(states0), tuple(params)
-    if len(states0) != spec_cell.num_states or len(params) != spec_cell.num_params:
-        return None
-    if not all(_shape_ok(s, (B, H)) for s in states0):
-        return None
-    params = _problem_params(params, p, H)
-    if params is None:
-        return None
-    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
     spec = kernel_spec(p, xp.dtype, h0_is_zero, header)
     inputs = (xp, w, *states0, *params)
     seq = (L, B, H)
@@ -707,23 +737,10 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
     p = _given_or_selected(use_plan, "backward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
-    spec_cell = CELLS[cell_name]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
-    GH = spec_cell.num_gates * H
-    d_outs, prevs, params = tuple(d_outs), tuple(prevs), tuple(params)
-    if len(d_outs) != spec_cell.num_states or len(prevs) != spec_cell.num_states:
+    operands = backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h)
+    if operands is None:
         return None
-    params = _problem_params(params, p, H) if len(params) == spec_cell.num_params else None
-    if params is None:
-        return None
-    if tuple(hp.shape) != (L, B, GH) or hp.dtype != mx.float32:
-        return None
-    if not all(tuple(a.shape) == (L, B, H) for a in (*d_outs, *prevs)):
-        return None
-    if not all(a.dtype == mx.float32 for a in prevs):
-        return None
-    d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
-    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
+    d_outs, prevs, params, w = operands
     spec = kernel_spec(p, xp.dtype, need_d_state0, header)
     inputs, shapes = cell_module(cell_name).backward_launch(d_outs, xp, hp, prevs, w, params)
     outs = _launch(spec, inputs, [*shapes, (p.sync_words,)], [mx.float32] * len(shapes) + [mx.uint32])

@@ -406,28 +406,33 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // iteration made this copy cost as much as ~40 steps).
 constexpr int RESIDENT_COPY_UNROLL = 16;
 
-// Wt[k*GHP + n] = w[n*H + k] (k < H), 0 for H <= k < KS. Reads are coalesced;
-// the stores walk k across a warp with an odd stride GHP: 32 banks, no conflict.
-template <int GH, int GHP, int H, int KS, int TPB, typename WT>
-__device__ __forceinline__ void load_w_transposed(WT* Wt, const WT* w) {
+// store(i, load(i)) for i < N, the loads of U consecutive strides issued before their stores.
+template <int N, int TPB, typename WT, typename Load, typename Store>
+__device__ __forceinline__ void copy_batched(Load load, Store store) {
   constexpr int U = RESIDENT_COPY_UNROLL;
-  for (int i0 = threadIdx.x; i0 < GH * H; i0 += TPB * U) {
+  for (int i0 = threadIdx.x; i0 < N; i0 += TPB * U) {
     WT v[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = i0 + u * TPB;
-      v[u] = i < GH * H ? w[i] : zero<WT>();
+      v[u] = i < N ? load(i) : zero<WT>();
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = i0 + u * TPB;
-      if (i < GH * H) {
-        const int n = i / H;
-        const int k = i - n * H;
-        Wt[k * GHP + n] = v[u];
+      if (i < N) {
+        store(i, v[u]);
       }
     }
   }
+}
+
+// Wt[k*GHP + n] = w[n*H + k] (k < H), 0 for H <= k < KS. Reads are coalesced;
+// the stores walk k across a warp with an odd stride GHP: 32 banks, no conflict.
+template <int GH, int GHP, int H, int KS, int TPB, typename WT>
+__device__ __forceinline__ void load_w_transposed(WT* Wt, const WT* w) {
+  copy_batched<GH * H, TPB, WT>([&](int i) { return w[i]; },
+                                [&](int i, WT v) { Wt[(i % H) * GHP + i / H] = v; });
   for (int i = H * GHP + threadIdx.x; i < KS * GHP; i += TPB) {
     Wt[i] = zero<WT>();
   }
@@ -436,22 +441,8 @@ __device__ __forceinline__ void load_w_transposed(WT* Wt, const WT* w) {
 // Wn[m*H + j] = w[m*H + j] (m < GH), 0 for GH <= m < KS.
 template <int GH, int H, int KS, int TPB, typename WT>
 __device__ __forceinline__ void load_w_natural(WT* Wn, const WT* w) {
-  constexpr int U = RESIDENT_COPY_UNROLL;
-  for (int i0 = threadIdx.x; i0 < KS * H; i0 += TPB * U) {
-    WT v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * TPB;
-      v[u] = i < GH * H ? w[i] : zero<WT>();
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * TPB;
-      if (i < KS * H) {
-        Wn[i] = v[u];
-      }
-    }
-  }
+  copy_batched<KS * H, TPB, WT>([&](int i) { return i < GH * H ? w[i] : zero<WT>(); },
+                                [&](int i, WT v) { Wn[i] = v; });
 }
 
 // a[rr][g] += sum_k h[r][k] * Wt[k][g*H + j] for the thread's rows r = rs + rr*RS
@@ -566,26 +557,14 @@ def select(direction, cell_name, xp, w_h, limits=None):
     return plan(direction, cell_name, H, B, limits, xp.dtype, NP)
 
 
-def _params(params, p):
-    want = (p.H,) if p.NP == 1 else (p.NP, p.H)
-    if not all(P._shape_ok(q, want) for q in params):
-        return None
-    return tuple(q.reshape(p.NP * p.H) for q in params)
-
-
 def forward_launch(p, xp, w_h, states0, params, h0_is_zero):
     """(spec, inputs, output shapes, output dtypes) of the forward, or None."""
+    operands = P.forward_operands(p, p.cell, xp, w_h, states0, params)
+    if operands is None:
+        return None
+    states0, params, w = operands
     cs = P.CELLS[p.cell]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    states0, params = tuple(states0), tuple(params)
-    if len(states0) != cs.num_states or len(params) != cs.num_params:
-        return None
-    if not all(P._shape_ok(s, (B, H)) for s in states0):
-        return None
-    params = _params(params, p)
-    if params is None:
-        return None
-    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
     spec = kernel_spec(p, xp.dtype, h0_is_zero)
     shapes = [(L, B, H)] * cs.num_states + [(L, B, cs.num_gates * H), (SYNC_WORDS,)]
     dtypes = [mx.float32] * (cs.num_states + 1) + [mx.uint32]
@@ -593,22 +572,14 @@ def forward_launch(p, xp, w_h, states0, params, h0_is_zero):
 
 
 def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
+    operands = P.backward_operands(p, p.cell, d_outs, xp, hp, prevs, params, w_h)
+    if operands is None:
+        return None
+    d_outs, prevs, params, w = operands
     cs = P.CELLS[p.cell]
     mod = P.cell_module(p.cell)
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
     GH = cs.num_gates * H
-    d_outs, prevs, params = tuple(d_outs), tuple(prevs), tuple(params)
-    if len(d_outs) != cs.num_states or len(prevs) != cs.num_states or len(params) != cs.num_params:
-        return None
-    params = _params(params, p)
-    if params is None or tuple(hp.shape) != (L, B, GH) or hp.dtype != mx.float32:
-        return None
-    if not all(tuple(a.shape) == (L, B, H) for a in (*d_outs, *prevs)):
-        return None
-    if not all(a.dtype == mx.float32 for a in prevs):
-        return None
-    d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
-    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
     spec = kernel_spec(p, xp.dtype, need_d_state0)
     shapes = [(L, B, GH)] * (1 if mod.DHP_IS_DX else 2) + [(B, H)] * cs.num_states + [(SYNC_WORDS,)]
     dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]

@@ -42,17 +42,19 @@ _STEP = r"""
 # One element's step as device functions (the resident class calls them; see
 # kernels/resident.py and the LSTM's for the contract): s = (y, c, n, m).
 DHP_IS_DX = True
-POINT = r"""
-namespace frnn_cell {
-__device__ __forceinline__ void forward(const float* x, const float* a, const float* prm, float* s) {
-  const float ir = x[0] + a[0];
+# The step from a point function's arguments (SP: the name of its state array).
+_POINT_STEP = r"""  const float ir = x[0] + a[0];
   const float fr = x[1] + a[1];
   const float zr = x[2] + a[2];
   const float orw = x[3] + a[3];
-  const float cp = s[1];
-  const float np_ = s[2];
-  const float mp = s[3];
-""" + _STEP + r"""
+  const float cp = SP[1];
+  const float np_ = SP[2];
+  const float mp = SP[3];
+""" + _STEP
+POINT = r"""
+namespace frnn_cell {
+__device__ __forceinline__ void forward(const float* x, const float* a, const float* prm, float* s) {
+""" + _POINT_STEP.replace("SP", "s") + r"""
   s[0] = yn;
   s[1] = cn;
   s[2] = nn;
@@ -60,14 +62,7 @@ __device__ __forceinline__ void forward(const float* x, const float* a, const fl
 }
 __device__ __forceinline__ void backward(const float* x, const float* a, const float* prm, const float* sp,
                                          const float* g, float* dx, float* dhp, float* dprev) {
-  const float ir = x[0] + a[0];
-  const float fr = x[1] + a[1];
-  const float zr = x[2] + a[2];
-  const float orw = x[3] + a[3];
-  const float cp = sp[1];
-  const float np_ = sp[2];
-  const float mp = sp[3];
-""" + _STEP + r"""
+""" + _POINT_STEP.replace("SP", "sp") + r"""
   // The adjoint of naive._adjoint; wu / wi are the tie weights (1/2 at a tie).
   const float gy = g[0];
   const float gm = g[3];
