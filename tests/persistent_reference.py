@@ -90,3 +90,42 @@ def max_rel_err(actual, expected):
         diff = mx.abs(a - e).max().item()
         scale = max(1.0, mx.abs(e).max().item())
     return diff / scale if math.isfinite(diff) else math.inf
+
+
+def cuda_available():
+    try:
+        return bool(mx.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def on_cpu(fn, *args):
+    """``fn(*args)`` evaluated on the CPU stream (no GPU matmul shortcuts in an oracle)."""
+    with mx.stream(mx.cpu):
+        out = fn(*args)
+        mx.eval(out)
+    return out
+
+
+def gpu_tol(L):
+    """Relative tolerance of a GPU kernel against the CPU reference after L steps."""
+    return 2e-5 if L <= 64 else 2e-4
+
+
+def check_problems_backward(cell_name, parts, got, d_outs, hp, prevs, need, tol, on=None, weights=None):
+    """Each problem's rows of a multi-problem backward ``got = (dx, dhp, d0)``
+    against the reference backward of that problem alone. ``parts``: the
+    problems' ``(xp, w_h, states0, params)``; ``on``: how to run the reference
+    (default: directly); ``weights``: the W_h the reference uses per problem."""
+    dx, dhp, d0 = got
+    run = on or (lambda fn, *args: fn(*args))
+    B = dx.shape[1] // len(parts)
+    for k, (pxp, pw, _, pprm) in enumerate(parts):
+        rows = slice(k * B, (k + 1) * B)
+        rdx, rdhp, rd0 = run(backward, cell_name, tuple(d[:, rows] for d in d_outs), pxp, hp[:, rows],
+                             tuple(q[:, rows] for q in prevs), pprm, weights(pw) if weights else pw, need)
+        assert max_rel_err(dx[:, rows], rdx) < tol, f"dx of problem {k}"
+        assert max_rel_err(dhp[:, rows], rdhp) < tol, f"dhp of problem {k}"
+        if need:
+            for a, e in zip(d0, rd0):
+                assert max_rel_err(a[rows], e) < tol, f"d_state0 of problem {k}"

@@ -19,16 +19,9 @@ import persistent_reference as ref
 from mlx_fastrnn.kernels import persistent as P
 
 
-def _cuda():
-    try:
-        return bool(mx.cuda.is_available())
-    except Exception:  # noqa: BLE001
-        return False
-
-
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend"),
+    pytest.mark.skipif(not ref.cuda_available(), reason="needs MLX's CUDA backend"),
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,17 +34,6 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def _on_cpu(fn, *args):
-    with mx.stream(mx.cpu):
-        out = fn(*args)
-        mx.eval(out)
-    return out
-
-
-def _tol(L):
-    return 2e-5 if L <= 64 else 2e-4
-
-
 def _check_sequence(cell, L, B, H, xdt, h0_zero, weights="auto", need=None):
     xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
     if h0_zero:
@@ -62,12 +44,12 @@ def _check_sequence(cell, L, B, H, xdt, h0_zero, weights="auto", need=None):
     mx.eval(got)
     p = P.select("forward", cell, xp, w_h, weights=weights)
     w_ref = w_h.astype(mx.bfloat16).astype(mx.float32) if p.w_bf16 else w_h
-    expected = _on_cpu(ref.forward, cell, xp, w_ref, s0, params, h0_zero)
+    expected = ref.on_cpu(ref.forward, cell, xp, w_ref, s0, params, h0_zero)
     assert len(got) == len(expected)
     for i, (a, e) in enumerate(zip(got, expected)):
         assert a.dtype == mx.float32 and a.shape == e.shape
         err = ref.max_rel_err(a, e)
-        assert err < _tol(L), f"forward output {i}: rel err {err:.2e} ({p})"
+        assert err < ref.gpu_tol(L), f"forward output {i}: rel err {err:.2e} ({p})"
 
     need = (not h0_zero) if need is None else need
     seqs, hp = expected[:-1], expected[-1]
@@ -78,14 +60,14 @@ def _check_sequence(cell, L, B, H, xdt, h0_zero, weights="auto", need=None):
     assert bw is not None
     dx, dhp, d0 = bw
     mx.eval(dx, dhp, d0)
-    rdx, rdhp, rd0 = _on_cpu(ref.backward, cell, d_outs, xp, hp, prevs, params, w_ref, need)
+    rdx, rdhp, rd0 = ref.on_cpu(ref.backward, cell, d_outs, xp, hp, prevs, params, w_ref, need)
     pb = P.select("backward", cell, xp, w_h, weights=weights)
-    assert ref.max_rel_err(dx, rdx) < _tol(L), pb
-    assert ref.max_rel_err(dhp, rdhp) < _tol(L), pb
+    assert ref.max_rel_err(dx, rdx) < ref.gpu_tol(L), pb
+    assert ref.max_rel_err(dhp, rdhp) < ref.gpu_tol(L), pb
     if need:
         assert len(d0) == len(rd0)
         for a, e in zip(d0, rd0):
-            assert ref.max_rel_err(a, e) < _tol(L), pb
+            assert ref.max_rel_err(a, e) < ref.gpu_tol(L), pb
     else:
         assert d0 is None
 

@@ -13,31 +13,13 @@ from mlx_fastrnn.kernels import persistent as P
 from mlx_fastrnn.kernels import resident as R
 
 
-def _cuda():
-    try:
-        return bool(mx.cuda.is_available())
-    except Exception:  # noqa: BLE001
-        return False
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ref.cuda_available(), reason="needs MLX's CUDA backend")]
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_KERNEL_CLASS", "MLX_FASTRNN_PERSISTENT_PROBLEMS"):
         monkeypatch.delenv(k, raising=False)
-
-
-def _on_cpu(fn, *args):
-    with mx.stream(mx.cpu):
-        out = fn(*args)
-        mx.eval(out)
-    return out
-
-
-def _tol(L):
-    return 2e-5 if L <= 64 else 2e-4
 
 
 def _check(cell, L, B, H, xdt, zero, problems=1):
@@ -62,17 +44,17 @@ def _check(cell, L, B, H, xdt, zero, problems=1):
     for k, (pxp, pw, ps0, pprm) in enumerate(parts):
         rows = slice(k * B, (k + 1) * B)
         w_ref = pw.astype(mx.bfloat16).astype(mx.float32) if pf.w_bf16 else pw
-        expected = _on_cpu(ref.forward, cell, pxp, w_ref, ps0, pprm, zero)
+        expected = ref.on_cpu(ref.forward, cell, pxp, w_ref, ps0, pprm, zero)
         for i, (a, e) in enumerate(zip(got, expected)):
             err = ref.max_rel_err(a[:, rows], e)
-            assert err < _tol(L), f"forward output {i} of problem {k}: rel err {err:.2e} ({pf})"
-        rdx, rdhp, rd0 = _on_cpu(ref.backward, cell, tuple(d[:, rows] for d in d_outs), pxp, hp[:, rows],
+            assert err < ref.gpu_tol(L), f"forward output {i} of problem {k}: rel err {err:.2e} ({pf})"
+        rdx, rdhp, rd0 = ref.on_cpu(ref.backward, cell, tuple(d[:, rows] for d in d_outs), pxp, hp[:, rows],
                                  tuple(q[:, rows] for q in prevs), pprm, w_ref, need)
-        assert ref.max_rel_err(dx[:, rows], rdx) < _tol(L), pb
-        assert ref.max_rel_err(dhp[:, rows], rdhp) < _tol(L), pb
+        assert ref.max_rel_err(dx[:, rows], rdx) < ref.gpu_tol(L), pb
+        assert ref.max_rel_err(dhp[:, rows], rdhp) < ref.gpu_tol(L), pb
         if need:
             for a, e in zip(d0, rd0):
-                assert ref.max_rel_err(a[rows], e) < _tol(L), pb
+                assert ref.max_rel_err(a[rows], e) < ref.gpu_tol(L), pb
         else:
             assert d0 is None
 
