@@ -55,6 +55,9 @@ PRELUDE = r"""
 #define __host__
 #define __forceinline__ inline
 #define __grid_constant__
+// CUDA's integer min / max (device functions in the global namespace)
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 struct frnn_dim3 { unsigned x = 0, y = 0, z = 0; };
 thread_local frnn_dim3 threadIdx, blockIdx;
@@ -284,38 +287,30 @@ def emulate(spec, inputs, out_specs, timeout=300):
 # --------------------------------------------------------------------------- the entry points, emulated
 
 
-def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights="auto", plan=None):
+def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights="auto", plan=None,
+            lens=None, rev=0):
     """``persistent_sequence`` with the launch replaced by the emulator (``plan``:
     use this plan instead of the selected one)."""
     p = plan or P.select("forward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
-    cs = P.CELLS[cell]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
-    params = P._problem_params(tuple(params), p, H)
-    spec = P.kernel_spec(p, xp.dtype, h0_is_zero)
-    outs = [((L, B, H), mx.float32)] * cs.num_states + [((L, B, cs.num_gates * H), mx.float32),
-                                                        ((p.sync_words,), mx.uint32)]
-    res = emulate(spec, [xp, w, *states0, *params], outs)
+    spec, inputs, shapes, dtypes = P.forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
+    res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
     return tuple(res[:-1]), (p, res[-1])
 
 
 def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tpb=64, weights="auto",
-             plan=None):
+             plan=None, lens=None, rev=0, d_out=None):
     """``persistent_backward`` with the launch replaced by the emulator (``plan``:
     use this plan instead of the selected one)."""
     p = plan or P.select("backward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
-    w = w_h.astype(mx.bfloat16) if p.w_bf16 else w_h
-    spec = P.kernel_spec(p, xp.dtype, need_d_state0)
-    mod = P.cell_module(cell)
-    params = P._problem_params(tuple(params), p, w_h.shape[-1])
-    inputs, shapes = mod.backward_launch(d_outs, xp, hp, prevs, w, params)
-    res = emulate(spec, list(inputs), [(s, mx.float32) for s in shapes] + [((p.sync_words,), mx.uint32)])
-    dx, dhp, d0 = mod.backward_results(res[:-1])
-    return (dx, dhp, d0 if need_d_state0 else None), (p, res[-1])
+    spec, inputs, shapes, dtypes = P.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
+                                                     lens, rev, d_out)
+    res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
+    varlen = lens is not None or bool(rev)
+    return P.backward_results(cell, res, need_d_state0, varlen), (p, res[-1])
 
 
 # --------------------------------------------------------------------------- NVRTC
@@ -413,28 +408,53 @@ def ptxas_info(log):
             int(stack[-1]) if stack else None)
 
 
+def compile_spec(spec, x_dtype, w_bf16):
+    """NVRTC + ptxas of a kernel spec of either class, with its inputs' dtypes and
+    ranks as the launch gives them. Returns (ok, log, (registers, spill stores,
+    spill loads, stack bytes))."""
+    def dtype(n):
+        if n == "x":
+            return x_dtype
+        if n == "lens":
+            return mx.int32
+        return mx.bfloat16 if n == "w" and w_bf16 else mx.float32
+
+    def rank(n):
+        if n == "lens" or n.startswith("prm"):
+            return 1
+        return 2 if n == "w" or n.startswith("init") else 3
+
+    odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
+    _, src = P.generate_source(spec, [dtype(n) for n in spec.input_names], [rank(n) for n in spec.input_names],
+                               odts)
+    ok, log = nvrtc_compile(src)
+    return ok, log, ptxas_info(log)
+
+
 # --------------------------------------------------------------------------- the resident class, emulated
 
 
-def resident_forward(cell, xp, w_h, states0, params, h0_is_zero, limits, plan=None):
+def resident_forward(cell, xp, w_h, states0, params, h0_is_zero, limits, plan=None, lens=None, rev=0):
     """``resident.run_forward`` with the launch replaced by the emulator."""
     from mlx_fastrnn.kernels import resident as R
 
     p = plan or R.select("forward", cell, xp, w_h, limits)
     if p is None:
         return None, None
-    spec, inputs, shapes, dtypes = R.forward_launch(p, xp, w_h, states0, params, h0_is_zero)
+    spec, inputs, shapes, dtypes = R.forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
     return tuple(res[:-1]), p
 
 
-def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, plan=None):
+def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, plan=None,
+                      lens=None, rev=0, d_out=None):
     """``resident.run_backward`` with the launch replaced by the emulator."""
     from mlx_fastrnn.kernels import resident as R
 
     p = plan or R.select("backward", cell, xp, w_h, limits)
     if p is None:
         return None, None
-    spec, inputs, shapes, dtypes = R.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0)
+    spec, inputs, shapes, dtypes = R.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
+                                                     lens, rev, d_out)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
-    return R.backward_results(cell, res, need_d_state0), p
+    return P.backward_results(cell, res, need_d_state0, lens is not None or bool(rev)), p

@@ -129,3 +129,118 @@ def check_problems_backward(cell_name, parts, got, d_outs, hp, prevs, need, tol,
         if need:
             for a, e in zip(d0, rd0):
                 assert max_rel_err(a[rows], e) < tol, f"d_state0 of problem {k}"
+
+
+# --------------------------------------------------------------------------- variable lengths, directions
+
+
+def step_positions(lens, rev, L):
+    """``(pos, active)`` [L, B]: the position step t of row b reads (``len-1-t``
+    for reversed rows, else t; t itself once the row is past its length) and
+    whether the row is still inside its length (the kernels' varlen contract)."""
+    t = mx.arange(L)[:, None]
+    n = mx.array(lens, mx.int32)[None, :]
+    active = t < n
+    pos = mx.where(mx.array(rev)[None, :] & active, n - 1 - t, t)
+    return pos, active
+
+
+def varlen_forward(cell_name, xp, w_h, states0, params, h0_is_zero, lens, rev):
+    """(seqs..., hp, out) of the varlen kernels, as masked MLX ops (differentiable):
+    per row ``lens[b]`` valid steps, ``rev[b]`` = the row runs from its end; states
+    frozen past the length; ``out`` in position order, zero past the length."""
+    cell = CELLS[cell_name]
+    step = functools.partial(cell.forward_step, **cell.step_kwargs)
+    L = xp.shape[0]
+    pos, active = step_positions(lens, rev, L)
+    xs = mx.take_along_axis(xp, pos[:, :, None], axis=0)
+    states = tuple(states0)
+    seqs = [[] for _ in range(cell.num_states + 1)]
+    for t in range(L):
+        if t == 0 and h0_is_zero:
+            hp = mx.zeros((xp.shape[1], xp.shape[2]), mx.float32)
+        else:
+            hp = states[0] @ w_h.T
+        new = step(xs[t], hp, states, params)
+        on = active[t][:, None]
+        states = tuple(mx.where(on, a, b) for a, b in zip(new, states))
+        for s, a in zip(seqs, (*states, mx.where(on, hp, 0.0))):
+            s.append(a)
+    seqs = [mx.stack(s) for s in seqs]
+    # position p of a row holds step p (forward) or len-1-p (reversed): the same map
+    out = mx.where(active[:, :, None], mx.take_along_axis(seqs[0], pos[:, :, None], axis=0), 0.0)
+    return (*seqs, out)
+
+
+def varlen_grads(cell_name, xp, w_h, states0, params, h0_is_zero, lens, rev, d_seqs, d_out):
+    """(d xp, d w_h, d states0) of :func:`varlen_forward` for the cotangents of its
+    state sequences and of ``out`` (``mx.vjp``: an oracle independent of the
+    cells' hand-written backward steps)."""
+    S = len(states0)
+
+    def fn(xp_, w_, *s0):
+        outs = varlen_forward(cell_name, xp_, w_, s0, params, h0_is_zero, lens, rev)
+        return (*outs[:S], outs[-1])
+
+    _, grads = mx.vjp(fn, [xp.astype(mx.float32), w_h, *states0], [*d_seqs, d_out])
+    return grads[0], grads[1], tuple(grads[2:])
+
+
+def stacked_problems(cell_name, problems, L, B, H, x_dtype, zero):
+    """``problems`` independent problems (own W_h, params, rows), stacked the way
+    the kernels take them: rows problem-major, W_h [NP, G*H, H], params [NP, H]
+    (one problem: as it is). Returns (parts, stacked)."""
+    parts = [problem(cell_name, L, B, H, x_dtype, seed=10 + k) for k in range(problems)]
+    if zero:
+        parts = [(xp, w, tuple(mx.zeros_like(s) for s in s0), prm) for xp, w, s0, prm in parts]
+    if problems == 1:
+        return parts, parts[0]
+    xp = mx.concatenate([p[0] for p in parts], axis=1)
+    w = mx.stack([p[1] for p in parts])
+    s0 = tuple(mx.concatenate(ss, axis=0) for ss in zip(*(p[2] for p in parts)))
+    params = tuple(mx.stack(qs) for qs in zip(*(p[3] for p in parts)))
+    return parts, (xp, w, s0, params)
+
+
+def check_varlen(cell_name, L, B, H, x_dtype, zero, lens, rev, problems, forward, backward, on=None,
+                 tol=(2e-6, 1e-5)):
+    """One varlen launch pair against the masked reference: ``forward(xp, w_h,
+    states0, params, h0_is_zero, lens=, rev=) -> (seqs..., hp, out)`` and
+    ``backward(d_outs, xp, hp, prevs, params, w_h, need, lens=, rev=, d_out=) ->
+    (dx, dhp, d0)`` run ``problems`` stacked problems of ``B`` rows with
+    ``lens`` (per row, or None) and ``rev`` (bit p: problem p reversed). Checks
+    the forward's outputs (``tol[0]``), and dx, dW_h = sum dhp^T h_prev and the
+    initial-state cotangents (``tol[1]``) against ``mx.vjp`` of
+    :func:`varlen_forward`; ``on``: how to run the reference (default: directly;
+    :func:`on_cpu` for a GPU test). ``lens`` may also be the full list of lengths
+    for the rows, with ``B`` rows per problem."""
+    run = on or (lambda fn, *args: fn(*args))
+    parts, (xp, w, s0, params) = stacked_problems(cell_name, problems, L, B, H, x_dtype, zero)
+    rows = problems * B
+    row_lens = lens or [L] * rows
+    row_rev = [bool((rev >> (r // B)) & 1) for r in range(rows)]
+    lens_a = None if lens is None else mx.array(lens, mx.int32)
+    S = CELLS[cell_name].num_states
+    got = forward(xp, w, s0, params, zero, lens=lens_a, rev=rev)
+    assert len(got) == S + 2
+    seqs, hp = got[:S], got[S]
+    prevs = prevs_of(s0, seqs)
+    d_seqs = cotangents(cell_name, L, rows, H)
+    d_out = cotangents(cell_name, L, rows, H, seed=7)[0]
+    need = not zero
+    dx, dhp, d0 = backward(d_seqs, xp, hp, prevs, params, w, need, lens=lens_a, rev=rev, d_out=d_out)
+    assert (d0 is not None) == need
+    for k, (pxp, pw, ps0, pprm) in enumerate(parts):
+        sl = slice(k * B, (k + 1) * B)
+        pxp = pxp.astype(mx.float32)
+        expected = run(varlen_forward, cell_name, pxp, pw, ps0, pprm, zero, row_lens[sl], row_rev[sl])
+        for i, (a, e) in enumerate(zip(got, expected)):
+            assert max_rel_err(a[:, sl], e) < tol[0], f"forward output {i} of problem {k}"
+        rdx, rdw, rd0 = run(varlen_grads, cell_name, pxp, pw, ps0, pprm, zero, row_lens[sl], row_rev[sl],
+                            [d[:, sl] for d in d_seqs], d_out[:, sl])
+        assert max_rel_err(dx[:, sl], rdx) < tol[1], f"dx of problem {k}"
+        dw = run(mx.einsum, "tbg,tbh->gh", dhp[:, sl], prevs[0][:, sl])
+        assert max_rel_err(dw, rdw) < tol[1], f"dW_h of problem {k}"
+        if need:
+            for q, (a, e) in enumerate(zip(d0, rd0)):
+                assert max_rel_err(a[sl], e) < tol[1], f"d state0 {q} of problem {k}"

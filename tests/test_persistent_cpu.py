@@ -16,6 +16,7 @@ import mlx.core as mx
 import persistent_emulator as emu
 import persistent_reference as ref
 from mlx_fastrnn.kernels import persistent as P
+from mlx_fastrnn.kernels import tiled as T
 
 H100 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
 SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
@@ -177,8 +178,9 @@ def test_bodies_use_only_their_names():
     """MLX adds a shape/strides/ndim parameter for every input name it finds
     followed by _shape etc. in the body: only x_shape may appear."""
     for cell in ref.CELL_NAMES:
-        mod = P.cell_module(cell)
-        for body, names in ((mod.FORWARD_BODY, mod.FORWARD_INPUTS), (mod.BACKWARD_BODY, mod.BACKWARD_INPUTS)):
+        bodies = [(T.forward_body(cell, v), T.forward_io(cell, v)[0]) for v in (False, True)]
+        bodies += [(T.backward_body(cell, v), T.backward_io(cell, v)[0]) for v in (False, True)]
+        for body, names in bodies:
             assert "x_shape" in body
             for n in names:
                 for suffix in ("_strides", "_ndim") + (() if n == "x" else ("_shape",)):
@@ -320,26 +322,25 @@ def test_emulated_chunked_and_bf16_weights():
 @pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_nvrtc_compiles_without_spills(cell, direction):
+@pytest.mark.parametrize("varlen", [False, True])
+def test_nvrtc_compiles_without_spills(cell, direction, varlen):
     for (B, H), xdt in (((32, 200), mx.float32), ((16, 512), mx.bfloat16), ((1, 1), mx.float16)):
-        p = P.plan(direction, cell, H, B, H100, x_dtype=xdt, weights="bfloat16" if H == 512 else "auto")
-        _assert_compiles(p, xdt)
+        for problems, rev in (((1, 1), (2, 0b10)) if varlen else ((1, 0),)):
+            p = P.plan(direction, cell, H, B, H100, x_dtype=xdt, weights="bfloat16" if H == 512 else "auto",
+                       problems=problems)
+            _assert_compiles(p, xdt, lens=varlen, rev=rev)
 
 
-def _assert_compiles(p, xdt):
-    """NVRTC + ptxas of plan ``p``'s kernel: at most 128 registers (two 256-thread
-    blocks per SM), no spills, no stack."""
-    spec = P.kernel_spec(p, xdt, True)
-    dts = [xdt if n == "x" else (mx.bfloat16 if n == "w" and p.w_bf16 else mx.float32)
-           for n in spec.input_names]
-    nds = [1 if n == "bhn" else 2 if n in ("w", "h0", "c0") else 3 for n in spec.input_names]
-    odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
-    _, src = P.generate_source(spec, dts, nds, odts)
-    ok, log = emu.nvrtc_compile(src)
+def _assert_compiles(p, xdt, lens=False, rev=0):
+    """NVRTC + ptxas of plan ``p``'s kernel: no spills, no stack; at most 128
+    registers (two 256-thread blocks per SM) for one problem, and for several
+    (a varlen two-problem forward takes ~150) at least one block per SM."""
+    spec = P.kernel_spec(p, xdt, True, lens=lens, rev=rev)
+    ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
     assert ok, log[-4000:]
-    regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
-    assert regs is not None and regs <= 128, log
+    assert regs is not None and (regs <= 128 if p.NP == 1 else regs * p.TPB <= 65536), log
     assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+    return spec
     return spec
 
 
@@ -394,19 +395,6 @@ def test_emulated_lstm_backward_shaped_like_h100_h512(switches, kch, monkeypatch
 
 # --------------------------------------------------------------------- several problems in one launch
 
-def _stacked(cell, problems, L, B, H, xdt, zero):
-    """``problems`` independent problems (own W_h, params, rows), stacked the way
-    the kernels take them: rows problem-major, W_h [NP, G*H, H], params [NP, H]."""
-    parts = [ref.problem(cell, L, B, H, xdt, seed=10 + k) for k in range(problems)]
-    if zero:
-        parts = [(xp, w, tuple(mx.zeros_like(s) for s in s0), prm) for xp, w, s0, prm in parts]
-    xp = mx.concatenate([p[0] for p in parts], axis=1)
-    w = mx.stack([p[1] for p in parts])
-    s0 = tuple(mx.concatenate(ss, axis=0) for ss in zip(*(p[2] for p in parts)))
-    params = tuple(mx.stack(qs) for qs in zip(*(p[3] for p in parts)))
-    return parts, (xp, w, s0, params)
-
-
 @needs_cxx
 @pytest.mark.parametrize("cell,L,B,H,xdt,zero", [
     ("gru", 4, 3, 20, mx.float32, False), ("lstm", 3, 2, 17, mx.bfloat16, True),
@@ -416,7 +404,7 @@ def test_emulated_two_problems_in_one_launch(cell, L, B, H, xdt, zero):
     """Two problems (a bidirectional layer's directions) in one launch equal each
     problem run alone: outputs, dx/dhp and the initial-state cotangents; each
     problem's batch groups keep their own barrier counter."""
-    parts, (xp, w, s0, params) = _stacked(cell, 2, L, B, H, xdt, zero)
+    parts, (xp, w, s0, params) = ref.stacked_problems(cell, 2, L, B, H, xdt, zero)
     got, (p, sync) = emu.forward(cell, xp, w, s0, params, zero, SMALL)
     assert p is not None and p.NP == 2 and p.nblocks <= SMALL.num_sms
     expected = [ref.forward(cell, *part, zero) for part in parts]
@@ -446,3 +434,85 @@ def test_multi_problem_switch(monkeypatch):
     assert P.multi_problem_enabled()
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "0")
     assert not P.multi_problem_enabled()
+
+
+# --------------------------------------------------------------------------- lengths and directions
+
+TINY = P.Limits(num_sms=8, smem_per_block=6 * 1024, smem_per_sm=16 * 1024)  # several blocks per group
+
+# (cell, L, B, H, x dtype, zero initial state, lengths or None, REV mask, problems, limits)
+VARLEN_CASES = [
+    ("lstm", 5, 3, 20, mx.float32, False, [5, 2, 1], 0, 1, SMALL),
+    ("gru", 4, 3, 17, mx.float32, False, None, 1, 1, SMALL),
+    ("gru", 6, 4, 24, mx.float32, False, [6, 3, 1, 4], 1, 1, SMALL),
+    ("rnn_tanh", 5, 3, 9, mx.float32, True, [2, 5, 3], 1, 1, SMALL),
+    ("rnn_relu", 4, 2, 11, mx.bfloat16, False, [1, 4], 0, 1, SMALL),
+    ("slstm", 5, 3, 12, mx.float32, False, [4, 1, 5], 1, 1, SMALL),
+    ("lstm", 6, 3, 40, mx.float32, False, [6, 1, 4], 1, 1, TINY),
+    ("lstm", 4, 2, 12, mx.bfloat16, True, [3, 4, 4, 1], 2, 2, SMALL),
+    ("gru", 5, 2, 10, mx.float32, False, [5, 2, 3, 5], 2, 2, SMALL),
+    ("rnn_tanh", 3, 2, 8, mx.float32, False, None, 2, 2, SMALL),
+    ("slstm", 4, 2, 9, mx.float32, False, [2, 4, 4, 3], 2, 2, SMALL),
+]
+
+
+def _varlen_id(c):
+    return (f"{c[0]}-L{c[1]}-B{c[2]}-H{c[3]}-{str(c[4]).split('.')[-1]}-{'zero' if c[5] else 'state'}"
+            f"-{'lens' if c[6] else 'full'}-rev{c[7]}-np{c[8]}{'-tiny' if c[9] is TINY else ''}")
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_id)
+def test_emulated_lengths_and_directions(case):
+    """Per-row lengths and per-problem directions inside the tiled kernels
+    (``ref.check_varlen``: forward against a masked MLX reference, backward
+    against its ``mx.vjp``); every batch group's barrier ran L-1 times."""
+    cell, L, B, H, xdt, zero, lens, rev, problems, limits = case
+
+    def forward(*args, lens, rev):
+        got, (p, sync) = emu.forward(cell, *args, limits, lens=lens, rev=rev)
+        assert p is not None and p.NP == problems
+        assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * (L - 1)] * (p.NBB * problems)
+        return got
+
+    def backward(*args, lens, rev, d_out):
+        return emu.backward(cell, *args, limits, lens=lens, rev=rev, d_out=d_out)[0]
+
+    ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward)
+
+
+@needs_cxx
+def test_emulated_full_lengths_equal_the_plain_kernel():
+    """Lengths all equal to L, no reversal: the varlen kernel gives the plain one's numbers."""
+    cell, L, B, H = "gru", 4, 3, 16
+    xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    plain, _ = emu.forward(cell, xp, w_h, s0, params, False, SMALL)
+    varlen, _ = emu.forward(cell, xp, w_h, s0, params, False, SMALL, lens=mx.array([L] * B, mx.int32))
+    for a, e in zip(varlen, plain):
+        assert ref.max_rel_err(a, e) == 0.0
+    assert ref.max_rel_err(varlen[-1], plain[0]) == 0.0  # out = h in position order
+
+
+@needs_cxx
+def test_emulated_lengths_out_of_range_are_clamped():
+    """Lengths outside 1..L (the layers refuse them; a direct caller might not)
+    are clamped to 0..L inside the kernel: no access outside the arrays (run
+    with MLX_FASTRNN_EMU_SANITIZE=1 to have AddressSanitizer check it), and the
+    numbers of the clamped lengths; a row of length 0 keeps its initial state."""
+    cell, L, B, H = "lstm", 4, 3, 10
+    xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    bad, _ = emu.forward(cell, xp, w_h, s0, params, False, SMALL, lens=mx.array([L + 5, -2, 2], mx.int32), rev=1)
+    good, _ = emu.forward(cell, xp, w_h, s0, params, False, SMALL, lens=mx.array([L, 0, 2], mx.int32), rev=1)
+    for a, e in zip(bad, good):
+        assert ref.max_rel_err(a, e) == 0.0
+    h_seq, out = good[0], good[-1]
+    assert ref.max_rel_err(h_seq[:, 1], mx.broadcast_to(s0[0][1], (L, H))) == 0.0
+    assert float(mx.abs(out[:, 1]).max()) == 0.0
+
+
+def test_directions_must_name_the_launch_problems():
+    xp, w_h, s0, params = ref.problem("gru", 3, 2, 8)
+    p = P.select("forward", "gru", xp, w_h, SMALL)
+    assert P.forward_launch(p, xp, w_h, s0, params, False, rev=2) is None  # one problem: bit 1 names none
+    with pytest.raises(ValueError):
+        P.forward_launch(p, xp, w_h, s0, params, False, rev=-1)

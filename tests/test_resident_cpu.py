@@ -104,20 +104,49 @@ def test_emulated_resident_problems_are_independent(cell):
     ref.check_problems_backward(cell, parts, got, d_outs, hp, prevs, True, 2e-6)
 
 
+# (cell, L, B, H, x dtype, zero initial state, lengths or None, REV mask, problems, rows per block)
+VARLEN_CASES = [
+    ("lstm", 5, 3, 20, mx.float32, False, [5, 2, 1], 0, 1, None),
+    ("gru", 4, 3, 17, mx.float32, False, None, 1, 1, None),
+    ("gru", 6, 4, 24, mx.bfloat16, False, [6, 3, 1, 4], 1, 1, 2),
+    ("rnn_tanh", 5, 3, 9, mx.float32, True, [2, 5, 3], 1, 1, None),
+    ("rnn_relu", 4, 2, 11, mx.float32, False, [1, 4], 0, 1, 1),
+    ("slstm", 5, 3, 12, mx.float32, False, [4, 1, 5], 1, 1, None),
+    ("lstm", 4, 2, 12, mx.float16, True, [3, 4, 4, 1], 2, 2, None),
+    ("gru", 5, 3, 10, mx.float32, False, [5, 2, 1, 3, 5, 4], 2, 2, 2),
+    ("slstm", 4, 2, 9, mx.float32, False, [2, 4, 4, 3], 2, 2, None),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{c[0]}-L{c[1]}-B{c[2]}-H{c[3]}-{c[4]}-{c[5]}"
+                         f"-{'lens' if c[6] else 'full'}-rev{c[7]}-np{c[8]}-rows{c[9]}")
+def test_emulated_resident_lengths_and_directions(case):
+    """Per-row lengths and per-problem directions inside the resident kernels
+    (``ref.check_varlen``: forward against a masked MLX reference, backward
+    against its ``mx.vjp``)."""
+    cell, L, B, H, xdt, zero, lens, rev, problems, rows = case
+    pf = R.plan("forward", cell, H, B, SMALL, xdt, problems, rows)
+    pb = R.plan("backward", cell, H, B, SMALL, xdt, problems, rows)
+    assert pf is not None and pb is not None
+
+    def forward(*args, lens, rev):
+        return emu.resident_forward(cell, *args, SMALL, plan=pf, lens=lens, rev=rev)[0]
+
+    def backward(*args, lens, rev, d_out):
+        return emu.resident_backward(cell, *args, SMALL, plan=pb, lens=lens, rev=rev, d_out=d_out)[0]
+
+    ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward)
+
+
 @pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_nvrtc_compiles_without_spills(cell, direction):
+@pytest.mark.parametrize("varlen", [False, True])
+def test_nvrtc_compiles_without_spills(cell, direction, varlen):
     for (B, H), xdt in (((1, 64), mx.float32), ((16, 100), mx.bfloat16), ((64, 32), mx.float32)):
-        p = R.plan(direction, cell, H, B, H100, xdt)
-        spec = R.kernel_spec(p, xdt, True)
-        dts = [xdt if n == "x" else (mx.bfloat16 if n == "w" and p.w_bf16 else mx.float32)
-               for n in spec.input_names]
-        nds = [1 if n.startswith("prm") else 2 if n in ("w",) or n.startswith("init") else 3
-               for n in spec.input_names]
-        odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
-        _, src = P.generate_source(spec, dts, nds, odts)
-        ok, log = emu.nvrtc_compile(src)
+        p = R.plan(direction, cell, H, B, H100, xdt, 2 if varlen else 1)
+        spec = R.kernel_spec(p, xdt, True, lens=varlen, rev=0b10 if varlen else 0)
+        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
         assert ok, log[-4000:]
-        regs, spill_st, spill_ld, stack = emu.ptxas_info(log)
         assert spill_st == 0 and spill_ld == 0 and stack == 0, log

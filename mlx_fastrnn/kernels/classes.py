@@ -12,7 +12,8 @@ Two classes share one driver contract (``ops/sequence.py``):
 takes the problem; the other is the fallback); by default the measured table
 ``SELECTION`` (``benchmarks/kernel_classes_tune.py --write-table`` writes it) decides,
 and where it has no entry for the cell and direction the resident class runs
-whenever it fits.
+whenever it fits. Both classes take per-row lengths and per-problem
+directions (``lens`` / ``rev``: :mod:`.contract`).
 """
 
 import math
@@ -45,12 +46,15 @@ def table_point(cell, direction, dtype, B, H):
     return min(points, key=lambda q: (math.log2(q[0]) - lb) ** 2 + (math.log2(q[1]) - lh) ** 2)
 
 
-def choose(direction, cell_name, xp, w_h):
-    """``("resident", plan)``, ``("tiled", plan)`` or ``(None, None)``."""
+def choose(direction, cell_name, xp, w_h, varlen=False):
+    """``("resident", plan)``, ``("tiled", plan)`` or ``(None, None)``; ``varlen``:
+    with per-row lengths or reversed problems."""
     dims = P._check_common(cell_name, xp, w_h)
     if dims is None:
         return None, None
     _, _, B, H, NP = dims
+    if varlen and NP > P.MAX_REVERSIBLE_PROBLEMS:
+        return None, None
     rp = R.select(direction, cell_name, xp, w_h)
     forced = _forced()
     if rp is not None and forced != "tiled":
@@ -68,39 +72,44 @@ def choose(direction, cell_name, xp, w_h):
     return ("resident", rp) if rp is not None else (None, None)
 
 
-def sequence(cell_name, xp, w_h, states0, params, h0_is_zero):
+def sequence(cell_name, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
     """``persistent.persistent_sequence``'s contract, on the chosen class."""
     if not P.cuda_available():
         return None
-    klass, p = choose("forward", cell_name, xp, w_h)
+    varlen = lens is not None or bool(rev)
+    klass, p = choose("forward", cell_name, xp, w_h, varlen)
     if klass == "resident":
-        return R.run_forward(p, xp, w_h, states0, params, h0_is_zero)
+        return R.run_forward(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
     if klass == "tiled":
-        return P.persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, use_plan=p)
+        return P.persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, use_plan=p,
+                                     lens=lens, rev=rev)
     return None
 
 
-def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
+def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
     """``persistent.persistent_backward``'s contract, on the chosen class."""
     if not P.cuda_available():
         return None
-    klass, p = choose("backward", cell_name, xp, w_h)
+    varlen = lens is not None or bool(rev)
+    klass, p = choose("backward", cell_name, xp, w_h, varlen)
     if klass == "resident":
-        return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0)
+        return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out)
     if klass == "tiled":
         return P.persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
-                                     use_plan=p)
+                                     use_plan=p, lens=lens, rev=rev, d_out=d_out)
     return None
 
 
-def accepts(cell_name, xp, w_h):
-    """Whether both directions of NP stacked problems run in one launch each.
-    The resident class always may (its blocks never wait on each other); the
-    tiled class under ``persistent.multi_problem_enabled``."""
+def accepts(cell_name, xp, w_h, varlen=False):
+    """Whether the forward and the backward of this launch both run on a
+    whole-sequence kernel: NP stacked problems when ``w_h`` is [NP, G*H, H]
+    (the resident class always may: its blocks never wait on each other; the
+    tiled class under ``persistent.multi_problem_enabled``), and with
+    ``varlen`` per-row lengths / reversed problems."""
     if not P.cuda_available():
         return False
     for direction in ("forward", "backward"):
-        klass, _ = choose(direction, cell_name, xp, w_h)
-        if klass is None or (klass == "tiled" and not P.multi_problem_enabled()):
+        klass, _ = choose(direction, cell_name, xp, w_h, varlen)
+        if klass is None or (klass == "tiled" and w_h.ndim == 3 and not P.multi_problem_enabled()):
             return False
     return True

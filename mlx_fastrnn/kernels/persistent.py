@@ -33,7 +33,6 @@ import ctypes
 import functools
 import hashlib
 import importlib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -433,15 +432,22 @@ def _source_digest(header, body):
     return hashlib.sha1((header + body).encode()).hexdigest()[:12]
 
 
-def kernel_spec(p, x_dtype, flag, header=HEADER):
-    """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward).
+def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0):
+    """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward);
+    ``lens`` (per-row lengths) / ``rev`` (bit p: problem p reversed) select the
+    varlen body (:mod:`.tiled`).
 
     ``header`` replaces the shared device code (the tuning tools prepend the
     ``FRNN_*`` switches documented in ``persistent_header``)."""
+    from . import tiled
+
     header = _with_switches(os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", ""), header)
+    header = _cell_header(header, p.cell)
     mod = cell_module(p.cell)
     fwd = p.direction == "forward"
-    body = mod.FORWARD_BODY if fwd else mod.BACKWARD_BODY
+    varlen = bool(lens or rev)
+    body = tiled.forward_body(p.cell, varlen) if fwd else tiled.backward_body(p.cell, varlen)
+    inputs, outputs = tiled.forward_io(p.cell, varlen) if fwd else tiled.backward_io(p.cell, varlen)
     w_dtype = mx.bfloat16 if p.w_bf16 else mx.float32
     template = (
         ("T", x_dtype),
@@ -459,6 +465,7 @@ def kernel_spec(p, x_dtype, flag, header=HEADER):
         ("NBB", p.NBB),
         ("NP", p.NP),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
+        *((("LENS", bool(lens)), ("REV", int(rev))) if varlen else ()),
         *mod.template_extras(p.cell),
     )
     # MLX caches the compiled module by kernel name, in memory and on disk
@@ -467,8 +474,8 @@ def kernel_spec(p, x_dtype, flag, header=HEADER):
     name = f"frnn_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
     return KernelSpec(
         name=name,
-        input_names=tuple(mod.FORWARD_INPUTS if fwd else mod.BACKWARD_INPUTS),
-        output_names=tuple(mod.FORWARD_OUTPUTS if fwd else mod.BACKWARD_OUTPUTS),
+        input_names=inputs,
+        output_names=outputs,
         header=header,
         body=body,
         template=template,
@@ -476,6 +483,12 @@ def kernel_spec(p, x_dtype, flag, header=HEADER):
         grid=(p.nblocks * p.TPB, 1, 1),
         threadgroup=(p.TPB, 1, 1),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_header(header, cell):
+    # The shared device code, then the cell's point functions (one string object per pair).
+    return header + cell_module(cell).POINT
 
 
 def template_hash(template):
@@ -685,64 +698,147 @@ def backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h):
     return d_outs, prevs, params, (w_h.astype(mx.bfloat16) if p.w_bf16 else w_h)
 
 
+# The directions of a launch are the bits of one int template argument (bit p:
+# problem p reversed), so a varlen launch takes at most 31 problems.
+MAX_REVERSIBLE_PROBLEMS = 31
+
+
+def lengths_operand(lens, rows):
+    """The ``lens`` input of a varlen kernel: int32 [rows] (validated by the
+    caller: every length in 1..L), or a one-element placeholder without lengths."""
+    if lens is None:
+        return _NO_LENGTHS
+    if tuple(lens.shape) != (rows,):
+        raise ValueError(f"lens must have shape ({rows},), got {tuple(lens.shape)}")
+    return lens if lens.dtype == mx.int32 else lens.astype(mx.int32)
+
+
+_NO_LENGTHS = mx.zeros((1,), mx.int32)
+
+
+def out_cotangent(d_out, shape):
+    """The ``gout`` input: ``d_out`` as float32 (zeros when None), or None for a wrong shape."""
+    if d_out is None:
+        return mx.zeros(shape, mx.float32)
+    if tuple(d_out.shape) != tuple(shape):
+        return None
+    return d_out if d_out.dtype == mx.float32 else d_out.astype(mx.float32)
+
+
+def _directions_fit(p, rev):
+    """Whether ``rev`` names only problems of plan ``p`` in the bits a launch has."""
+    if not isinstance(rev, int) or rev < 0:
+        raise ValueError(f"rev must be a non-negative int bit mask, got {rev!r}")
+    return p.NP <= MAX_REVERSIBLE_PROBLEMS and rev < (1 << p.NP)
+
+
+def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, header=HEADER):
+    """``(spec, inputs, output shapes, output dtypes)`` of the tiled forward, or None.
+    Outputs: the state sequences, hp, (varlen: out,) the barrier counters."""
+    operands = forward_operands(p, p.cell, xp, w_h, states0, params)
+    if operands is None:
+        return None
+    states0, params, w = operands
+    cs = CELLS[p.cell]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
+    varlen = lens is not None or bool(rev)
+    if varlen and not _directions_fit(p, rev):
+        return None
+    spec = kernel_spec(p, xp.dtype, h0_is_zero, header, lens is not None, rev)
+    inputs = (xp, w, *states0, *((lengths_operand(lens, B),) if varlen else ()), *params)
+    shapes = [(L, B, H)] * cs.num_states + [(L, B, cs.num_gates * H)] + [(L, B, H)] * varlen
+    shapes.append((p.sync_words,))
+    dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
+    return spec, inputs, shapes, dtypes
+
+
+def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
+                    header=HEADER):
+    """``(spec, inputs, output shapes, output dtypes)`` of the tiled backward, or None.
+    ``d_out``: the cotangent of the varlen forward's ``out`` (position order)."""
+    from . import tiled
+
+    operands = backward_operands(p, p.cell, d_outs, xp, hp, prevs, params, w_h)
+    if operands is None:
+        return None
+    d_outs, prevs, params, w = operands
+    cs = CELLS[p.cell]
+    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
+    GH = cs.num_gates * H
+    varlen = lens is not None or bool(rev)
+    if varlen and not _directions_fit(p, rev):
+        return None
+    if varlen:
+        d_out = out_cotangent(d_out, (L, B, H))
+        if d_out is None:
+            return None
+    spec = kernel_spec(p, xp.dtype, need_d_state0, header, lens is not None, rev)
+    inputs = (*d_outs, *((d_out,) if varlen else ()), xp, hp, *prevs, w,
+              *((lengths_operand(lens, B),) if varlen else ()), *params)
+    shapes = [(L, B, GH)] * (2 if tiled.writes_dhp(p.cell, varlen) else 1) + [(B, H)] * cs.num_states
+    shapes.append((p.sync_words,))
+    dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
+    return spec, inputs, shapes, dtypes
+
+
+def backward_results(cell, outs, need_d_state0, varlen=False):
+    """``(dx, dhp, d_states0)`` from either class's backward outputs (barrier words dropped)."""
+    from .contract import writes_dhp
+
+    outs = list(outs[:-1])
+    dx = outs.pop(0)
+    dhp = outs.pop(0) if writes_dhp(cell, varlen) else dx
+    return dx, dhp, (tuple(outs) if need_d_state0 else None)
+
+
 def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limits=None, tpb=256,
-                        weights="auto", use_plan=None, header=HEADER):
+                        weights="auto", use_plan=None, header=HEADER, lens=None, rev=0):
     """Run the whole forward recurrence in one kernel.
 
     Args follow ``ops.sequence.recurrence``: ``xp`` [L, B, G*H] (float32/16,
     bfloat16), ``w_h`` [G*H, H] float32, ``states0`` (each [B, H] float32),
-    ``params`` (GRU: ``(bhn,)``), ``h0_is_zero``.
+    ``params`` (GRU: ``(bhn,)``), ``h0_is_zero``; ``lens`` int32 [B] per-row
+    lengths (1..L) and ``rev`` (bit p: problem p runs from each row's end):
+    see :mod:`.tiled`.
 
-    Returns ``(h_seq, hp)`` (GRU, RNN) or ``(h_seq, c_seq, hp)`` (LSTM), all
-    float32 ([L, B, H] and hp [L, B, G*H], ``hp_t = h_{t-1} W_h^T``, zero at t=0
-    when ``h0_is_zero``), or ``None`` when the caller must use the per-step path.
-    ``use_plan`` / ``header`` are for tuning (``benchmarks/persistent_tune.py``):
-    a plan from :func:`plan` for this problem, and replacement device code.
+    Returns one float32 [L, B, H] sequence per state, then ``hp`` [L, B, G*H]
+    (``hp_t = h_{t-1} W_h^T``, zero at t=0 when ``h0_is_zero``), then with
+    ``lens`` / ``rev`` the output ``out`` [L, B, H] in position order; or
+    ``None`` when the caller must use the per-step path. ``use_plan`` /
+    ``header`` are for tuning (``benchmarks/persistent_tune.py``): a plan from
+    :func:`plan` for this problem, and replacement device code.
     """
     if not cuda_available():
         return None
     p = _given_or_selected(use_plan, "forward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
-    operands = forward_operands(p, cell_name, xp, w_h, states0, params)
-    if operands is None:
+    launch = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev, header)
+    if launch is None:
         return None
-    states0, params, w = operands
-    spec_cell = CELLS[cell_name]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
-    spec = kernel_spec(p, xp.dtype, h0_is_zero, header)
-    inputs = (xp, w, *states0, *params)
-    seq = (L, B, H)
-    shapes = [seq] * spec_cell.num_states + [(L, B, spec_cell.num_gates * H), (p.sync_words,)]
-    dtypes = [mx.float32] * (spec_cell.num_states + 1) + [mx.uint32]
-    outs = _launch(spec, inputs, shapes, dtypes)
-    return tuple(outs[:-1])
+    return tuple(_launch(*launch)[:-1])  # the barrier counters dropped
 
 
 def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, *, limits=None,
-                        tpb=256, weights="auto", use_plan=None, header=HEADER):
+                        tpb=256, weights="auto", use_plan=None, header=HEADER, lens=None, rev=0, d_out=None):
     """Adjoint of :func:`persistent_sequence` in one reverse-time kernel.
 
     Same meaning as the cells' ``naive.backward_sequence``: ``d_outs`` the
     cotangents of the state sequences ([L, B, H] each), ``xp`` / ``hp`` the
     forward's step inputs, ``prevs`` the state entering each step ([L, B, H]
-    each: ``concat(s0, seq[:-1])``). Returns ``(dx, dhp, d_states0)`` with
-    ``dx``, ``dhp`` [L, B, G*H] float32 (the same array unless GRU) and
-    ``d_states0`` a tuple of [B, H] (``None`` unless ``need_d_state0``), or
-    ``None`` for the per-step path. The weight gradient stays outside
-    (``dhp^T h_prev``, one matmul).
+    each: ``concat(s0, seq[:-1])``); with ``lens`` / ``rev``, ``d_out`` the
+    cotangent of ``out``. Returns ``(dx, dhp, d_states0)`` with ``dx``, ``dhp``
+    [L, B, G*H] float32 (``dx`` in position order, ``dhp`` in step order;
+    the same array where they coincide) and ``d_states0`` a tuple of [B, H]
+    (``None`` unless ``need_d_state0``), or ``None`` for the per-step path. The
+    weight gradient stays outside (``dhp^T h_prev``, one matmul).
     """
     if not cuda_available():
         return None
     p = _given_or_selected(use_plan, "backward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
-    operands = backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h)
-    if operands is None:
+    launch = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, header)
+    if launch is None:
         return None
-    d_outs, prevs, params, w = operands
-    spec = kernel_spec(p, xp.dtype, need_d_state0, header)
-    inputs, shapes = cell_module(cell_name).backward_launch(d_outs, xp, hp, prevs, w, params)
-    outs = _launch(spec, inputs, [*shapes, (p.sync_words,)], [mx.float32] * len(shapes) + [mx.uint32])
-    dx, dhp, d0 = cell_module(cell_name).backward_results(outs[:-1])
-    return dx, dhp, (d0 if need_d_state0 else None)
+    return backward_results(cell_name, _launch(*launch), need_d_state0, lens is not None or bool(rev))

@@ -21,11 +21,11 @@ moves data. Same driver contract and outputs as :mod:`.persistent`.
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import contract as C
 from . import persistent as P
 from .persistent_header import HEADER
 
@@ -138,36 +138,8 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
 # --------------------------------------------------------------------------- bodies
 
 
-def _names(cell):
-    mod = P.cell_module(cell)
-    S, NPRM = P.CELLS[cell].num_states, P.CELLS[cell].num_params
-    return mod, S, NPRM
-
-
-def forward_io(cell):
-    _, S, NPRM = _names(cell)
-    inputs = ("x", "w", *(f"init{k}" for k in range(S)), *(f"prm{k}" for k in range(NPRM)))
-    outputs = (*(f"seq{k}" for k in range(S)), "hp", "sync")
-    return inputs, outputs
-
-
-def backward_io(cell):
-    mod, S, NPRM = _names(cell)
-    inputs = (*(f"gseq{k}" for k in range(S)), "x", "hp", *(f"prev{k}" for k in range(S)), "w",
-              *(f"prm{k}" for k in range(NPRM)))
-    outputs = ("dx", *(() if mod.DHP_IS_DX else ("dhp",)), *(f"dinit{k}" for k in range(S)), "sync")
-    return inputs, outputs
-
-
-def _declarations(cell, decl_a, name_a, decl_b, name_b):
-    """Constants G, S, NPRM and arrays of the per-state / per-parameter pointers
-    (indexed with unrolled constants, so they stay kernel parameters)."""
-    _, S, NPRM = _names(cell)
-    def arr(decl, name, n):
-        return f"  {decl}[{n}] = {{{', '.join(f'{name}{k}' for k in range(n))}}};\n"
-    prms = arr("const float* prms", "prm", NPRM) if NPRM else "  const float* prms[1] = {nullptr};\n"
-    return (f"  constexpr int G = {P.CELLS[cell].num_gates};\n  constexpr int S = {S};\n"
-            f"  constexpr int NPRM = {NPRM};\n" + arr(decl_a, name_a, S) + arr(decl_b, name_b, S) + prms)
+forward_io = C.forward_io
+backward_io = C.backward_io
 
 
 _PROLOGUE = r"""
@@ -193,18 +165,34 @@ _PROLOGUE = r"""
   }
 """
 
+# The varlen bodies: this problem's direction and each of the thread's rows' length.
+_VARLEN_PROLOGUE = C.row_direction() + r"""  int len[RPT];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    len[rr] = ok[rr] ? """ + C.row_length("r0 + rs + rr * RS") + r""" : 0;
+  }
+"""
+
+
+def _pos(varlen, t):
+    return C.position(varlen, t, "len[rr]")
+
+
+def _active(varlen, t):
+    return C.active(varlen, t, "len[rr]")
+
 
 @functools.lru_cache(maxsize=None)
-def forward_body(cell):
-    mod, S, NPRM = _names(cell)
+def forward_body(cell, varlen=False):
+    mod, S, NPRM = C.cell_counts(cell)
     call = "frnn_cell::forward" + getattr(mod, "POINT_TEMPLATE", "")
     return (
-        _declarations(cell, "const float* inits", "init", "float* seqs", "seq")
+        C.declarations(cell, "const float* inits", "init", "float* seqs", "seq")
         + r"""  constexpr int GH = G * H;
   constexpr int GHP = GH + 1 - GH % 2;  // transposed_stride()
   constexpr int HP = TPB / RS;
   constexpr int KS = (H + 3) / 4 * 4;
-""" + _PROLOGUE + r"""  float* hb;  // [2][BB][KS]: h_{t-1} and h_t
+""" + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  float* hb;  // [2][BB][KS]: h_{t-1} and h_t
   WT* Wt;     // [KS][GHP]: W_h transposed, rows k >= H zero
   frnn::resident_carve<2 * BB * KS>(hb, Wt);
   frnn::load_w_transposed<GH, GHP, H, KS, TPB>(Wt, w + (long long)prob * GH * H);
@@ -225,9 +213,11 @@ def forward_body(cell):
   float xv[RPT][G];
 #pragma unroll
   for (int rr = 0; rr < RPT; ++rr) {
+    const bool ld = ok[rr] && """ + _active(varlen, "0") + r""";
+    const long long row = (long long)(ld ? """ + _pos(varlen, "0") + r""" : 0) * B + r0 + rs + rr * RS;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      xv[rr][g] = ok[rr] ? frnn::to_f(x[(long long)(r0 + rs + rr * RS) * GH + g * H + j]) : 0.0f;
+      xv[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
     }
   }
   __syncthreads();
@@ -239,10 +229,11 @@ def forward_body(cell):
     const bool more = t + 1 < L;
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
-      const long long row = (long long)(t + 1) * B + r0 + rs + rr * RS;
+      const bool ld = ok[rr] && more && """ + _active(varlen, "t + 1") + r""";
+      const long long row = (long long)(ld ? """ + _pos(varlen, "t + 1") + r""" : 0) * B + r0 + rs + rr * RS;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xn[rr][g] = (ok[rr] && more) ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
+        xn[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
         a[rr][g] = 0.0f;
       }
     }
@@ -254,11 +245,14 @@ def forward_body(cell):
       if (ok[rr]) {
         const int r = rs + rr * RS;
         const long long row = (long long)t * B + r0 + r;
+        if (""" + _active(varlen, "t") + r""") {  // else frozen: the state stays
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-          hp[row * GH + g * H + j] = a[rr][g];
-        }
-        """ + call + r"""(xv[rr], a[rr], prm, st[rr]);
+          for (int g = 0; g < G; ++g) {
+            hp[row * GH + g * H + j] = a[rr][g];
+          }
+          """ + call + r"""(xv[rr], a[rr], prm, st[rr]);
+""" + (r"""          out[((long long)""" + _pos(varlen, "t") + r""" * B + r0 + r) * H + j] = st[rr][0];
+""" if varlen else "") + r"""        }
 #pragma unroll
         for (int q = 0; q < S; ++q) {
           seqs[q][row * H + j] = st[rr][q];
@@ -277,38 +271,44 @@ def forward_body(cell):
 
 
 @functools.lru_cache(maxsize=None)
-def backward_body(cell):
-    mod, S, NPRM = _names(cell)
+def backward_body(cell, varlen=False):
+    mod, S, NPRM = C.cell_counts(cell)
     call = "frnn_cell::backward" + getattr(mod, "POINT_TEMPLATE", "")
-    dhp_out = "dx" if mod.DHP_IS_DX else "dhp"
-    lines = (_declarations(cell, "const float* gseqs", "gseq", "const float* prevs", "prev")
+    used = C.prev_used(cell)
+    prev_loads = "".join(
+        f"        ps[rr][{q}] = la ? prevs[{q}][row * H + j] : 0.0f;\n" if used[q] else f"        ps[rr][{q}] = 0.0f;\n"
+        for q in range(S))
+    lines = (C.declarations(cell, "const float* gseqs", "gseq", "const float* prevs", "prev")
              + f"  float* dinits[S] = {{{', '.join(f'dinit{k}' for k in range(S))}}};\n")
     return lines + r"""  constexpr int GH = G * H;
   constexpr int HP = TPB / RS;
   constexpr int KS = (GH + 3) / 4 * 4;
   constexpr int STOP = NEED_D0 ? -1 : 0;
-""" + _PROLOGUE + r"""  float* db;  // [2][BB][KS]: dhp_{s+1} and dhp_s
+""" + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  float* db;  // [2][BB][KS]: dhp_{s+1} and dhp_s
   WT* Wn;     // [KS][H]: W_h as it is, rows m >= GH zero
   frnn::resident_carve<2 * BB * KS>(db, Wn);
   frnn::load_w_natural<GH, H, KS, TPB>(Wn, w + (long long)prob * GH * H);
   for (int i = threadIdx.x; i < 2 * BB * KS; i += TPB) {
     db[i] = 0.0f;
   }
+  // step s's inputs (la: the step is inside the row's length; a frozen step
+  // only passes its state cotangents gs through)
   auto load_step = [&](int s, float (&gs)[RPT][S], float (&ps)[RPT][S], float (&xs)[RPT][G],
-                       float (&hs)[RPT][G]) {
+                       float (&hs)[RPT][G], float (&go)[RPT]) {
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
       const long long row = (long long)(s < 0 ? 0 : s) * B + r0 + rs + rr * RS;
       const bool ld = ok[rr] && s >= 0;
+      const bool la = ld && """ + _active(varlen, "s") + r""";
+      const long long prow = (long long)(la ? """ + _pos(varlen, "s") + r""" : 0) * B + r0 + rs + rr * RS;
 #pragma unroll
       for (int q = 0; q < S; ++q) {
         gs[rr][q] = ld ? gseqs[q][row * H + j] : 0.0f;
-        ps[rr][q] = ld ? prevs[q][row * H + j] : 0.0f;
       }
-#pragma unroll
+""" + prev_loads + ("      go[rr] = la ? gout[prow * H + j] : 0.0f;\n" if varlen else "      go[rr] = 0.0f;\n") + r"""#pragma unroll
       for (int g = 0; g < G; ++g) {
-        xs[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
-        hs[rr][g] = ld ? hp[row * GH + g * H + j] : 0.0f;
+        xs[rr][g] = la ? frnn::to_f(x[prow * GH + g * H + j]) : 0.0f;
+        hs[rr][g] = la ? hp[row * GH + g * H + j] : 0.0f;
       }
     }
   };
@@ -323,13 +323,13 @@ def backward_body(cell):
   __syncthreads();
 
   // the step's inputs are loaded one step ahead (their latency hidden behind a whole step)
-  float gv[RPT][S], pv[RPT][S], xv[RPT][G], hv[RPT][G];
-  load_step(L - 1, gv, pv, xv, hv);
+  float gv[RPT][S], pv[RPT][S], xv[RPT][G], hv[RPT][G], ov[RPT];
+  load_step(L - 1, gv, pv, xv, hv, ov);
   for (int s = L - 1; s >= STOP; --s) {
     const float* dcur = db + ((L - 1 - s) & 1) * BB * KS;
     float* dnext = db + ((L - s) & 1) * BB * KS;
-    float gn[RPT][S], pn[RPT][S], xn[RPT][G], hn[RPT][G], drec[RPT];
-    load_step(s - 1, gn, pn, xn, hn);
+    float gn[RPT][S], pn[RPT][S], xn[RPT][G], hn[RPT][G], on[RPT], drec[RPT];
+    load_step(s - 1, gn, pn, xn, hn, on);
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
       drec[rr] = 0.0f;
@@ -348,15 +348,27 @@ def backward_body(cell):
           for (int q = 0; q < S; ++q) {
             gt[q] = gv[rr][q] + dcar[rr][q] + (q == 0 ? drec[rr] : 0.0f);
           }
-          """ + call + r"""(xv[rr], hv[rr], prm, pv[rr], gt, dxg, dhg, dpv);
+          if (""" + _active(varlen, "s") + r""") {
+            gt[0] += ov[rr];
+            const long long prow = (long long)""" + _pos(varlen, "s") + r""" * B + r0 + r;
+            """ + call + r"""(xv[rr], hv[rr], prm, pv[rr], gt, dxg, dhg, dpv);
 #pragma unroll
-          for (int g = 0; g < G; ++g) {
-            dx[row * GH + g * H + j] = dxg[g];
-""" + ("" if mod.DHP_IS_DX else "            dhp[row * GH + g * H + j] = dhg[g];\n") + r"""            dnext[r * KS + g * H + j] = dhg[g];
-          }
+            for (int g = 0; g < G; ++g) {
+              dx[prow * GH + g * H + j] = dxg[g];
+""" + ("              dhp[row * GH + g * H + j] = dhg[g];\n" if C.writes_dhp(cell, varlen) else "") + r"""              dnext[r * KS + g * H + j] = dhg[g];
+            }
 #pragma unroll
-          for (int q = 0; q < S; ++q) {
-            dcar[rr][q] = dpv[q];
+            for (int q = 0; q < S; ++q) {
+              dcar[rr][q] = dpv[q];
+            }
+          } else {
+            // A frozen step is the identity on every state. (It sends nothing back
+            // through W_h: frozen steps are a row's last ones, so its dnext still
+            // holds the zeros of the prologue.)
+#pragma unroll
+            for (int q = 0; q < S; ++q) {
+              dcar[rr][q] = gt[q];
+            }
           }
         } else {
           const long long b = r0 + r;
@@ -366,6 +378,7 @@ def backward_body(cell):
           }
         }
       }
+      ov[rr] = on[rr];
 #pragma unroll
       for (int q = 0; q < S; ++q) {
         gv[rr][q] = gn[rr][q];
@@ -524,17 +537,20 @@ def header_for(cell):
     return HEADER + RESIDENT_HEADER + P.cell_module(cell).POINT
 
 
-def kernel_spec(p, x_dtype, flag):
+def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
+    """``lens`` / ``rev``: the varlen body (:mod:`.contract`)."""
     fwd = p.direction == "forward"
+    varlen = bool(lens or rev)
     header = header_for(p.cell)
-    body = forward_body(p.cell) if fwd else backward_body(p.cell)
-    inputs, outputs = forward_io(p.cell) if fwd else backward_io(p.cell)
+    body = forward_body(p.cell, varlen) if fwd else backward_body(p.cell, varlen)
+    inputs, outputs = forward_io(p.cell, varlen) if fwd else backward_io(p.cell, varlen)
     template = (
         ("T", x_dtype),
         ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
         ("NP", p.NP),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
+        *((("LENS", bool(lens)), ("REV", int(rev))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),
     )
     digest = P._source_digest(header, body)
@@ -557,55 +573,58 @@ def select(direction, cell_name, xp, w_h, limits=None):
     return plan(direction, cell_name, H, B, limits, xp.dtype, NP)
 
 
-def forward_launch(p, xp, w_h, states0, params, h0_is_zero):
-    """(spec, inputs, output shapes, output dtypes) of the forward, or None."""
+def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
+    """(spec, inputs, output shapes, output dtypes) of the forward, or None
+    (outputs as the tiled class's, :func:`.persistent.forward_launch`)."""
     operands = P.forward_operands(p, p.cell, xp, w_h, states0, params)
     if operands is None:
         return None
     states0, params, w = operands
     cs = P.CELLS[p.cell]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    spec = kernel_spec(p, xp.dtype, h0_is_zero)
-    shapes = [(L, B, H)] * cs.num_states + [(L, B, cs.num_gates * H), (SYNC_WORDS,)]
-    dtypes = [mx.float32] * (cs.num_states + 1) + [mx.uint32]
-    return spec, (xp, w, *states0, *params), shapes, dtypes
+    varlen = lens is not None or bool(rev)
+    if varlen and not P._directions_fit(p, rev):
+        return None
+    spec = kernel_spec(p, xp.dtype, h0_is_zero, lens is not None, rev)
+    inputs = (xp, w, *states0, *((P.lengths_operand(lens, B),) if varlen else ()), *params)
+    shapes = [(L, B, H)] * cs.num_states + [(L, B, cs.num_gates * H)] + [(L, B, H)] * varlen + [(SYNC_WORDS,)]
+    dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
+    return spec, inputs, shapes, dtypes
 
 
-def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
+def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
+    """As :func:`.persistent.backward_launch`, on this class."""
     operands = P.backward_operands(p, p.cell, d_outs, xp, hp, prevs, params, w_h)
     if operands is None:
         return None
     d_outs, prevs, params, w = operands
     cs = P.CELLS[p.cell]
-    mod = P.cell_module(p.cell)
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
     GH = cs.num_gates * H
-    spec = kernel_spec(p, xp.dtype, need_d_state0)
-    shapes = [(L, B, GH)] * (1 if mod.DHP_IS_DX else 2) + [(B, H)] * cs.num_states + [(SYNC_WORDS,)]
+    varlen = lens is not None or bool(rev)
+    if varlen:
+        if not P._directions_fit(p, rev):
+            return None
+        d_out = P.out_cotangent(d_out, (L, B, H))
+        if d_out is None:
+            return None
+    spec = kernel_spec(p, xp.dtype, need_d_state0, lens is not None, rev)
+    inputs = (*d_outs, *((d_out,) if varlen else ()), xp, hp, *prevs, w,
+              *((P.lengths_operand(lens, B),) if varlen else ()), *params)
+    shapes = [(L, B, GH)] * (2 if C.writes_dhp(p.cell, varlen) else 1) + [(B, H)] * cs.num_states + [(SYNC_WORDS,)]
     dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
-    return spec, (*d_outs, xp, hp, *prevs, w, *params), shapes, dtypes
+    return spec, inputs, shapes, dtypes
 
 
-def backward_results(cell, outs, need_d_state0):
-    """``(dx, dhp, d_states0)`` from the outputs (barrier word dropped)."""
-    mod = P.cell_module(cell)
-    outs = list(outs[:-1])
-    dx = outs.pop(0)
-    dhp = dx if mod.DHP_IS_DX else outs.pop(0)
-    return dx, dhp, (tuple(outs) if need_d_state0 else None)
-
-
-def run_forward(p, xp, w_h, states0, params, h0_is_zero):
-    launch = forward_launch(p, xp, w_h, states0, params, h0_is_zero)
+def run_forward(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
+    launch = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
     if launch is None:
         return None
-    spec, inputs, shapes, dtypes = launch
-    return tuple(P._launch(spec, inputs, shapes, dtypes)[:-1])
+    return tuple(P._launch(*launch)[:-1])
 
 
-def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
-    launch = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0)
+def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
+    launch = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out)
     if launch is None:
         return None
-    spec, inputs, shapes, dtypes = launch
-    return backward_results(p.cell, P._launch(spec, inputs, shapes, dtypes), need_d_state0)
+    return P.backward_results(p.cell, P._launch(*launch), need_d_state0, lens is not None or bool(rev))
