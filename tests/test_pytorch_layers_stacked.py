@@ -1,10 +1,12 @@
-"""A bidirectional layer's two directions as ONE two-problem recurrence (what
-the whole-sequence CUDA kernels run in one launch), checked on the CPU: the
-persistent kernels run in the CPU emulator behind a stand-in of the CUDA
-steps, and the layer's outputs, final states and every gradient must equal
-the same layer on the CPU path (each direction alone). This covers the
-stacking and un-stacking in the layer and ops/direction.py, the driver's
-multi-problem weight and parameter gradients, and the kernels' problem axis."""
+"""The PyTorch-compatible layers on the whole-sequence CUDA kernels, checked on
+the CPU: the persistent kernels run in the CPU emulator behind a stand-in of
+the CUDA steps, and the layer's outputs, final states and every gradient must
+equal the same layer on the CPU path (gathers around each direction). Covered:
+a bidirectional layer's two directions as ONE two-problem launch (the second
+reversed inside the kernel), each direction as its own launch with the lengths
+and the reversal inside the kernel, and the plain (no lengths) kernels; so the
+layer's dispatch, ops/direction.py, the driver's varlen and multi-problem
+custom functions and gradients, and the kernels' problem axis."""
 
 import dataclasses
 
@@ -23,21 +25,28 @@ LIMITS = P.Limits(num_sms=8, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
 pytestmark = pytest.mark.skipif(emu.host_compiler() is None, reason="no C++ compiler for the emulator")
 
 
-def _emulated_steps(cell, calls):
-    """The CUDA steps of ``cell`` with every launch run by the emulator."""
-    def forward_sequence(xp, w_h, states0, params, h0_is_zero):
-        calls.append(w_h.ndim)
-        return emu.forward(cell.name, xp, w_h, states0, params, h0_is_zero, LIMITS)[0]
+def _emulated_steps(cell, calls, problems, varlen):
+    """The CUDA steps of ``cell`` with every launch run by the emulator (the
+    tiled class); ``problems`` / ``varlen``: whether they take several
+    problems per launch / lengths and reversal inside the kernels. ``calls``
+    collects (w_h.ndim, lens given, rev) per forward launch."""
+    def forward_sequence(xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
+        calls.append((w_h.ndim, lens is not None, rev))
+        return emu.forward(cell.name, xp, w_h, states0, params, h0_is_zero, LIMITS, lens=lens, rev=rev)[0]
 
-    def backward_sequence_kernel(d_outs, xp, hp, prevs, params, w_h, need):
-        return emu.backward(cell.name, d_outs, xp, hp, prevs, params, w_h, need, LIMITS)[0]
+    def backward_sequence_kernel(d_outs, xp, hp, prevs, params, w_h, need, lens=None, rev=0, d_out=None):
+        return emu.backward(cell.name, d_outs, xp, hp, prevs, params, w_h, need, LIMITS,
+                            lens=lens, rev=rev, d_out=d_out)[0]
 
-    def accepts(xp, w_h):
+    def accepts(xp, w_h, varlen=False):
+        if (w_h.ndim == 3 and not problems) or (varlen and not accept_varlen):
+            return False
         return (P.select("forward", cell.name, xp, w_h, LIMITS) is not None
                 and P.select("backward", cell.name, xp, w_h, LIMITS) is not None)
 
+    accept_varlen = varlen
     return dataclasses.replace(cell.compiled_steps, name="emulated-cuda", forward_sequence=forward_sequence,
-                               backward_sequence_kernel=backward_sequence_kernel, accepts_problems=accepts)
+                               backward_sequence_kernel=backward_sequence_kernel, accepts=accepts)
 
 
 def _loss_and_grads(layer, x, hx, lengths):
@@ -55,13 +64,25 @@ def _loss_and_grads(layer, x, hx, lengths):
     return flat
 
 
-@pytest.mark.parametrize("cls,kw,with_hx,with_lengths", [
+CASES = [
     (LSTM, dict(num_layers=2), True, True),
     (GRU, dict(), False, True),
     (GRU, dict(num_layers=2, bias=True), True, False),
     (RNN, dict(nonlinearity="relu"), False, False),
-])
-def test_two_problem_launch_matches_each_direction_alone(monkeypatch, cls, kw, with_hx, with_lengths):
+    (RNN, dict(), True, True),
+]
+
+# (several problems per launch, lengths inside the kernels) -> what every forward launch must be
+DISPATCH = {
+    "both_one_launch": (True, True),     # one two-problem launch, problem 1 reversed in the kernel
+    "one_launch_each": (False, True),    # a launch per direction, lengths / reversal in the kernel
+    "gathers_one_launch": (True, False),  # the two directions stacked after a reversing gather
+}
+
+
+@pytest.mark.parametrize("dispatch", list(DISPATCH))
+@pytest.mark.parametrize("cls,kw,with_hx,with_lengths", CASES)
+def test_kernel_paths_match_the_cpu_path(monkeypatch, dispatch, cls, kw, with_hx, with_lengths):
     L, B, I, H = 5, 3, 4, 12
     mx.random.seed(0)
     layer = cls(I, H, bidirectional=True, **kw)
@@ -74,10 +95,18 @@ def test_two_problem_launch_matches_each_direction_alone(monkeypatch, cls, kw, w
     lengths = mx.array([5, 2, 4]) if with_lengths else None
     want = _loss_and_grads(layer, x, hx, lengths)
 
+    problems, varlen = DISPATCH[dispatch]
     calls = []
-    monkeypatch.setattr(torch_layers, "default_steps", lambda cell, whole=True: _emulated_steps(cell, calls))
+    monkeypatch.setattr(torch_layers, "default_steps",
+                        lambda cell, whole=True: _emulated_steps(cell, calls, problems, varlen))
     got = _loss_and_grads(layer, x, hx, lengths)
-    assert calls and all(n == 3 for n in calls), "the two directions did not run as one launch"
+    if dispatch == "both_one_launch":
+        assert calls and all(c == (3, with_lengths, 0b10) for c in calls)
+    elif dispatch == "one_launch_each":
+        # without lengths the forward direction runs the plain kernel: (2, False, 0)
+        assert sorted(set(calls)) == [(2, with_lengths, 0), (2, with_lengths, 1)]
+    else:
+        assert calls and all(c == (3, False, 0) for c in calls)
     for a, b in zip(got, want):
         scale = max(1.0, mx.abs(b).max().item())
         assert mx.abs(a - b).max().item() <= 2e-5 * scale

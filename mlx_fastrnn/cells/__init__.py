@@ -66,20 +66,20 @@ class Cell:
 
         module = importlib.import_module(self.kernels)
         kw = dict(self.step_kwargs, target=target)
-        forward_sequence = backward_sequence = accepts_problems = None
+        forward_sequence = backward_sequence = accepts = None
         if target == "cuda" and whole_sequence and self.persistent is not None:
             from ..kernels import classes
 
             forward_sequence = functools.partial(classes.sequence, self.name)
             backward_sequence = functools.partial(classes.backward, self.name)
-            accepts_problems = functools.partial(classes.accepts, self.name)
+            accepts = functools.partial(classes.accepts, self.name)
         return Steps(
             target + ("+sequence" if forward_sequence else ""),
             functools.partial(module.forward_step, **kw),
             backward_step=functools.partial(module.backward_step, **kw),
             forward_sequence=forward_sequence,
             backward_sequence_kernel=backward_sequence,
-            accepts_problems=accepts_problems,
+            accepts=accepts,
         )
 
 
@@ -96,10 +96,12 @@ class Steps:
     # for shapes they can't run (the step loop runs then).
     forward_sequence: Callable = None
     backward_sequence_kernel: Callable = None
-    # accepts_problems(xp, w_h): whether the whole-sequence kernels take NP
-    # independent problems at once (w_h [NP, G*H, H], rows problem-major), forward
-    # and backward; only then may a caller pass a stacked w_h (no per-step form).
-    accepts_problems: Callable = None
+    # accepts(xp, w_h, varlen=False): whether the whole-sequence kernels take this
+    # launch, forward and backward: NP independent problems at once when w_h is
+    # [NP, G*H, H] (rows problem-major), and with varlen per-row lengths and
+    # reversed problems inside the kernels; only then may a caller pass a stacked
+    # w_h or lens / rev to ``ops.sequence.recurrence`` (they have no per-step form).
+    accepts: Callable = None
 
 
 from .gru import GRU_CELL  # noqa: E402

@@ -15,6 +15,13 @@ and ``pad_packed_sequence(total_length=L)`` give in PyTorch:
   forwards, and gathered back; its final state is again the one after step
   ``len - 1``, i.e. after position 0.
 
+Where the whole-sequence kernels take them (``steps.accepts(..., varlen=True)``),
+the lengths and the reversal run inside the kernels instead (:func:`run_in_kernels`,
+:func:`run_both_in_kernels`): a row's state is frozen past its length and a
+reversed row reads position ``len - 1 - t`` at step t, so there is no gather
+and no masking around the launch. Otherwise :func:`run_direction` does it
+with gathers around the recurrence.
+
 Padded input positions are zeroed by the caller before the first layer, so
 whatever the padding holds (NaN, inf) never reaches an output or a gradient.
 """
@@ -140,3 +147,22 @@ def _finish(seqs, lens, reverse):
     if lens is not None:
         out = mx.where(lens.valid, out, mx.zeros((), out.dtype))
     return out, finals
+
+
+def run_in_kernels(recur_varlen, xp, lens, reverse):
+    """:func:`run_direction`'s results, with the lengths and the reversal inside
+    the whole-sequence kernels. ``recur_varlen(xp, lengths, rev) -> (out,
+    seqs)`` runs ``ops.sequence.recurrence`` with ``lens`` / ``rev``."""
+    out, seqs = recur_varlen(xp, None if lens is None else lens.lengths, 1 if reverse else 0)
+    return out, tuple(s[-1] for s in seqs)
+
+
+def run_both_in_kernels(recur_varlen, xps, lens):
+    """Both directions as ONE launch of two problems, the second reversed
+    (``rev`` bit 1): ``xps`` stacked on the row axis as they are, no gather.
+    Returns ``[(output, finals), (output, finals)]`` as :func:`run_direction`."""
+    batch = xps[0].shape[1]
+    lengths = None if lens is None else mx.concatenate([lens.lengths, lens.lengths])
+    out, seqs = recur_varlen(mx.concatenate(xps, axis=1), lengths, 0b10)
+    return [(out[:, d * batch:(d + 1) * batch], tuple(s[-1, d * batch:(d + 1) * batch] for s in seqs))
+            for d in range(2)]

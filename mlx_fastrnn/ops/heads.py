@@ -29,12 +29,12 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
     """
     gates, heads, dim, _ = r.shape
     length, batch, _ = xp.shape
-    if heads > 1 and steps.accepts_problems is not None:
+    if heads > 1 and steps.accepts is not None:
         # Heads as problems: rows head-major ([L, N*B, G*D]), W_h [N, G*D, D].
         xh = mx.contiguous(xp.reshape(length, batch, gates, heads, dim).transpose(0, 3, 1, 2, 4)
                            .reshape(length, heads * batch, gates * dim))
         wh = mx.contiguous(f32(r).transpose(1, 0, 2, 3).reshape(heads, gates * dim, dim))
-        if steps.accepts_problems(xh, wh):
+        if steps.accepts(xh, wh):
             s0 = tuple(mx.contiguous(s.reshape(batch, heads, dim).swapaxes(0, 1).reshape(heads * batch, dim))
                        for s in states0)
             prm = tuple(p.reshape(heads, dim) for p in params)

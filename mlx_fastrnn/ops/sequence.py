@@ -18,7 +18,7 @@ from .projection import transposed
 _FUNCTIONS = {}
 
 
-def recurrence(cell, steps, xp, w_h, states0, params, given):
+def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0):
     """Run ``cell`` over ``xp``.
 
     Args:
@@ -28,30 +28,54 @@ def recurrence(cell, steps, xp, w_h, states0, params, given):
         w_h: [G*H, H] float32 recurrent weights, or [NP, G*H, H] for NP
             independent problems whose rows are stacked problem-major in xp,
             states and outputs (params then [NP, ...]); only where
-            ``steps.accepts_problems`` says the whole-sequence kernels take them.
+            ``steps.accepts`` says the whole-sequence kernels take them.
         states0: initial states, each [B, H] float32.
         params: the cell's extra float32 params (GRU: ``(bhn,)``).
         given: per state, whether the caller passed it. States not given are
             zero: the first recurrent matmul is skipped when h is not given,
             and no cotangent is formed for them.
+        lens, rev: per-row lengths (int32 [B], each in 1..L: the caller
+            validates them) and directions (bit p set: problem p runs from each
+            row's end to its start), inside the whole-sequence kernels
+            (``kernels/tiled.py``); only where ``steps.accepts(..., varlen=True)``.
 
     Returns:
-        One [L, B, H] float32 sequence per state.
+        One [L, B, H] float32 sequence per state; with ``lens`` / ``rev``
+        ``(out, seqs)``: ``out`` [L, B, H] the output in position order, zero
+        past each length, and the state sequences in step order, frozen past
+        each length (so ``seq[-1]`` is every row's final state).
     """
-    key = (cell.name, steps, tuple(given), len(params))
+    varlen = (lens is not None, int(rev)) if lens is not None or rev else None
+    key = (cell.name, steps, tuple(given), len(params), varlen)
     fn = _FUNCTIONS.get(key)
     if fn is None:
-        fn = _FUNCTIONS[key] = _make_function(cell, steps, tuple(given))
-    return fn(xp, w_h, *states0, *params)[: cell.num_states]
+        fn = _FUNCTIONS[key] = _make_function(cell, steps, tuple(given), len(params), varlen)
+    n = cell.num_states
+    if varlen is None:
+        return fn(xp, w_h, *states0, *params)[:n]
+    outs = fn(xp, w_h, *states0, *params, *(() if lens is None else (lens,)))
+    return outs[n + 1], outs[:n]
 
 
-def _make_function(cell, steps, given):
+def _make_function(cell, steps, given, n_params, varlen):
     n = cell.num_states
     h0_is_zero, need_d_states0 = not given[0], any(given)
+    has_lens, rev = varlen or (False, 0)
+    n_primals = 2 + n + n_params + has_lens
+
+    def split(rest):
+        """states0, params, lens (or None) from the primals after xp, w_h."""
+        return tuple(rest[:n]), tuple(rest[n:n + n_params]), (rest[n + n_params] if has_lens else None)
 
     @mx.custom_function
     def run(xp, w_h, *rest):
-        states, params = rest[:n], rest[n:]
+        states, params, lens = split(rest)
+        if varlen is not None:
+            # (seqs..., hp, out); no per-step form: callers check steps.accepts first
+            out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero, lens=lens, rev=rev)
+            if out is None:
+                raise RuntimeError("mlx_fastrnn: lengths inside the recurrence need the whole-sequence kernels")
+            return out
         if steps.forward_sequence is not None:
             out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
             if out is not None:
@@ -73,19 +97,25 @@ def _make_function(cell, steps, given):
 
     @run.vjp
     def run_vjp(primals, cotangents, outputs):
+        # the cotangents of the state sequences (and, varlen, of out; hp has none)
+        picked = [*range(n), *((n + 1,) if varlen is not None else ())]
         d_outs = tuple(
-            mx.zeros_like(o) if c is None else c for c, o in zip(cotangents[:n], outputs)
+            mx.zeros_like(outputs[i]) if cotangents[i] is None else cotangents[i] for i in picked
         )
-        return backward(*primals, *outputs, *d_outs)
+        grads = backward(*primals, *outputs, *d_outs)
+        return (*grads, mx.zeros_like(primals[-1])) if has_lens else grads
 
     # The backward is itself a custom function whose VJP refuses: its formulas
     # take the saved outputs as constants, so a gradient of the gradient
     # (gradient penalties, Hessian-vector products) would be silently wrong.
     @mx.custom_function
     def backward(xp, w_h, *rest):
-        k = len(rest) - 2 * n - 1
-        states0, params = tuple(rest[:n]), tuple(rest[n:k])
-        outputs, d_outs = rest[k : k + n + 1], rest[k + n + 1 :]
+        states0, params, lens = split(rest)
+        k = n_primals - 2
+        outputs = rest[k: k + n + 1]  # the state sequences and hp (varlen: out after them, unused)
+        d_outs = rest[k + n + 1 + (varlen is not None):]
+        d_out = d_outs[n] if varlen is not None else None
+        d_outs = d_outs[:n]
         length, hidden = xp.shape[0], w_h.shape[-1]
         hp = outputs[n]
         # The state entering each step.
@@ -93,7 +123,13 @@ def _make_function(cell, steps, given):
             mx.concatenate([s0[None], seq[:-1]], axis=0) for s0, seq in zip(states0, outputs)
         )
         whole = None
-        if steps.backward_sequence_kernel is not None:
+        if varlen is not None:
+            whole = steps.backward_sequence_kernel(
+                d_outs, xp, hp, prevs, params, w_h, need_d_states0, lens=lens, rev=rev, d_out=d_out
+            )
+            if whole is None:
+                raise RuntimeError("mlx_fastrnn: lengths inside the recurrence need the whole-sequence kernels")
+        elif steps.backward_sequence_kernel is not None:
             whole = steps.backward_sequence_kernel(
                 d_outs, xp, hp, prevs, params, w_h, need_d_states0
             )
@@ -113,7 +149,8 @@ def _make_function(cell, steps, given):
             d if g else mx.zeros_like(s) for d, g, s in zip(d_states0 or states0, given, states0)
         )
         # d W_h = sum_t dhp_t^T h_{t-1}: one matmul over the whole sequence. A zero
-        # initial state contributes nothing, so its step is left out.
+        # initial state contributes nothing, so its step is left out (and so do a
+        # varlen row's frozen steps: the kernel leaves their dhp zero).
         first = 1 if h0_is_zero else 0
         gh = dhp.shape[-1]
         if w_h.ndim == 3:  # per problem: its rows only
@@ -149,6 +186,9 @@ def _make_function(cell, steps, given):
         # axis into B. Mapping over the weights has no such reading.
         xp, w_h, *rest = inputs
         x_axis, w_axis, *rest_axes = axes
+        if varlen is not None:
+            raise ValueError("mlx_fastrnn: vmap over a recurrence with lengths inside the kernels is not "
+                             "supported; use MLX_RNN_IMPL=legacy.")
         if w_h.ndim == 3:
             raise ValueError("mlx_fastrnn: vmap over a multi-problem recurrence is not supported; "
                              "use MLX_RNN_IMPL=legacy.")

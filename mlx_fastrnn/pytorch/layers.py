@@ -43,8 +43,8 @@ import mlx.nn as nn
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
 from ..config import current_impl
 from ..ops import stepwise
-from ..ops.direction import (InputError, pad_time, prepare_lengths, run_both_directions, run_direction,
-                             truncate)
+from ..ops.direction import (InputError, pad_time, prepare_lengths, run_both_directions, run_both_in_kernels,
+                             run_direction, run_in_kernels, truncate)
 from ..ops.projection import project
 from ..ops.recurrent import FAST_DTYPES, cast_to, default_steps, result_dtype
 from ..ops.sequence import recurrence
@@ -180,11 +180,7 @@ class _RNNBase(nn.Module):
                    for d in range(len(keys))]
             run = self._direction_kernels if use_kernels else self._direction_stepwise
             recurs = [run(params, key, layer_in.shape[1], s0) for key, s0 in zip(keys, s0s)]
-            both = _stacked(recurs, xps[0].dtype) if use_kernels and len(recurs) == 2 else None
-            if both is not None:
-                results = run_both_directions(both, xps, lens)
-            else:
-                results = [run_direction(r, xp, lens, reverse=d == 1) for d, (r, xp) in enumerate(zip(recurs, xps))]
+            results = self._run_directions(recurs, xps, lens, use_kernels)
             outs = []
             for out, fin in results:
                 outs.append(cast_to(out, dtype))
@@ -200,6 +196,26 @@ class _RNNBase(nn.Module):
             output = output.swapaxes(0, 1)
         finals = tuple(mx.stack(f) if batched else mx.stack(f)[:, 0] for f in finals)
         return output, finals
+
+    @staticmethod
+    def _run_directions(recurs, xps, lens, use_kernels):
+        """``[(output, finals)]`` per direction of one layer. On the whole-sequence
+        kernels, both directions as one two-problem launch where they take it,
+        and the lengths and the reversal inside the kernels where they take
+        them; else gathers around each direction's recurrence (``ops/direction.py``)."""
+        if use_kernels and len(recurs) == 2:
+            both = _stacked(recurs, xps[0].dtype, varlen=True)
+            if both is not None:
+                return run_both_in_kernels(both.varlen, xps, lens)
+            both = _stacked(recurs, xps[0].dtype, varlen=False)
+            if both is not None:
+                return run_both_directions(both, xps, lens)
+        results = []
+        for d, (recur, xp) in enumerate(zip(recurs, xps)):
+            inside = use_kernels and (lens is not None or d == 1) and recur.accepts_varlen(xp)
+            results.append(run_in_kernels(recur.varlen, xp, lens, d == 1) if inside
+                           else run_direction(recur, xp, lens, reverse=d == 1))
+        return results
 
     def _check_hx(self, hx, batch, batched):
         """``hx`` as a tuple of ``[num_layers * D, B, *]`` arrays, or ``None``."""
@@ -310,7 +326,9 @@ class _RNNBase(nn.Module):
 
 
 class _KernelRecurrence:
-    """``recur(xp)`` of one (layer, direction) on the drop-in layers' driver."""
+    """``recur(xp)`` of one (layer, direction) on the drop-in layers' driver;
+    ``varlen(xp, lengths, rev)`` the same with lengths / reversal inside the
+    whole-sequence kernels, where ``accepts_varlen(xp)``."""
 
     def __init__(self, cell, steps, w_hh, states0, params, given):
         self.cell, self.steps, self.w_hh = cell, steps, w_hh
@@ -321,17 +339,27 @@ class _KernelRecurrence:
         return recurrence(self.cell, self.steps, mx.contiguous(xp), self.w_hh, self.states0,
                           self.params, self.given)
 
+    def varlen(self, xp, lengths, rev):
+        return recurrence(self.cell, self.steps, mx.contiguous(xp), self.w_hh, self.states0,
+                          self.params, self.given, lens=lengths, rev=rev)
 
-def _stacked(recurs, x_dtype):
+    def accepts_varlen(self, xp):
+        accepts = self.steps.accepts
+        # shapes and dtypes are all the planner reads: a stand-in (never evaluated)
+        return accepts is not None and accepts(mx.zeros((1, *xp.shape[1:]), xp.dtype), self.w_hh, varlen=True)
+
+
+def _stacked(recurs, x_dtype, varlen):
     """Both directions as one two-problem recurrence, when the whole-sequence
-    kernels take it (CUDA; forward and backward plans both fit); else None."""
+    kernels take it (CUDA; forward and backward plans both fit; with ``varlen``
+    the second problem reversed inside the kernels); else None."""
     fwd, rev = recurs
-    accepts = fwd.steps.accepts_problems
+    accepts = fwd.steps.accepts
     if accepts is None:
         return None
     batch, (gates_h, hidden) = fwd.states0[0].shape[0], fwd.w_hh.shape
     # shapes and dtypes are all the planner reads: stand-ins (never evaluated)
-    if not accepts(mx.zeros((1, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden))):
+    if not accepts(mx.zeros((1, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden)), varlen=varlen):
         return None
     w = mx.stack([fwd.w_hh, rev.w_hh])
     states0 = tuple(mx.concatenate([a, b], axis=0) for a, b in zip(fwd.states0, rev.states0))
