@@ -3,7 +3,8 @@ test_recurrent_bench.py and report.py.
 
 Pure Python on purpose: torch_baseline.py imports it and must never import MLX.
 Also the one JSON writer every benchmark script uses, and the PyTorch set-up of
-the two baselines (torch imported only when called).
+the two baselines (torch imported only when called): ``open_torch`` and
+``flatten_cudnn_weights``.
 """
 
 import json
@@ -121,3 +122,205 @@ def open_torch(tool, allow_cpu=False, cudnn_benchmark=False):
         return None
     torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
     return torch, device
+
+
+# ---------------------------------------------------------------------------
+# cuDNN weight flattening for the PyTorch baselines
+#
+# Why bfloat16 needs help (read in torch 2.13's and 2.11's sources; unchanged between them):
+#
+# * torch/nn/modules/rnn.py, ``RNNBase.flatten_parameters`` returns early unless every weight
+#   passes ``torch.backends.cudnn.is_acceptable(fw)``; ``_apply`` (``.to(dtype=...)``) ends in
+#   ``_init_flat_weights`` -> ``flatten_parameters``, so this is the only flattening torch does.
+# * torch/backends/cudnn/__init__.py, ``is_acceptable`` returns False when
+#   ``tensor.dtype not in CUDNN_TENSOR_DTYPES``, and ``CUDNN_TENSOR_DTYPES = {torch.half,
+#   torch.float, torch.double}``: bfloat16 weights are never flattened.
+# * aten/src/ATen/native/RNN.cpp, ``use_cudnn`` (since pytorch#164411, "cuDNN RNN supports
+#   BFloat16 inputs since 9.13") still sends bfloat16 to cuDNN: ``bfloat16_cond = st ==
+#   kBFloat16 && getCUDAHooks().supportsBFloat16RNNWithCuDNN()`` (cuDNN >= 9.13, sm >= 80).
+# * aten/src/ATen/native/cudnn/RNN.cpp, ``_cudnn_impl`` -> ``try_get_weight_buf`` finds no
+#   single buffer, so ``_cudnn_rnn`` warns WEIGHT_FORMAT_WARN ("RNN module weights are not part
+#   of single contiguous chunk of memory ...") and allocates and fills a new weight buffer on
+#   EVERY call. ``_cudnn_rnn_flatten_weight`` itself takes bfloat16 (``getCudnnDataType``,
+#   ``promote_rnn_math_type`` maps it to float math), only the Python gate refuses it.
+#
+# So for bfloat16 we run torch's own ``flatten_parameters`` with bfloat16 admitted to
+# ``CUDNN_TENSOR_DTYPES`` for the duration of the call (the set is mutated in place, since
+# ``is_acceptable`` reads the module global; restored in ``finally``), falling back to calling
+# ``torch._cudnn_rnn_flatten_weight`` with flatten_parameters' exact arguments, and then check
+# the result instead of trusting it.
+
+CUDNN_FLATTEN_STATES = ("flatten_parameters", "bf16_forced", "failed", "skipped")
+_WEIGHT_FORMAT_WARN = "contiguous chunk"  # part of cuDNN RNN.cpp's WEIGHT_FORMAT_WARN
+
+
+def _is_weight_format_warning(w):
+    return _WEIGHT_FORMAT_WARN in str(getattr(w, "message", w))
+
+
+def _flat_weights(module):
+    weights = list(getattr(module, "_flat_weights", None) or [])
+    return [w for w in weights if w is not None]
+
+
+def _walk_grad_fn_names(t, limit=64):
+    """Names of the autograd nodes behind ``t`` (breadth first, at most ``limit``)."""
+    names, todo, seen = [], [getattr(t, "grad_fn", None)], set()
+    while todo and len(names) < limit:
+        node = todo.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.append(type(node).__name__ if not hasattr(node, "name") else node.name())
+        todo.extend(n for n, _ in getattr(node, "next_functions", ()) if n is not None)
+    return names
+
+
+def check_cudnn_weights(torch, module):
+    """``(flat, cudnn_used, why)`` for a CUDA RNN module, verified rather than trusted:
+    ``flat`` = every weight a view of ONE storage and a forward call raises no
+    "contiguous chunk" warning; ``cudnn_used`` = that forward ran ``_cudnn_rnn``
+    (a ``CudnnRnnBackward0`` node in its graph), None when it could not be told."""
+    weights = _flat_weights(module)
+    try:
+        storages = {w.untyped_storage().data_ptr() for w in weights}
+    except Exception as e:  # private attribute or API changed: no proof of flatness
+        return False, None, f"storage check failed ({type(e).__name__}: {e})"
+    first = weights[0]
+    x = torch.zeros(1, 1, module.input_size, device=first.device, dtype=first.dtype)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.enable_grad():
+            out = module(x)[0]
+    warned = any(_is_weight_format_warning(w) for w in caught)
+    cudnn_used = None
+    if out.requires_grad:
+        cudnn_used = any("CudnnRnn" in n for n in _walk_grad_fn_names(out))
+    del out
+    if len(storages) != 1:
+        return False, cudnn_used, f"weights in {len(storages)} storages"
+    if warned:
+        return False, cudnn_used, "cuDNN warned: weights not part of a single contiguous chunk"
+    return True, cudnn_used, None
+
+
+def _direct_cudnn_flatten(torch, module):
+    """``torch._cudnn_rnn_flatten_weight`` with the arguments RNNBase.flatten_parameters
+    passes (torch/nn/modules/rnn.py), without its cudnn.is_acceptable gate."""
+    import torch.backends.cudnn.rnn as cudnn_rnn
+
+    weights = module._flat_weights
+    if len({w.data_ptr() for w in weights}) != len(weights):
+        raise RuntimeError("aliased RNN parameters (flatten_parameters refuses them too)")
+    num_weights = 4 if module.bias else 2
+    if module.proj_size > 0:
+        num_weights += 1
+    with torch.cuda.device_of(weights[0]), torch.no_grad():
+        torch._cudnn_rnn_flatten_weight(
+            weights, num_weights, module.input_size, cudnn_rnn.get_cudnn_mode(module.mode),
+            module.hidden_size, module.proj_size, module.num_layers, module.batch_first,
+            bool(module.bidirectional))
+
+
+def flatten_cudnn_weights(torch, module):
+    """Put a CUDA ``torch.nn.LSTM/GRU/RNN``'s weights into ONE cuDNN weight buffer and verify
+    it; call after every device/dtype change (``.to(...)``).
+
+    Returns ``dict(cudnn_flatten=..., cudnn_used=..., cudnn_flatten_note=...)``:
+    ``cudnn_flatten`` is "flatten_parameters" (torch's own call did it: float32/float16),
+    "bf16_forced" (bfloat16, which ``flatten_parameters`` skips, flattened as described in
+    the comment above), "failed" (not flat: cuDNN re-packs the weights on every call, the
+    old ``weights_repacked_per_call``; the module is left as torch left it), or "skipped"
+    (not on CUDA: the CPU kernels have no cuDNN weight buffer). ``cudnn_used``: the check's
+    forward ran cuDNN's RNN (None where not checked). Never raises."""
+    info = dict(cudnn_flatten="skipped", cudnn_used=None, cudnn_flatten_note=None)
+    weights = _flat_weights(module)
+    try:
+        on_cuda = bool(weights) and all(bool(w.is_cuda) for w in weights)
+    except Exception:
+        on_cuda = False
+    if not on_cuda:
+        return info
+    notes = []
+    try:
+        module.flatten_parameters()
+    except Exception as e:
+        notes.append(f"flatten_parameters raised {type(e).__name__}: {e}")
+    try:
+        flat, info["cudnn_used"], why = check_cudnn_weights(torch, module)
+    except Exception as e:
+        flat, why = False, f"check raised {type(e).__name__}: {e}"
+    if flat:
+        info["cudnn_flatten"] = "flatten_parameters"
+        return info
+    notes.append(f"flatten_parameters: {why}")
+    info["cudnn_flatten"] = "failed"
+    if weights[0].dtype != torch.bfloat16:
+        info["cudnn_flatten_note"] = "; ".join(notes)[:500]
+        return info
+
+    # the original storages, to put back if forcing fails (set_ swaps storages, no copy here)
+    saved = [w.detach() for w in weights]
+
+    def restore():
+        try:
+            with torch.no_grad():
+                for w, s in zip(weights, saved):
+                    if w.untyped_storage().data_ptr() != s.untyped_storage().data_ptr():
+                        w.set_(s)
+        except Exception as e:
+            notes.append(f"restore raised {type(e).__name__}: {e}")
+
+    def forced_flatten_parameters():
+        dtypes = torch.backends.cudnn.CUDNN_TENSOR_DTYPES  # the set is_acceptable reads
+        added = torch.bfloat16 not in dtypes
+        if added:
+            dtypes.add(torch.bfloat16)
+        try:
+            module.flatten_parameters()
+        finally:
+            if added:
+                dtypes.discard(torch.bfloat16)
+
+    for how, attempt in (("CUDNN_TENSOR_DTYPES", forced_flatten_parameters),
+                         ("_cudnn_rnn_flatten_weight", lambda: _direct_cudnn_flatten(torch, module))):
+        try:
+            attempt()
+            flat, cudnn_used, why = check_cudnn_weights(torch, module)
+        except Exception as e:
+            flat, cudnn_used, why = False, None, f"raised {type(e).__name__}: {e}"
+        if flat:
+            info.update(cudnn_flatten="bf16_forced", cudnn_used=cudnn_used)
+            notes.append(f"forced via {how}")
+            info["cudnn_flatten_note"] = "; ".join(notes)[:500]
+            return info
+        notes.append(f"forced via {how}: {why}")
+        restore()
+    info["cudnn_flatten_note"] = "; ".join(notes)[:500]
+    return info
+
+
+def flatten_after_first_call(flat, caught):
+    """``flat`` (from flatten_cudnn_weights) after the first timed call, whose warnings are
+    ``caught``: a "contiguous chunk" warning there means cuDNN re-packs after all -> "failed"."""
+    if flat["cudnn_flatten"] != "skipped" and any(_is_weight_format_warning(w) for w in caught):
+        note = "; ".join(n for n in (flat.get("cudnn_flatten_note"), "cuDNN warned on the first timed call") if n)
+        return {**flat, "cudnn_flatten": "failed", "cudnn_flatten_note": note}
+    return flat
+
+
+def flatten_remark(flat):
+    """A result row's note on its cuDNN weights ('' when torch's own flatten_parameters did it)."""
+    if flat["cudnn_flatten"] == "failed":
+        return "  (weights re-packed every call)"
+    note = "  (bf16 weights flattened: bf16_forced)" if flat["cudnn_flatten"] == "bf16_forced" else ""
+    if flat.get("cudnn_used") is False:
+        note += "  (not cuDNN: torch's own RNN kernels)"
+    return note
+
+
+def flatten_summary(counts):
+    """{'bf16_forced': 12, ...} -> 'bf16_forced 12, ...' (the closing log line of the baselines)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no results"

@@ -18,8 +18,10 @@ forward and backward of ``mean(output)`` w.r.t. all parameters and the input.
 both inside the timed region (the user pays them). Direction rows (``kind:
 directions``): one bidirectional layer against one one-direction layer.
 Timing: CUDA events around each call plus a synchronize; median over repeats
-adapted to --budget. ``flatten_parameters()`` is called after every dtype change;
-bfloat16 results whose weights cuDNN still re-packs per call carry
+adapted to --budget. After every dtype change ``bench_shapes.flatten_cudnn_weights``
+puts the weights in one cuDNN buffer, bfloat16 included (torch's own
+``flatten_parameters`` skips it), and verifies it; results record how in
+``cudnn_flatten``, and those whose weights cuDNN still re-packs per call carry
 ``weights_repacked_per_call`` (as in torch_baseline.py). Exits 0 with a message
 when torch or CUDA (without --allow-cpu) is missing.
 """
@@ -36,7 +38,8 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_shapes import DTYPES, MODES, open_torch, write_json  # noqa: E402
+from bench_shapes import (DTYPES, MODES, flatten_after_first_call, flatten_cudnn_weights,  # noqa: E402
+                          open_torch, write_json)
 
 # ---------------------------------------------------------------------------
 # configuration shared with pytorch_layers_bench.py (pure Python: no torch, no MLX)
@@ -171,13 +174,15 @@ def parse_args(argv=None):
 
 
 def make_torch_case(torch, cfg, device, dtype, seed, bidirectional=None):
-    """-> (fn, layer): ``fn()`` runs the case once (packing/unpacking included)."""
+    """-> (fn, flat): ``fn()`` runs the case once (packing/unpacking included);
+    ``flat``: how its cuDNN weights were flattened (``bench_shapes.flatten_cudnn_weights``)."""
     torch.manual_seed(seed)
     bidirectional = cfg["bidirectional"] if bidirectional is None else bidirectional
     layer = getattr(torch.nn, cfg["layer"])(cfg["input"], cfg["hidden"], num_layers=cfg["num_layers"],
                                             bidirectional=bidirectional, batch_first=True)
     layer = layer.to(device=device, dtype=dtype)
-    layer.flatten_parameters()  # after the dtype change: one cuDNN weight buffer (else re-packed per call)
+    # after the dtype change: one cuDNN weight buffer, bfloat16 included (else re-packed per call)
+    flat = flatten_cudnn_weights(torch, layer)
     length = cfg["length"]
     x = torch.randn(cfg["batch"], length, cfg["input"], device=device, dtype=dtype)
     lengths = (torch.tensor(seeded_lengths(cfg["batch"], length, seed), dtype=torch.int64)
@@ -201,7 +206,7 @@ def make_torch_case(torch, cfg, device, dtype, seed, bidirectional=None):
         def fn():
             out, _ = forward(xg)
             return torch.autograd.grad(out.float().mean(), params + [xg])
-    return fn, layer
+    return fn, flat
 
 
 def main(argv=None):
@@ -248,19 +253,15 @@ def main(argv=None):
         fn()
         return (time.perf_counter() - t0) * 1e3
 
-    def measure(fn, layer):
+    def measure(fn, flat):
         if cuda:
             torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             first = timed(fn)
-        repacked = any("contiguous chunk" in str(w.message) for w in caught)
-        if cuda:  # flattened = every weight a view of one buffer
-            try:
-                ptrs = {w.untyped_storage().data_ptr() for w in layer._flat_weights if w is not None}
-                repacked = repacked or len(ptrs) > 1
-            except Exception:  # private attribute; the warning check stands alone
-                pass
+        # re-packed on every call: the flatten failed, or cuDNN still warned now
+        flat = flatten_after_first_call(flat, caught)
+        repacked = flat["cudnn_flatten"] == "failed"
         warm, spent, last = 1, 0.0, first
         while warm < 2 or (warm < args.warmup and spent + last < 250 * args.budget):
             last = timed(fn)
@@ -268,7 +269,7 @@ def main(argv=None):
             warm += 1
         repeats = int(min(args.max_repeats, max(args.min_repeats, args.budget * 1e3 / max(last, 1e-3))))
         return summarize([timed(fn) for _ in range(repeats)], warmup=warm, first_ms=first,
-                         single_call=False, weights_repacked_per_call=repacked)
+                         single_call=False, weights_repacked_per_call=repacked, **flat)
 
     if cuda:  # initialise CUDA, cuBLAS and cuDNN outside the first timed config
         warm_layer = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True).to(device)
@@ -287,9 +288,9 @@ def main(argv=None):
                     "lengths_values": seeded_lengths(cfg["batch"], cfg["length"], args.seed)
                     if cfg["lengths"] else None}
             try:
-                fn, layer = make_torch_case(torch, cfg, device, tdt[cfg["dtype"]], args.seed, bidirectional)
-                got[bidirectional] = rec = {**base, **measure(fn, layer)}
-                del fn, layer
+                fn, flat = make_torch_case(torch, cfg, device, tdt[cfg["dtype"]], args.seed, bidirectional)
+                got[bidirectional] = rec = {**base, **measure(fn, flat)}
+                del fn
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
                 print(f"#   FAILED {msg[:300]}", flush=True)

@@ -14,9 +14,13 @@ a carried state as a streaming loop would. Timing: CUDA events around each call
 plus a synchronize, median over repeats adapted to --budget seconds. Exits 0 with
 a message when torch or CUDA is missing.
 
-PyTorch does not flatten bfloat16 cuDNN RNN weights (flatten_parameters leaves them), so
-cuDNN re-packs them on every call; such results carry ``weights_repacked_per_call`` (``†``
-in report.py's tables) and are a pessimistic baseline, mostly for small shapes.
+cuDNN weights: PyTorch's ``flatten_parameters`` skips bfloat16 (``cudnn.is_acceptable`` has
+no bfloat16), yet the bfloat16 forward runs cuDNN, which then re-packs the weights on every
+call. After the dtype change ``bench_shapes.flatten_cudnn_weights`` flattens them for
+bfloat16 too and verifies it (one storage, no "contiguous chunk" warning); each result
+records how in ``cudnn_flatten`` ("flatten_parameters", "bf16_forced", "failed"; "skipped"
+on the CPU) and ``cudnn_used``. Only where that failed do results carry
+``weights_repacked_per_call`` (``†`` in report.py's tables: a pessimistic baseline).
 """
 
 import argparse
@@ -31,7 +35,8 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_shapes import (  # noqa: E402
-    DTYPES, LAYERS, MODES, is_streaming, open_torch, parse_list, parse_shapes, write_json)
+    DTYPES, LAYERS, MODES, flatten_after_first_call, flatten_cudnn_weights, flatten_remark,
+    flatten_summary, is_streaming, open_torch, parse_list, parse_shapes, write_json)
 
 if "mlx" in sys.modules or "mlx.core" in sys.modules:
     sys.exit("torch_baseline.py must run in a process without MLX")
@@ -118,6 +123,7 @@ def main(argv=None):
         sync()
         del warm_layer
 
+    flatten_counts = {}
     t_start = time.perf_counter()
     for dtype in dtypes:
         for layer_name in layers:
@@ -131,7 +137,8 @@ def main(argv=None):
                         torch.manual_seed(args.seed)
                         cls = getattr(torch.nn, layer_name)
                         layer = cls(h, h, batch_first=True).to(device=device, dtype=tdt[dtype])
-                        layer.flatten_parameters()  # one cuDNN weight buffer (else re-packed every call)
+                        # one cuDNN weight buffer, bfloat16 included (else re-packed every call)
+                        flat = flatten_cudnn_weights(torch, layer)
                         x = torch.randn(b, length, h, device=device, dtype=tdt[dtype])
                         state = None
                         if is_streaming(shape):
@@ -156,15 +163,9 @@ def main(argv=None):
                         with warnings.catch_warnings(record=True) as caught:
                             warnings.simplefilter("always")
                             first = timed(fn)
-                        # PyTorch leaves bfloat16 cuDNN weights unflattened: re-packed on every call
-                        repacked = any("contiguous chunk" in str(w.message) for w in caught)
-                        if cuda:  # flattened = every weight a view of one buffer
-                            try:
-                                ptrs = {w.untyped_storage().data_ptr() for w in layer._flat_weights
-                                        if w is not None}
-                                repacked = repacked or len(ptrs) > 1
-                            except Exception:  # private attribute; the warning check stands alone
-                                pass
+                        # re-packed on every call: the flatten failed, or cuDNN still warned now
+                        flat = flatten_after_first_call(flat, caught)
+                        repacked = flat["cudnn_flatten"] == "failed"
                         warm, spent, last = 1, 0.0, first
                         # at least one more warm-up (the first call carries cuDNN plan set-up)
                         while warm < 2 or (warm < args.warmup and spent + last < 250 * args.budget):
@@ -176,13 +177,15 @@ def main(argv=None):
                         q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
                         stats = dict(median_ms=statistics.median(times), iqr_ms=q3 - q1, q1_ms=q1, q3_ms=q3,
                                      min_ms=times[0], max_ms=times[-1], repeats=len(times), warmup=warm,
-                                     first_ms=first, single_call=False, weights_repacked_per_call=repacked)
+                                     first_ms=first, single_call=False, weights_repacked_per_call=repacked,
+                                     **flat)
                         results.append({**base, **stats})
+                        flatten_counts[flat["cudnn_flatten"]] = flatten_counts.get(flat["cudnn_flatten"], 0) + 1
                         m = stats["median_ms"]
                         d = 3 if m < 1 else 2 if m < 100 else 1
                         print(f"{dtype:8} {layer_name:5} {shape[0]:12} {mode:6} "
                               f"{m:>9.{d}f} ±{stats['iqr_ms']:<5.{d}f} {len(times):>4}"
-                              f"{'  (weights re-packed every call)' if repacked else ''}", flush=True)
+                              f"{flatten_remark(flat)}", flush=True)
                         del layer, x, fn
                     except Exception as e:
                         msg = f"{type(e).__name__}: {e}"
@@ -193,7 +196,9 @@ def main(argv=None):
                         torch.cuda.empty_cache()
     meta["complete"] = True
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    meta["cudnn_flatten_counts"] = flatten_counts
     write_json(args.json, meta, results)
+    print(f"# cuDNN weight flattening: {flatten_summary(flatten_counts)}")
     print(f"# done in {meta['elapsed_s']} s" + (f"; results in {args.json}" if args.json else ""))
     return 0
 
