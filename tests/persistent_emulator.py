@@ -51,6 +51,8 @@ PRELUDE = r"""
 #include <vector>
 
 #define __global__
+#define __location__(where)
+#define __launch_bounds__(...)
 #define __device__
 #define __host__
 #define __forceinline__ inline

@@ -332,14 +332,15 @@ def test_nvrtc_compiles_without_spills(cell, direction, varlen):
 
 
 def _assert_compiles(p, xdt, lens=False, rev=0):
-    """NVRTC + ptxas of plan ``p``'s kernel: no spills, no stack; at most 128
-    registers (two 256-thread blocks per SM) for one problem, and for several
-    (a varlen two-problem forward takes ~150) at least one block per SM."""
+    """NVRTC + ptxas of plan ``p``'s kernel: at most 128 registers (two 256-thread
+    blocks per SM: ``persistent.LAUNCH_BOUNDS``); no spills and no stack, except
+    the few bytes the bound costs the two-problem varlen LSTM / sLSTM forward."""
     spec = P.kernel_spec(p, xdt, True, lens=lens, rev=rev)
     ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
     assert ok, log[-4000:]
-    assert regs is not None and (regs <= 128 if p.NP == 1 else regs * p.TPB <= 65536), log
-    assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+    assert regs is not None and regs <= 128, log
+    allowed = 32 if p.NP > 1 and (lens or rev) else 0  # measured: 8-24 bytes (NVRTC 13.0)
+    assert spill_st <= allowed and spill_ld <= allowed and stack <= allowed, log
     return spec
     return spec
 

@@ -485,10 +485,27 @@ def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0):
     )
 
 
+# Every tiled kernel is compiled for at most 128 registers a thread
+# (``__launch_bounds__(512, 1)``: 65536 registers over 512 threads), so two
+# 256-thread blocks fit one SM and two persistent grids that MLX runs concurrently
+# (independent nodes of one CUDA graph) are co-resident together, as the
+# shared-memory budget already assumes. Without the bound ptxas gave the two-problem
+# varlen LSTM forward 147 registers (one block per SM). MLX writes the kernel's
+# signature itself (and defines the template values inside the body, so TPB is not
+# known there), so the bound comes in through ``__global__``, redefined for the one
+# kernel that follows the header (the last thing in the source). 512: the most
+# threads the tuning tools launch.
+LAUNCH_BOUNDS = """
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__(512, 1)
+"""
+
+
 @functools.lru_cache(maxsize=64)
 def _cell_header(header, cell):
-    # The shared device code, then the cell's point functions (one string object per pair).
-    return header + cell_module(cell).POINT
+    # The shared device code, the cell's point functions, the launch bounds (one
+    # string object per pair).
+    return header + cell_module(cell).POINT + LAUNCH_BOUNDS
 
 
 def template_hash(template):
