@@ -110,6 +110,7 @@ def accepts(cell_name, xp, w_h, varlen=False):
         return False
     for direction in ("forward", "backward"):
         klass, _ = choose(direction, cell_name, xp, w_h, varlen)
-        if klass is None or (klass == "tiled" and w_h.ndim == 3 and not P.multi_problem_enabled()):
+        if klass is None or (klass == "tiled" and w_h.ndim == 3
+                             and not P.multi_problem_enabled(xp.dtype, directions=varlen)):
             return False
     return True

@@ -634,27 +634,23 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     return p
 
 
-def accepts(cell_name, xp, w_h):
-    """Whether both the forward and the backward kernel take this problem (the
-    caller of a multi-problem recurrence needs both: the per-step path has no
-    multi-problem form)."""
-    if not cuda_available() or not multi_problem_enabled():
-        return False
-    return select("forward", cell_name, xp, w_h) is not None and select("backward", cell_name, xp, w_h) is not None
-
-
-# Whether callers may run several problems in one launch (``accepts``):
-# MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides the default. Off by default:
-# on the H200 (2026-12-01) the two-problem launch passed the GPU parity tests and
-# was faster for LSTM 32x40x200 float32, but slower for GRU 32x40x200 forward and
-# 4.5x slower for bfloat16 LSTM 32x40x200 forward+backward (benchmarks/RESULTS.md).
+# Whether the tiled class may run several problems in one launch (``classes.accepts``):
+# MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides the default. By default only a
+# bidirectional layer's two directions with the second reversed inside the kernel
+# (``directions``), float32 only: on the H200 (2026-12-03, pytorch_layers_bench.py,
+# 2-layer bidirectional LSTM/GRU at 32x40x200 and 1x256x256, fwd and fwd+bwd, with and
+# without lengths) the one launch was faster than one launch per direction on all 16
+# float32 configurations (e.g. LSTM 32x40x200 forward 1.69 against 2.28 ms) and 15 of
+# 16 bfloat16 ones, but 2.5x slower on bfloat16 LSTM 32x40x200 forward+backward (9.5
+# against 3.8 ms; 4.5x in the 2026-12-01 lease), a regression not yet understood
+# (benchmarks/RESULTS.md). Heads stay one launch per problem on this class.
 MULTI_PROBLEM_DEFAULT = False
 
 
-def multi_problem_enabled():
+def multi_problem_enabled(x_dtype=None, directions=False):
     value = os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip().lower()
     if value == "":
-        return MULTI_PROBLEM_DEFAULT
+        return MULTI_PROBLEM_DEFAULT or (directions and x_dtype == mx.float32)
     return value not in ("0", "false", "off", "no")
 
 
