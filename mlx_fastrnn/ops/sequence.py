@@ -37,7 +37,7 @@ def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0):
         lens, rev: per-row lengths (int32 [B], each in 1..L: the caller
             validates them) and directions (bit p set: problem p runs from each
             row's end to its start), inside the whole-sequence kernels
-            (``kernels/tiled.py``); only where ``steps.accepts(..., varlen=True)``.
+            (``kernels/contract.py``); only where ``steps.accepts(..., varlen=True)``.
 
     Returns:
         One [L, B, H] float32 sequence per state; with ``lens`` / ``rev``
