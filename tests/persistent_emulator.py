@@ -32,6 +32,7 @@ import tempfile
 
 import mlx.core as mx
 
+from mlx_fastrnn.kernels import cuda_source as S
 from mlx_fastrnn.kernels import persistent as P
 
 PRELUDE = r"""
@@ -131,7 +132,7 @@ using Strides = std::array<int64_t, 10>;
 
 _ITEMSIZE = {mx.float32: 4, mx.uint32: 4, mx.int32: 4}
 _ARRAY_CODE = {mx.float32: "f", mx.uint32: "I", mx.int32: "i"}
-_CTYPE = P._CUDA_TYPES
+_CTYPE = S._CUDA_TYPES
 
 
 def _raw(a):
@@ -243,7 +244,7 @@ _BUILD_DIR = os.path.join(tempfile.gettempdir(), "mlx_fastrnn_emulator" + ("_asa
 def build(spec, inputs, out_specs):
     """Compile the emulator for ``spec`` (cached by source); returns the binary path."""
     in_dtypes = [a.dtype for a in inputs]
-    fname, src = P.generate_source(spec, in_dtypes, [a.ndim for a in inputs],
+    fname, src = S.generate_source(spec, in_dtypes, [a.ndim for a in inputs],
                                    [dt for _, dt in out_specs], default_header=PRELUDE)
     src += _main(fname, spec, inputs, out_specs)
     digest = hashlib.sha1(src.encode()).hexdigest()[:16]
@@ -427,7 +428,7 @@ def compile_spec(spec, x_dtype, w_bf16):
         return 2 if n == "w" or n.startswith("init") else 3
 
     odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
-    _, src = P.generate_source(spec, [dtype(n) for n in spec.input_names], [rank(n) for n in spec.input_names],
+    _, src = S.generate_source(spec, [dtype(n) for n in spec.input_names], [rank(n) for n in spec.input_names],
                                odts)
     ok, log = nvrtc_compile(src)
     return ok, log, ptxas_info(log)

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 import persistent_emulator as emu
 import persistent_reference as ref
+from mlx_fastrnn.kernels import cuda_source as S
 from mlx_fastrnn.kernels import persistent as P
 from mlx_fastrnn.kernels import tiled as T
 
@@ -150,11 +151,11 @@ def test_query_limits_without_driver():
 def test_generated_source_matches_mlx_layout():
     p = P.plan("forward", "gru", 33, 3, H100)
     spec = P.kernel_spec(p, mx.bfloat16, True)
-    fname, src = P.generate_source(spec, [mx.bfloat16, mx.float32, mx.float32, mx.float32],
+    fname, src = S.generate_source(spec, [mx.bfloat16, mx.float32, mx.float32, mx.float32],
                                    [3, 2, 2, 1], [mx.float32, mx.float32, mx.uint32])
     assert fname.startswith("custom_kernel_" + spec.name + "_bfloat16_float32_33_")
     assert fname.endswith("_t")
-    assert src.startswith(P.MLX_DEFAULT_HEADER + P.HEADER)
+    assert src.startswith(S.MLX_DEFAULT_HEADER + P.HEADER)
     assert "__global__ void " + fname + "(\n    const __nv_bfloat16* x,\n" \
            "    const __grid_constant__ Shape x_shape,\n    const float* w,\n" in src
     assert "    uint32_t* sync) {\n" in src
@@ -167,7 +168,7 @@ def test_kernel_names_follow_the_source():
     p = P.plan("backward", "rnn_relu", 16, 2, H100)
     a = P.kernel_spec(p, mx.float32, True)
     b = P.kernel_spec(p, mx.float32, False)
-    assert a.name == b.name and P.template_hash(a.template) != P.template_hash(b.template)
+    assert a.name == b.name and S.template_hash(a.template) != S.template_hash(b.template)
     assert dict(a.template)["RELU"] is True
     assert P.kernel_spec(P.plan("backward", "rnn_tanh", 16, 2, H100), mx.float32, True).name != a.name
     fwd = P.kernel_spec(P.plan("forward", "rnn_relu", 16, 2, H100), mx.float32, True)

@@ -24,14 +24,13 @@ Entry points (the driver contract of ``ops/sequence.py``):
 ``None`` means "not here": no CUDA device, a shape or dtype this path does not
 take, or a problem whose W_h slice does not fit in shared memory; the caller
 then runs the per-step path. :func:`plan` is pure Python (unit-tested on the
-CPU), as are :func:`kernel_spec` and :func:`generate_source` (an exact replica
-of the source MLX builds around a body, used by the CPU emulator and the NVRTC
-compile check in the tests).
+CPU), as is :func:`kernel_spec` (its source: ``cuda_source.generate_source``,
+the exact translation unit MLX builds, run by the CPU emulator and compiled by
+the NVRTC check in the tests).
 """
 
 import ctypes
 import functools
-import hashlib
 import importlib
 import os
 import re
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from .cuda_source import KernelSpec, launch, source_digest
 from .persistent_header import HEADER
 
 # --------------------------------------------------------------------------- cells
@@ -46,7 +46,7 @@ from .persistent_header import HEADER
 
 @dataclass(frozen=True)
 class CellSpec:
-    module: str  # the cell folder's persistent.py: bodies, I/O names, backward_launch/results
+    module: str  # the cell folder's persistent.py: constants and point functions
     num_gates: int
     num_states: int
     num_params: int
@@ -391,47 +391,6 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
 # --------------------------------------------------------------------------- sources
 
 
-MLX_DEFAULT_HEADER = (
-    '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
-    "#define inf cuda::std::numeric_limits<float>::infinity()\n\n"
-)
-_CUDA_TYPES = {
-    mx.float32: "float",
-    mx.float16: "__half",
-    mx.bfloat16: "__nv_bfloat16",
-    mx.int32: "int32_t",
-    mx.uint32: "uint32_t",
-}
-_TYPE_STRINGS = {
-    mx.float32: "float32",
-    mx.float16: "float16",
-    mx.bfloat16: "bfloat16",
-    mx.int32: "int32",
-    mx.uint32: "uint32",
-}
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """Everything ``mx.fast.cuda_kernel`` gets for one persistent kernel."""
-
-    name: str
-    input_names: tuple
-    output_names: tuple
-    header: str
-    body: str
-    template: tuple  # ((name, int | bool | mx.Dtype), ...)
-    shared_memory: int
-    grid: tuple
-    threadgroup: tuple
-
-
-@functools.lru_cache(maxsize=64)
-def _source_digest(header, body):
-    # Hashing the ~17 KB source took most of kernel_spec's ~15 us per call.
-    return hashlib.sha1((header + body).encode()).hexdigest()[:12]
-
-
 def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0):
     """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward);
     ``lens`` (per-row lengths) / ``rev`` (bit p: problem p reversed) select the
@@ -470,7 +429,7 @@ def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0):
     )
     # MLX caches the compiled module by kernel name, in memory and on disk
     # (its PTX cache): the name must change whenever the source does.
-    digest = _source_digest(header, body)
+    digest = source_digest(header, body)
     name = f"frnn_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
     return KernelSpec(
         name=name,
@@ -508,89 +467,7 @@ def _cell_header(header, cell):
     return header + cell_module(cell).POINT + LAUNCH_BOUNDS
 
 
-def template_hash(template):
-    """MLX's suffix of the kernel name (``template_arguments_hash``)."""
-    out = ""
-    for _, v in template:
-        if isinstance(v, bool):
-            out += "_t" if v else "_f"
-        elif isinstance(v, int):
-            out += f"_{v}"
-        else:
-            out += "_" + _TYPE_STRINGS[v]
-    return out
-
-
-def generate_source(spec, input_dtypes, input_ndims, output_dtypes, default_header=MLX_DEFAULT_HEADER):
-    """The full translation unit MLX (``build_kernel`` in
-    ``mlx/backend/cuda/custom_kernel.cpp``, 0.32) compiles for ``spec``.
-
-    Returns ``(function name, source)``. An input ``n`` gets a
-    ``const __grid_constant__ Shape n_shape`` parameter (likewise ``_strides``,
-    ``_ndim``) when the body mentions that name.
-    """
-    fname = "custom_kernel_" + spec.name + template_hash(spec.template)
-    src = default_header + spec.header
-    src += "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-    src += "__global__ void " + fname + "(\n"
-    for name, dt, nd in zip(spec.input_names, input_dtypes, input_ndims):
-        src += f"    const {_CUDA_TYPES[dt]}* {name},\n"
-        if nd > 0:
-            if name + "_shape" in spec.body:
-                src += f"    const __grid_constant__ Shape {name}_shape,\n"
-            if name + "_strides" in spec.body:
-                src += f"    const __grid_constant__ Strides {name}_strides,\n"
-            if name + "_ndim" in spec.body:
-                src += f"    const __grid_constant__ int {name}_ndim,\n"
-    for i, (name, dt) in enumerate(zip(spec.output_names, output_dtypes)):
-        src += f"    {_CUDA_TYPES[dt]}* {name}"
-        src += ",\n" if i < len(spec.output_names) - 1 else ") {\n"
-    if spec.template:
-        for name, v in spec.template:
-            if isinstance(v, bool):
-                src += f"  constexpr bool {name} = {'true' if v else 'false'};\n"
-            elif isinstance(v, int):
-                src += f"  constexpr int {name} = {v};\n"
-            else:
-                src += f"  using {name} = {_CUDA_TYPES[v]};\n"
-        src += "\n"
-    src += spec.body
-    src += "\n}\n\n} // namespace mlx::core::cu\n"
-    return fname, src
-
-
 # --------------------------------------------------------------------------- launching
-
-_KERNELS = {}
-
-
-def _kernel(spec):
-    key = (spec.name, spec.shared_memory)
-    kern = _KERNELS.get(key)
-    if kern is None:
-        kern = _KERNELS[key] = mx.fast.cuda_kernel(
-            name=spec.name,
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
-            source=spec.body,
-            header=spec.header,
-            ensure_row_contiguous=True,
-            shared_memory=spec.shared_memory,
-        )
-    return kern
-
-
-def _launch(spec, inputs, output_shapes, output_dtypes):
-    kern = _kernel(spec)
-    return kern(
-        inputs=list(inputs),
-        template=list(spec.template),
-        grid=spec.grid,
-        threadgroup=spec.threadgroup,
-        output_shapes=list(output_shapes),
-        output_dtypes=list(output_dtypes),
-        init_value=0,  # also zeroes the barrier counters
-    )
 
 
 def _shape_ok(a, shape, dtype=mx.float32):
@@ -826,10 +703,10 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
     p = _given_or_selected(use_plan, "forward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
-    launch = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev, header)
-    if launch is None:
+    launch_args = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev, header)
+    if launch_args is None:
         return None
-    return tuple(_launch(*launch)[:-1])  # the barrier counters dropped
+    return tuple(launch(*launch_args)[:-1])  # the barrier counters dropped
 
 
 def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, *, limits=None,
@@ -851,7 +728,7 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
     p = _given_or_selected(use_plan, "backward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
-    launch = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, header)
-    if launch is None:
+    launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, header)
+    if launch_args is None:
         return None
-    return backward_results(cell_name, _launch(*launch), need_d_state0, lens is not None or bool(rev))
+    return backward_results(cell_name, launch(*launch_args), need_d_state0, lens is not None or bool(rev))

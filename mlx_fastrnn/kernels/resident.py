@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from . import contract as C
+from .cuda_source import KernelSpec, launch, source_digest
 from . import persistent as P
 from .persistent_header import HEADER
 
@@ -553,9 +554,9 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
         *((("LENS", bool(lens)), ("REV", int(rev))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),
     )
-    digest = P._source_digest(header, body)
+    digest = source_digest(header, body)
     name = f"frnn_res_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
-    return P.KernelSpec(name=name, input_names=inputs, output_names=outputs, header=header, body=body,
+    return KernelSpec(name=name, input_names=inputs, output_names=outputs, header=header, body=body,
                         template=template, shared_memory=p.smem, grid=(p.nblocks * p.TPB, 1, 1),
                         threadgroup=(p.TPB, 1, 1))
 
@@ -617,14 +618,14 @@ def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=N
 
 
 def run_forward(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
-    launch = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
-    if launch is None:
+    launch_args = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
+    if launch_args is None:
         return None
-    return tuple(P._launch(*launch)[:-1])
+    return tuple(launch(*launch_args)[:-1])
 
 
 def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
-    launch = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out)
-    if launch is None:
+    launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out)
+    if launch_args is None:
         return None
-    return P.backward_results(p.cell, P._launch(*launch), need_d_state0, lens is not None or bool(rev))
+    return P.backward_results(p.cell, launch(*launch_args), need_d_state0, lens is not None or bool(rev))

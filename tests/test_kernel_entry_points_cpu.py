@@ -1,0 +1,84 @@
+"""The whole-sequence kernels' Python entry points, run on the CPU: the launch
+(``cuda_source.launch``, as imported by each class) replaced by the CPU
+emulator and the device limits by a small fake GPU, so the code that only runs
+on CUDA (``classes.sequence`` / ``backward``, ``persistent_sequence`` /
+``persistent_backward``, ``resident.run_forward`` / ``run_backward``) is
+exercised in every CI run, lengths and directions included."""
+
+import pytest
+
+import mlx.core as mx
+
+import persistent_emulator as emu
+import persistent_reference as ref
+from mlx_fastrnn.kernels import classes as C
+from mlx_fastrnn.kernels import persistent as P
+from mlx_fastrnn.kernels import resident as R
+
+SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
+
+pytestmark = pytest.mark.skipif(emu.host_compiler() is None, reason="no C++20 host compiler")
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    launched = []
+
+    def launch(spec, inputs, output_shapes, output_dtypes):
+        launched.append(spec.name)
+        return emu.emulate(spec, list(inputs), list(zip(output_shapes, output_dtypes)))
+
+    monkeypatch.setattr(P, "launch", launch)
+    monkeypatch.setattr(R, "launch", launch)
+    monkeypatch.setattr(P, "cuda_available", lambda: True)
+    monkeypatch.setattr(P, "device_limits", lambda: SMALL)
+    monkeypatch.delenv("MLX_FASTRNN_KERNEL_CLASS", raising=False)
+    return launched
+
+
+@pytest.mark.parametrize("klass", ["resident", "tiled"])
+@pytest.mark.parametrize("cell,lens,rev,problems", [
+    ("lstm", None, 0, 1),
+    ("gru", [4, 1, 3], 1, 1),
+    ("rnn_tanh", None, 1, 1),
+    ("slstm", [2, 4, 4, 1], 0b10, 2),
+])
+def test_class_entry_points(emulated_gpu, monkeypatch, klass, cell, lens, rev, problems):
+    """``classes.sequence`` / ``classes.backward`` on each class (forced), with and
+    without lengths / directions, against the masked reference and its vjp."""
+    monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", klass)
+    L, B, H = 4, 3 if problems == 1 else 2, 12
+
+    def forward(xp, w, s0, params, zero, lens, rev):
+        assert C.choose("forward", cell, xp, w, lens is not None or bool(rev))[0] == klass
+        if lens is None and not rev:  # the plain launch: state sequences and hp, then out = h
+            seqs = C.sequence(cell, xp, w, s0, params, zero)
+            return (*seqs, seqs[0])
+        return C.sequence(cell, xp, w, s0, params, zero, lens=lens, rev=rev)
+
+    def backward(d_outs, xp, hp, prevs, params, w, need, lens, rev, d_out):
+        if lens is None and not rev:
+            d_outs = (d_outs[0] + d_out, *d_outs[1:])
+            return C.backward(cell, d_outs, xp, hp, prevs, params, w, need)
+        return C.backward(cell, d_outs, xp, hp, prevs, params, w, need, lens=lens, rev=rev, d_out=d_out)
+
+    ref.check_varlen(cell, L, B, H, mx.float32, False, lens, rev, problems, forward, backward)
+    prefix = "frnn_res_" if klass == "resident" else "frnn_"
+    assert len(emulated_gpu) == 2 and all(n.startswith(prefix) for n in emulated_gpu)
+    assert klass == "resident" or not any(n.startswith("frnn_res_") for n in emulated_gpu)
+
+
+def test_accepts_follows_the_multi_problem_rule(emulated_gpu, monkeypatch):
+    """Two stacked problems on the tiled class: taken with directions in float32
+    by default, not for heads (no varlen) nor bfloat16; the env var overrides."""
+    monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", "tiled")
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", raising=False)
+    w = mx.zeros((2, 4 * 12, 12))
+    x32, x16 = mx.zeros((1, 4, 48)), mx.zeros((1, 4, 48), mx.bfloat16)
+    assert C.accepts("lstm", x32, w, varlen=True)
+    assert not C.accepts("lstm", x32, w)
+    assert not C.accepts("lstm", x16, w, varlen=True)
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
+    assert C.accepts("lstm", x16, w, varlen=True) and C.accepts("lstm", x32, w)
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "0")
+    assert not C.accepts("lstm", x32, w, varlen=True)
