@@ -16,8 +16,10 @@ whenever it fits. Both classes take per-row lengths and per-problem
 directions (``lens`` / ``rev``: :mod:`.contract`).
 """
 
+import functools
 import math
 import os
+from typing import NamedTuple
 
 from . import persistent as P
 from . import resident as R
@@ -46,27 +48,48 @@ def table_point(cell, direction, dtype, B, H):
     return min(points, key=lambda q: (math.log2(q[0]) - lb) ** 2 + (math.log2(q[1]) - lh) ** 2)
 
 
+class _Operand(NamedTuple):
+    """What planning reads of an array: its shape, dtype and rank."""
+
+    shape: tuple
+    dtype: object
+    ndim: int
+
+
+# Everything besides the operands' shapes and dtypes that a class choice depends on.
+_ENV = ("MLX_FASTRNN_KERNEL_CLASS", "MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM",
+        "MLX_FASTRNN_PERSISTENT_BLOCKS")
+
+
 def choose(direction, cell_name, xp, w_h, varlen=False):
     """``("resident", plan)``, ``("tiled", plan)`` or ``(None, None)``; ``varlen``:
-    with per-row lengths or reversed problems."""
+    with per-row lengths or reversed problems. Cached per shapes, dtypes, device
+    and environment: a layer call pays a dictionary lookup, not the planning
+    (which took ~60 us of Python per launch)."""
+    return _choose(direction, cell_name, _Operand(tuple(xp.shape), xp.dtype, xp.ndim),
+                   _Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), P.device_limits(),
+                   id(SELECTION), tuple(os.environ.get(k) for k in _ENV))
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
     dims = P._check_common(cell_name, xp, w_h)
     if dims is None:
         return None, None
     _, _, B, H, NP = dims
     if varlen and NP > P.MAX_REVERSIBLE_PROBLEMS:
         return None, None
-    rp = R.select(direction, cell_name, xp, w_h)
+    rp = R.select(direction, cell_name, xp, w_h, limits)
     forced = _forced()
     if rp is not None and forced != "tiled":
         point = table_point(cell_name, direction, xp.dtype, B, H)
         want = forced or (point[2] if point else "resident")
         if want == "resident":
             if point and point[2] == "resident":
-                tuned = R.plan(direction, cell_name, H, B, P.device_limits(), xp.dtype, NP,
-                               min(point[3], B), point[4])
+                tuned = R.plan(direction, cell_name, H, B, limits, xp.dtype, NP, min(point[3], B), point[4])
                 rp = tuned or rp
             return "resident", rp
-    tp = P.select(direction, cell_name, xp, w_h)
+    tp = P.select(direction, cell_name, xp, w_h, limits)
     if tp is not None:
         return "tiled", tp
     return ("resident", rp) if rp is not None else (None, None)

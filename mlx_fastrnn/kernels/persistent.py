@@ -397,10 +397,17 @@ def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0):
     varlen body (:mod:`.tiled`).
 
     ``header`` replaces the shared device code (the tuning tools prepend the
-    ``FRNN_*`` switches documented in ``persistent_header``)."""
+    ``FRNN_*`` switches documented in ``persistent_header``). Cached: a launch
+    pays a lookup, not the ~20 us of assembling the spec."""
+    return _kernel_spec(p, x_dtype, bool(flag), header, os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", ""),
+                        bool(lens), int(rev))
+
+
+@functools.lru_cache(maxsize=512)
+def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev):
     from . import tiled
 
-    header = _with_switches(os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", ""), header)
+    header = _with_switches(switches, header)
     header = _cell_header(header, p.cell)
     mod = cell_module(p.cell)
     fwd = p.direction == "forward"

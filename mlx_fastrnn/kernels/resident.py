@@ -538,8 +538,10 @@ def header_for(cell):
     return HEADER + RESIDENT_HEADER + P.cell_module(cell).POINT
 
 
+@functools.lru_cache(maxsize=512)
 def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
-    """``lens`` / ``rev``: the varlen body (:mod:`.contract`)."""
+    """``lens`` / ``rev``: the varlen body (:mod:`.contract`). Cached (a launch
+    pays a lookup)."""
     fwd = p.direction == "forward"
     varlen = bool(lens or rev)
     header = header_for(p.cell)
