@@ -82,3 +82,48 @@ def test_accepts_follows_the_multi_problem_rule(emulated_gpu, monkeypatch):
     assert C.accepts("lstm", x16, w, varlen=True) and C.accepts("lstm", x32, w)
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "0")
     assert not C.accepts("lstm", x32, w, varlen=True)
+
+
+@pytest.mark.parametrize("klass", ["resident", "tiled"])
+@pytest.mark.parametrize("cls_name,kw", [("LSTM", dict(num_layers=2)), ("GRU", dict())])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_pytorch_layer_on_the_default_cuda_path(emulated_gpu, monkeypatch, klass, cls_name, kw, with_lengths):
+    """A float32 bidirectional ``mlx_fastrnn.pytorch`` layer on the CUDA path as
+    dispatched by default (``classes.accepts``: both directions as one
+    two-problem launch, the second reversed in the kernel; on the tiled class by
+    the float32 default of ``persistent.multi_problem_enabled``), kernels
+    emulated: outputs, final states and every gradient equal the CPU path's."""
+    import mlx_fastrnn.pytorch as ptl
+    from mlx.utils import tree_flatten
+    from mlx_fastrnn.pytorch import layers as torch_layers
+
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", raising=False)
+    monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", klass)
+    L, B, I, H = 5, 3, 4, 12
+    mx.random.seed(0)
+    layer = getattr(ptl, cls_name)(I, H, bidirectional=True, **kw)
+    x = mx.random.normal((L, B, I), key=mx.random.key(1))
+    lengths = mx.array([5, 2, 4]) if with_lengths else None
+
+    def run():
+        def loss(params, x):
+            layer.update(params)
+            out, st = layer(x, None, lengths)
+            states = st if isinstance(st, tuple) else (st,)
+            w = mx.random.normal(out.shape, key=mx.random.key(9))
+            return (out * w).sum() + sum((s ** 2).sum() for s in states), (out, *states)
+
+        (value, outs), grads = mx.value_and_grad(loss, argnums=(0, 1))(layer.parameters(), x)
+        flat = [value, *outs, *(v for _, v in tree_flatten(grads))]
+        mx.eval(flat)
+        return flat
+
+    want = run()  # the CPU path (compiled cells, gathers)
+    monkeypatch.setattr(torch_layers, "default_steps", lambda cell, whole=True: cell.kernel_steps("cuda", whole))
+    got = run()
+    # one forward and one backward launch per layer, each of two problems (both directions)
+    prefix = "frnn_res_" if klass == "resident" else "frnn_"
+    assert len(emulated_gpu) == 2 * layer.num_layers and all(n.startswith(prefix) for n in emulated_gpu)
+    for a, b in zip(got, want):
+        scale = max(1.0, mx.abs(b).max().item())
+        assert mx.abs(a - b).max().item() <= 2e-5 * scale
