@@ -350,8 +350,7 @@ def backward_body(cell, varlen=False):
             gt[q] = gv[rr][q] + dcar[rr][q] + (q == 0 ? drec[rr] : 0.0f);
           }
           if (""" + _active(varlen, "s") + r""") {
-            gt[0] += ov[rr];
-            const long long prow = (long long)""" + _pos(varlen, "s") + r""" * B + r0 + r;
+""" + ("            gt[0] += ov[rr];\n" if varlen else "") + r"""            const long long prow = (long long)""" + _pos(varlen, "s") + r""" * B + r0 + r;
             """ + call + r"""(xv[rr], hv[rr], prm, pv[rr], gt, dxg, dhg, dpv);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
