@@ -629,8 +629,9 @@ def _directions_fit(p, rev):
     return p.NP <= MAX_REVERSIBLE_PROBLEMS and rev < (1 << p.NP)
 
 
-def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, header=HEADER):
-    """``(spec, inputs, output shapes, output dtypes)`` of the tiled forward, or None.
+def forward_arrays(p, xp, w_h, states0, params, lens, rev, sync_words):
+    """``(inputs, output shapes, output dtypes)`` of either class's forward
+    (:mod:`.contract`'s I/O; ``sync_words``: the barrier-counter output), or None.
     Outputs: the state sequences, hp, (varlen: out,) the barrier counters."""
     operands = forward_operands(p, p.cell, xp, w_h, states0, params)
     if operands is None:
@@ -641,19 +642,17 @@ def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, he
     varlen = lens is not None or bool(rev)
     if varlen and not _directions_fit(p, rev):
         return None
-    spec = kernel_spec(p, xp.dtype, h0_is_zero, header, lens is not None, rev)
     inputs = (xp, w, *states0, *((lengths_operand(lens, B),) if varlen else ()), *params)
     shapes = [(L, B, H)] * cs.num_states + [(L, B, cs.num_gates * H)] + [(L, B, H)] * varlen
-    shapes.append((p.sync_words,))
+    shapes.append((sync_words,))
     dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
-    return spec, inputs, shapes, dtypes
+    return inputs, shapes, dtypes
 
 
-def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
-                    header=HEADER):
-    """``(spec, inputs, output shapes, output dtypes)`` of the tiled backward, or None.
-    ``d_out``: the cotangent of the varlen forward's ``out`` (position order)."""
-    from . import tiled
+def backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, sync_words):
+    """As :func:`forward_arrays`, for the backward; ``d_out``: the cotangent of
+    the varlen forward's ``out`` (position order)."""
+    from .contract import writes_dhp
 
     operands = backward_operands(p, p.cell, d_outs, xp, hp, prevs, params, w_h)
     if operands is None:
@@ -661,21 +660,36 @@ def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=N
     d_outs, prevs, params, w = operands
     cs = CELLS[p.cell]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    GH = cs.num_gates * H
     varlen = lens is not None or bool(rev)
-    if varlen and not _directions_fit(p, rev):
-        return None
     if varlen:
+        if not _directions_fit(p, rev):
+            return None
         d_out = out_cotangent(d_out, (L, B, H))
         if d_out is None:
             return None
-    spec = kernel_spec(p, xp.dtype, need_d_state0, header, lens is not None, rev)
     inputs = (*d_outs, *((d_out,) if varlen else ()), xp, hp, *prevs, w,
               *((lengths_operand(lens, B),) if varlen else ()), *params)
-    shapes = [(L, B, GH)] * (2 if tiled.writes_dhp(p.cell, varlen) else 1) + [(B, H)] * cs.num_states
-    shapes.append((p.sync_words,))
+    shapes = [(L, B, cs.num_gates * H)] * (2 if writes_dhp(p.cell, varlen) else 1) + [(B, H)] * cs.num_states
+    shapes.append((sync_words,))
     dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
-    return spec, inputs, shapes, dtypes
+    return inputs, shapes, dtypes
+
+
+def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, header=HEADER):
+    """``(spec, inputs, output shapes, output dtypes)`` of the tiled forward, or None."""
+    arrays = forward_arrays(p, xp, w_h, states0, params, lens, rev, p.sync_words)
+    if arrays is None:
+        return None
+    return (kernel_spec(p, xp.dtype, h0_is_zero, header, lens is not None, rev), *arrays)
+
+
+def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
+                    header=HEADER):
+    """``(spec, inputs, output shapes, output dtypes)`` of the tiled backward, or None."""
+    arrays = backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, p.sync_words)
+    if arrays is None:
+        return None
+    return (kernel_spec(p, xp.dtype, need_d_state0, header, lens is not None, rev), *arrays)
 
 
 def backward_results(cell, outs, need_d_state0, varlen=False):

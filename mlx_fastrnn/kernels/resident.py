@@ -577,45 +577,19 @@ def select(direction, cell_name, xp, w_h, limits=None):
 
 def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
     """(spec, inputs, output shapes, output dtypes) of the forward, or None
-    (outputs as the tiled class's, :func:`.persistent.forward_launch`)."""
-    operands = P.forward_operands(p, p.cell, xp, w_h, states0, params)
-    if operands is None:
+    (outputs as the tiled class's: :func:`.persistent.forward_arrays`)."""
+    arrays = P.forward_arrays(p, xp, w_h, states0, params, lens, rev, SYNC_WORDS)
+    if arrays is None:
         return None
-    states0, params, w = operands
-    cs = P.CELLS[p.cell]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    varlen = lens is not None or bool(rev)
-    if varlen and not P._directions_fit(p, rev):
-        return None
-    spec = kernel_spec(p, xp.dtype, h0_is_zero, lens is not None, rev)
-    inputs = (xp, w, *states0, *((P.lengths_operand(lens, B),) if varlen else ()), *params)
-    shapes = [(L, B, H)] * cs.num_states + [(L, B, cs.num_gates * H)] + [(L, B, H)] * varlen + [(SYNC_WORDS,)]
-    dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
-    return spec, inputs, shapes, dtypes
+    return (kernel_spec(p, xp.dtype, h0_is_zero, lens is not None, rev), *arrays)
 
 
 def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
-    """As :func:`.persistent.backward_launch`, on this class."""
-    operands = P.backward_operands(p, p.cell, d_outs, xp, hp, prevs, params, w_h)
-    if operands is None:
+    """As :func:`forward_launch`, for the backward."""
+    arrays = P.backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, SYNC_WORDS)
+    if arrays is None:
         return None
-    d_outs, prevs, params, w = operands
-    cs = P.CELLS[p.cell]
-    L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    GH = cs.num_gates * H
-    varlen = lens is not None or bool(rev)
-    if varlen:
-        if not P._directions_fit(p, rev):
-            return None
-        d_out = P.out_cotangent(d_out, (L, B, H))
-        if d_out is None:
-            return None
-    spec = kernel_spec(p, xp.dtype, need_d_state0, lens is not None, rev)
-    inputs = (*d_outs, *((d_out,) if varlen else ()), xp, hp, *prevs, w,
-              *((P.lengths_operand(lens, B),) if varlen else ()), *params)
-    shapes = [(L, B, GH)] * (2 if C.writes_dhp(p.cell, varlen) else 1) + [(B, H)] * cs.num_states + [(SYNC_WORDS,)]
-    dtypes = [mx.float32] * (len(shapes) - 1) + [mx.uint32]
-    return spec, inputs, shapes, dtypes
+    return (kernel_spec(p, xp.dtype, need_d_state0, lens is not None, rev), *arrays)
 
 
 def run_forward(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
