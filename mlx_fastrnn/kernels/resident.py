@@ -175,12 +175,9 @@ _VARLEN_PROLOGUE = C.row_direction() + r"""  int len[RPT];
 """
 
 
-def _pos(varlen, t):
-    return C.position(varlen, t, "len[rr]")
-
-
-def _active(varlen, t):
-    return C.active(varlen, t, "len[rr]")
+# C++ expressions of step t for the element's row (its length is len[rr])
+_pos = functools.partial(C.position, length="len[rr]")
+_active = functools.partial(C.active, length="len[rr]")
 
 
 @functools.lru_cache(maxsize=None)

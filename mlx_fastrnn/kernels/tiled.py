@@ -28,12 +28,9 @@ _VARLEN_SLOT = "    len[e] = ok[e] ? " + C.row_length("r0 + er[e]") + " : 0;\n"
 _VARLEN_PROLOGUE = C.row_direction() + "  int len[EPT];\n"
 
 
-def _pos(varlen, t):
-    return C.position(varlen, t, "len[e]")
-
-
-def _active(varlen, t):
-    return C.active(varlen, t, "len[e]")
+# C++ expressions of step t for the element's row (its length is len[e])
+_pos = functools.partial(C.position, length="len[e]")
+_active = functools.partial(C.active, length="len[e]")
 
 
 @functools.lru_cache(maxsize=None)
