@@ -64,6 +64,22 @@ def template_hash(template):
     return out
 
 
+def template_constants(template, type_name):
+    """The lines MLX opens a kernel body with for its template arguments
+    (``type_name``: a dtype's C++ name), as ``build_kernel`` writes them."""
+    if not template:
+        return ""
+    src = ""
+    for name, v in template:
+        if isinstance(v, bool):
+            src += f"  constexpr bool {name} = {'true' if v else 'false'};\n"
+        elif isinstance(v, int):
+            src += f"  constexpr int {name} = {v};\n"
+        else:
+            src += f"  using {name} = {type_name(v)};\n"
+    return src + "\n"
+
+
 def generate_source(spec, input_dtypes, input_ndims, output_dtypes, default_header=MLX_DEFAULT_HEADER):
     """The full translation unit MLX (``build_kernel`` in
     ``mlx/backend/cuda/custom_kernel.cpp``, 0.32) compiles for ``spec``.
@@ -88,15 +104,7 @@ def generate_source(spec, input_dtypes, input_ndims, output_dtypes, default_head
     for i, (name, dt) in enumerate(zip(spec.output_names, output_dtypes)):
         src += f"    {_CUDA_TYPES[dt]}* {name}"
         src += ",\n" if i < len(spec.output_names) - 1 else ") {\n"
-    if spec.template:
-        for name, v in spec.template:
-            if isinstance(v, bool):
-                src += f"  constexpr bool {name} = {'true' if v else 'false'};\n"
-            elif isinstance(v, int):
-                src += f"  constexpr int {name} = {v};\n"
-            else:
-                src += f"  using {name} = {_CUDA_TYPES[v]};\n"
-        src += "\n"
+    src += template_constants(spec.template, _CUDA_TYPES.__getitem__)
     src += spec.body
     src += "\n}\n\n} // namespace mlx::core::cu\n"
     return fname, src

@@ -39,6 +39,7 @@ import threading
 import mlx.core as mx
 
 from . import dialect
+from .cuda_source import template_constants
 
 __all__ = [
     "HostCompileError", "OutOfBoundsWrite", "UnwrittenOutput", "available", "compiler",
@@ -281,15 +282,7 @@ def _cuda_kernel(ks, metas, output_dtypes, template):
         src += f"    {_type(dtype, 'cuda')}* {n}"
         src += ",\n" if i < len(output_dtypes) - 1 else ") {\n"
         params.append(("out", _type(dtype, "cuda"), False))
-    if template:
-        for n, v in template:
-            if isinstance(v, bool):
-                src += f"  constexpr bool {n} = {'true' if v else 'false'};\n"
-            elif isinstance(v, int):
-                src += f"  constexpr int {n} = {v};\n"
-            else:
-                src += f"  using {n} = {_type(v, 'cuda')};\n"
-        src += "\n"
+    src += template_constants(template, lambda v: _type(v, "cuda"))
     src += body + "\n}\n\n} // namespace mlx::core::cu\n"
     return src, "mlx::core::cu::" + name, params
 
