@@ -146,9 +146,8 @@ def open_torch(tool, allow_cpu=False, cudnn_benchmark=False):
 #
 # So for bfloat16 we run torch's own ``flatten_parameters`` with bfloat16 admitted to
 # ``CUDNN_TENSOR_DTYPES`` for the duration of the call (the set is mutated in place, since
-# ``is_acceptable`` reads the module global; restored in ``finally``), falling back to calling
-# ``torch._cudnn_rnn_flatten_weight`` with flatten_parameters' exact arguments, and then check
-# the result instead of trusting it.
+# ``is_acceptable`` reads the module global; restored in ``finally``), and then check the
+# result instead of trusting it (on the H200, 2026-12-03, it flattened every bfloat16 row).
 
 CUDNN_FLATTEN_STATES = ("flatten_parameters", "bf16_forced", "failed", "skipped")
 _WEIGHT_FORMAT_WARN = "contiguous chunk"  # part of cuDNN RNN.cpp's WEIGHT_FORMAT_WARN
@@ -206,24 +205,6 @@ def check_cudnn_weights(torch, module):
     return True, cudnn_used, None
 
 
-def _direct_cudnn_flatten(torch, module):
-    """``torch._cudnn_rnn_flatten_weight`` with the arguments RNNBase.flatten_parameters
-    passes (torch/nn/modules/rnn.py), without its cudnn.is_acceptable gate."""
-    import torch.backends.cudnn.rnn as cudnn_rnn
-
-    weights = module._flat_weights
-    if len({w.data_ptr() for w in weights}) != len(weights):
-        raise RuntimeError("aliased RNN parameters (flatten_parameters refuses them too)")
-    num_weights = 4 if module.bias else 2
-    if module.proj_size > 0:
-        num_weights += 1
-    with torch.cuda.device_of(weights[0]), torch.no_grad():
-        torch._cudnn_rnn_flatten_weight(
-            weights, num_weights, module.input_size, cudnn_rnn.get_cudnn_mode(module.mode),
-            module.hidden_size, module.proj_size, module.num_layers, module.batch_first,
-            bool(module.bidirectional))
-
-
 def flatten_cudnn_weights(torch, module):
     """Put a CUDA ``torch.nn.LSTM/GRU/RNN``'s weights into ONE cuDNN weight buffer and verify
     it; call after every device/dtype change (``.to(...)``).
@@ -232,7 +213,7 @@ def flatten_cudnn_weights(torch, module):
     ``cudnn_flatten`` is "flatten_parameters" (torch's own call did it: float32/float16),
     "bf16_forced" (bfloat16, which ``flatten_parameters`` skips, flattened as described in
     the comment above), "failed" (not flat: cuDNN re-packs the weights on every call, the
-    old ``weights_repacked_per_call``; the module is left as torch left it), or "skipped"
+    old ``weights_repacked_per_call``), or "skipped"
     (not on CUDA: the CPU kernels have no cuDNN weight buffer). ``cudnn_used``: the check's
     forward ran cuDNN's RNN (None where not checked). Never raises."""
     info = dict(cudnn_flatten="skipped", cudnn_used=None, cudnn_flatten_note=None)
@@ -261,21 +242,9 @@ def flatten_cudnn_weights(torch, module):
         info["cudnn_flatten_note"] = "; ".join(notes)[:500]
         return info
 
-    # the original storages, to put back if forcing fails (set_ swaps storages, no copy here)
-    saved = [w.detach() for w in weights]
-
-    def restore():
-        try:
-            with torch.no_grad():
-                for w, s in zip(weights, saved):
-                    if w.untyped_storage().data_ptr() != s.untyped_storage().data_ptr():
-                        w.set_(s)
-        except Exception as e:
-            notes.append(f"restore raised {type(e).__name__}: {e}")
-
-    def forced_flatten_parameters():
-        dtypes = torch.backends.cudnn.CUDNN_TENSOR_DTYPES  # the set is_acceptable reads
-        added = torch.bfloat16 not in dtypes
+    dtypes = torch.backends.cudnn.CUDNN_TENSOR_DTYPES  # the set is_acceptable reads
+    added = torch.bfloat16 not in dtypes
+    try:
         if added:
             dtypes.add(torch.bfloat16)
         try:
@@ -283,21 +252,14 @@ def flatten_cudnn_weights(torch, module):
         finally:
             if added:
                 dtypes.discard(torch.bfloat16)
-
-    for how, attempt in (("CUDNN_TENSOR_DTYPES", forced_flatten_parameters),
-                         ("_cudnn_rnn_flatten_weight", lambda: _direct_cudnn_flatten(torch, module))):
-        try:
-            attempt()
-            flat, cudnn_used, why = check_cudnn_weights(torch, module)
-        except Exception as e:
-            flat, cudnn_used, why = False, None, f"raised {type(e).__name__}: {e}"
-        if flat:
-            info.update(cudnn_flatten="bf16_forced", cudnn_used=cudnn_used)
-            notes.append(f"forced via {how}")
-            info["cudnn_flatten_note"] = "; ".join(notes)[:500]
-            return info
-        notes.append(f"forced via {how}: {why}")
-        restore()
+        flat, cudnn_used, why = check_cudnn_weights(torch, module)
+    except Exception as e:
+        flat, cudnn_used, why = False, None, f"raised {type(e).__name__}: {e}"
+    if flat:
+        info.update(cudnn_flatten="bf16_forced", cudnn_used=cudnn_used)
+        notes.append("forced via CUDNN_TENSOR_DTYPES")
+    else:
+        notes.append(f"forced via CUDNN_TENSOR_DTYPES: {why}")
     info["cudnn_flatten_note"] = "; ".join(notes)[:500]
     return info
 
