@@ -286,3 +286,31 @@ def flatten_remark(flat):
 def flatten_summary(counts):
     """{'bf16_forced': 12, ...} -> 'bf16_forced 12, ...' (the closing log line of the baselines)."""
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no results"
+
+
+# ---------------------------------------------------------------------------
+# FlashRNN's benchmark grid (issue 11), shared by flashrnn_bench.py (ours, MLX) and
+# flashrnn_torch.py (FlashRNN itself, PyTorch): function -> (Gx, Gr, Gb) gate counts of
+# Wx [B, T, Gx, N, D], R [Gr, N, D, D], b [Gb, N, D] (FlashRNN's rnn_function_registry).
+
+FLASHRNN_GATES = {"lstm": (4, 4, 4), "slstm": (4, 4, 4), "gru": (3, 3, 4), "elman": (1, 1, 1)}
+FLASHRNN_GRID = dict(functions="slstm,lstm", heads="1,4,16", dims="64,128,256", batches="1,16,64",
+                     lengths="256,1024", dtype="bfloat16,float32", modes="fwd,fwdbwd")
+
+
+def add_flashrnn_grid_args(parser):
+    """The grid options of both FlashRNN benchmark scripts (defaults: the issue's grid)."""
+    for name, default in FLASHRNN_GRID.items():
+        parser.add_argument(f"--{name}", default=default, help=f"comma-separated (default {default})")
+
+
+def flashrnn_grid(args):
+    """``[(dtype, function, heads, dim, batch, length, mode)]`` from the parsed grid options."""
+    import itertools
+
+    def ints(text):
+        return [int(v) for v in text.split(",") if v.strip()]
+
+    return list(itertools.product(args.dtype.split(","), args.functions.split(","), ints(args.heads),
+                                  ints(args.dims), ints(args.batches), ints(args.lengths),
+                                  args.modes.split(",")))

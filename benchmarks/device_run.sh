@@ -12,7 +12,8 @@
 #   3. torch_baseline.py (cuDNN; PYTHONPATH without MLX)       -> $OUT/torch.json
 #   4. report.py                                               -> $OUT/results.md (+ speedup.png if matplotlib)
 # and, named in STAGES: ptl_torch / ptl_f32 / ptl_bf16 (mlx_fastrnn.pytorch vs cuDNN and the stock
-# composition: pytorch_layers_torch.py / pytorch_layers_bench.py), flashrnn (flashrnn_bench.py),
+# composition: pytorch_layers_torch.py / pytorch_layers_bench.py), flashrnn (flashrnn_bench.py) and
+# flashrnn_torch (FlashRNN itself, flashrnn_torch.py, the same $FLASHRNN_GRID),
 # classes / tests_classes (kernel_classes_tune.py per cell and dtype -> $OUT/classes.json and
 # $OUT/class_table.py, copied into the tree for the later stages; tests_classes runs the GPU suite
 # meanwhile, holding the timing lock), sweep (the 32-shape sweep, fast -> $OUT/sweep_fast.json) and
@@ -43,6 +44,10 @@ T_PTL_TORCH=${T_PTL_TORCH:-120}
 T_CLASSES=${T_CLASSES:-200}   # classes stage (after the tests in tests_classes)
 T_CLASSES_ALL=${T_CLASSES_ALL:-400}  # each tuning process, compile + wait + timing
 T_SWEEP=${T_SWEEP:-300}
+T_FLASHRNN=${T_FLASHRNN:-300}
+T_FLASHRNN_BUILD=${T_FLASHRNN_BUILD:-240}
+# the FlashRNN grid of the flashrnn / flashrnn_torch stages (flashrnn_bench.py's options)
+FLASHRNN_GRID=${FLASHRNN_GRID:-"--batches 16 --lengths 1024"}
 BUDGET=${BUDGET:-0.5}
 STAGES=${STAGES:-"tests f32 bf16 torch"}
 GPU_TEST_SHARDS=${GPU_TEST_SHARDS:-4}
@@ -75,6 +80,17 @@ TORCH_PYTHONPATH=$(printf '%s' "$PYTHONPATH" | tr ':' '\n' | grep -v 'mlx-site' 
 }
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 GPU_NAME=${GPU_NAME:-no GPU}
+
+# FlashRNN (pure Python; JIT-builds its kernels there) from its carried wheel, for the torch side only
+install_flashrnn() {
+  local whl
+  whl=$(ls .device-mlx/flashrnn-*.whl 2>/dev/null | head -1)
+  if [[ -n $whl ]] && ! PYTHONPATH="$TORCH_PYTHONPATH" python3 -c "import flashrnn" 2>/dev/null; then
+    python3 -m pip install -q --no-deps --target /tmp/frnn-site "$whl" >/dev/null 2>&1
+  fi
+  [[ -d /tmp/frnn-site ]] && TORCH_PYTHONPATH="$TORCH_PYTHONPATH:/tmp/frnn-site"
+  return 0
+}
 
 report() {
   python3 benchmarks/report.py "$OUT"/mlx_*.json "$OUT"/torch.json \
@@ -133,8 +149,16 @@ for s in $STAGES; do
              --budget "$BUDGET" --json "$OUT/ptl_float32.json" ;;
     ptl_bf16) stage ptl_bfloat16 "$T_PTL_BF16" python3 benchmarks/pytorch_layers_bench.py --dtype bfloat16 \
              --budget "$BUDGET" --json "$OUT/ptl_bfloat16.json" ;;
-    flashrnn) stage flashrnn "$T_F32" python3 benchmarks/flashrnn_bench.py --functions lstm,slstm \
-             --heads 1,4 --dims 64,128 --batches 16 --lengths 1024 --budget "$BUDGET" --json "$OUT/flashrnn.json" ;;
+    flashrnn) stage flashrnn "$T_F32" python3 benchmarks/flashrnn_bench.py $FLASHRNN_GRID \
+             --budget "$BUDGET" --json "$OUT/flashrnn.json" ;;
+    # FlashRNN itself on the same grid (its wheel carried as .device-mlx/flashrnn-*.whl): its
+    # kernels built in 8 parallel processes first (nvcc / Triton, ~25-30 s each), then timed
+    flashrnn_torch) install_flashrnn
+             stage flashrnn_builds "$T_FLASHRNN_BUILD" bash -c 'for i in 1 2 3 4 5 6 7 8; do
+               PYTHONPATH="'"$TORCH_PYTHONPATH"'" python3 benchmarks/flashrnn_torch.py --build-only --part $i/8 \
+                 '"$FLASHRNN_GRID"' > /tmp/frnn_build.$i.log 2>&1 & done; wait; grep -h "s  \[\|error" /tmp/frnn_build.*.log'
+             stage flashrnn_torch "$T_FLASHRNN" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/flashrnn_torch.py \
+             $FLASHRNN_GRID --budget "$BUDGET" --json "$OUT/flashrnn_torch.json" ;;
     # kernel classes: tiled vs resident per (cell, dtype, B, H), one tuning process per cell and
     # dtype building its kernels in parallel (NVRTC), timing them in turns (--lock)
     classes) stage classes "$T_CLASSES" bash -c "$CLASSES" ; classes_table ;;

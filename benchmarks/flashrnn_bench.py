@@ -15,13 +15,13 @@ backends) and compare in one session.
 
 import argparse
 import datetime
-import itertools
 import os
 import sys
 
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shapes import FLASHRNN_GATES, add_flashrnn_grid_args, flashrnn_grid  # noqa: E402
 from recurrent_bench import MX_DTYPES, device_meta, fmt_ms, measure, write_json  # noqa: E402
 
 try:
@@ -30,15 +30,8 @@ except ImportError:  # a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import mlx_fastrnn
 
-GATES = {"lstm": (4, 4, 4), "slstm": (4, 4, 4), "gru": (3, 3, 4), "elman": (1, 1, 1)}
-
-
-def ints(text):
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def make_run(function, batch, length, heads, dim, dtype, mode, seed=0):
-    gx, gr, gb = GATES[function]
+    gx, gr, gb = FLASHRNN_GATES[function]
     ks = mx.random.split(mx.random.key(seed), 3)
     dt = MX_DTYPES[dtype]
     wx = mx.random.normal((batch, length, gx, heads, dim), key=ks[0]).astype(dt)
@@ -63,22 +56,14 @@ def make_run(function, batch, length, heads, dim, dtype, mode, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--functions", default="slstm,lstm")
-    p.add_argument("--heads", default="1,4,16")
-    p.add_argument("--dims", default="64,128,256")
-    p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--lengths", default="256,1024")
-    p.add_argument("--dtype", default="bfloat16,float32")
-    p.add_argument("--modes", default="fwd,fwdbwd")
+    add_flashrnn_grid_args(p)
     p.add_argument("--budget", type=float, default=0.3)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     meta = dict(tool="flashrnn_bench", command=" ".join(sys.argv), mlx_version=mx.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 **device_meta())
-    grid = list(itertools.product(args.dtype.split(","), args.functions.split(","), ints(args.heads),
-                                  ints(args.dims), ints(args.batches), ints(args.lengths),
-                                  args.modes.split(",")))
+    grid = flashrnn_grid(args)
     results = []
     print(f"{'dtype':8} {'function':8} {'N':>3} {'D':>4} {'B':>3} {'T':>5} {'mode':6} {'ms':>16}")
     for i, (dtype, fn, n, d, b, t, mode) in enumerate(grid):

@@ -29,3 +29,24 @@ def test_compare_interleaves_short_configs(tmp_path):
     assert rows[0]["repeats"] == rows[1]["repeats"] >= 3
     assert recurrent_bench.main(argv + ["--interleave-below", "0"]) == 0
     assert not any(r.get("interleaved") for r in json.loads(out.read_text())["results"])
+
+
+def test_flashrnn_scripts_share_one_grid(tmp_path):
+    """flashrnn_bench.py (ours) and flashrnn_torch.py (FlashRNN) walk the same grid;
+    the FlashRNN builds are one per kernel (not per T or mode), split by --part."""
+    import flashrnn_bench
+    import flashrnn_torch
+
+    grid = ["--functions", "lstm,slstm", "--heads", "1,2", "--dims", "4", "--batches", "2", "--lengths", "3,5",
+            "--dtype", "float32", "--modes", "fwd,fwdbwd"]
+    timed = flashrnn_torch.configs(flashrnn_torch.parse_args(grid + ["--backends", "cuda"]))
+    assert len(timed) == 2 * 2 * 2 * 2
+    builds = [flashrnn_torch.configs(flashrnn_torch.parse_args(grid + ["--backends", "cuda", "--build-only",
+                                                                       "--part", f"{i}/3"])) for i in (1, 2, 3)]
+    assert sorted(c for part in builds for c in part) == sorted({c[:6] + (2, "fwdbwd") for c in timed})
+    out = tmp_path / "ours.json"
+    assert flashrnn_bench.main(grid + ["--budget", "0.01", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    ours = [("cuda", r["dtype"], r["function"], r["heads"], r["dim"], r["batch"], r["length"], r["mode"])
+            for r in rows]
+    assert ours == timed and all(r["median_ms"] > 0 for r in rows)
