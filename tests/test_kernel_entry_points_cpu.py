@@ -69,19 +69,19 @@ def test_class_entry_points(emulated_gpu, monkeypatch, klass, cell, lens, rev, p
 
 
 def test_accepts_follows_the_multi_problem_rule(emulated_gpu, monkeypatch):
-    """Two stacked problems on the tiled class: taken with directions in float32
-    by default, not for heads (no varlen) nor bfloat16; the env var overrides."""
+    """Two stacked problems on the tiled class: directions taken in float32 by
+    default, not in bfloat16; heads in both; the env var overrides."""
     monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", "tiled")
     monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", raising=False)
     w = mx.zeros((2, 4 * 12, 12))
     x32, x16 = mx.zeros((1, 4, 48)), mx.zeros((1, 4, 48), mx.bfloat16)
-    assert C.accepts("lstm", x32, w, varlen=True)
-    assert not C.accepts("lstm", x32, w)
-    assert not C.accepts("lstm", x16, w, varlen=True)
+    assert C.accepts("lstm", x32, w, varlen=True) and C.accepts("lstm", x32, w)
+    assert not C.accepts("lstm", x16, w, varlen=True) and not C.accepts("lstm", x16, w)
+    assert C.accepts("lstm", x16, w, kind="heads") and C.accepts("lstm", x32, w, kind="heads")
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
-    assert C.accepts("lstm", x16, w, varlen=True) and C.accepts("lstm", x32, w)
+    assert C.accepts("lstm", x16, w, varlen=True) and C.accepts("lstm", x16, w)
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "0")
-    assert not C.accepts("lstm", x32, w, varlen=True)
+    assert not C.accepts("lstm", x32, w, varlen=True) and not C.accepts("lstm", x32, w, kind="heads")
 
 
 @pytest.mark.parametrize("klass", ["resident", "tiled"])

@@ -152,7 +152,11 @@ def test_slstm_large_inputs_stay_finite_and_nan_propagates():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(CLASSES))
-@pytest.mark.parametrize("batch,length,hidden,heads", [(4, 24, 64, 4), (2, 40, 128, 2)])
+@pytest.mark.parametrize("batch,length,hidden,heads", [
+    (4, 24, 64, 4), (2, 40, 128, 2),
+    (2, 12, 1024, 4),  # heads of 256 as 4 problems of the tiled class (the dense 1024 fits no float32 plan)
+    (1, 5, 4096, 16),  # 16 heads of 256: no whole-sequence kernel; per-step, one batched matmul (not GRU: bhn)
+])
 def test_gpu_matches_cpu(kind, batch, length, hidden, heads):
     layer = _layer(kind, 32, hidden, heads)
     x = mx.random.normal((batch, length, 32), key=mx.random.key(3))
@@ -176,3 +180,68 @@ def test_gpu_matches_cpu(kind, batch, length, hidden, heads):
     for a, b in zip(got, want):
         scale = max(1.0, mx.abs(b).max().item())
         assert mx.abs(a - b).max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("cell_name,h0_given", [("lstm", False), ("slstm", True), ("rnn_tanh", True)])
+def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_given):
+    """Heads as problems on the per-step path (``ops.sequence.recurrence`` with a
+    stacked [N, G*D, D] W_h: one batched matmul per step, what the CUDA per-step
+    cells run when no whole-sequence kernel takes the heads): the same state
+    sequences and every gradient (xp, each head's W_h, the initial states) as the
+    dense block-diagonal W_h on the same steps."""
+    from mlx_fastrnn.cells import LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
+    from mlx_fastrnn.ops.heads import block_diagonal as dense
+    from mlx_fastrnn.ops.sequence import recurrence
+
+    cell = {"lstm": LSTM_CELL, "slstm": SLSTM_CELL, "rnn_tanh": RNN_TANH_CELL}[cell_name]
+    steps = cell.reference_steps  # forward and backward steps, no whole-sequence kernels
+    g, n, d, length, batch = cell.num_gates, 3, 5, 6, 2
+    ks = mx.random.split(mx.random.key(7), 4)
+    r = mx.random.normal((g, n, d, d), key=ks[0]) / d ** 0.5
+    xp = mx.random.normal((length, batch, g * n * d), key=ks[1])
+    s0 = [mx.random.normal((batch, n * d), key=k) * 0.5 for k in mx.random.split(ks[2], cell.num_states)]
+    if cell_name == "slstm":  # normalizer n >= 1, stabilizer m finite
+        s0[2] = 1 + mx.abs(s0[2])
+    given = (h0_given,) + (True,) * (cell.num_states - 1)
+    s0 = [s if gv else mx.zeros_like(s) for s, gv in zip(s0, given)]
+    cot = [mx.random.normal((length, batch, n * d), key=k) for k in mx.random.split(ks[3], cell.num_states)]
+
+    def heads_major(a):  # [..., B, G*N*D] or [B, N*D] -> rows head-major [..., N*B, G*D]
+        lead, gates = a.shape[:-2], a.shape[-1] // (n * d)
+        a = a.reshape(*lead, batch, gates, n, d)
+        return mx.moveaxis(a, -2, -4).reshape(*lead, n * batch, gates * d)
+
+    def by_problems(xp, r, *s0):
+        wh = r.transpose(1, 0, 2, 3).reshape(n, g * d, d)
+        seqs = recurrence(cell, steps, heads_major(xp), wh, [heads_major(s) for s in s0], (), given)
+        back = [s.reshape(length, n, batch, d).swapaxes(1, 2).reshape(length, batch, n * d) for s in seqs]
+        return sum((a * c).sum() for a, c in zip(back, cot)), back
+
+    def by_dense(xp, r, *s0):
+        seqs = recurrence(cell, steps, xp, dense(r), list(s0), (), given)
+        return sum((a * c).sum() for a, c in zip(seqs, cot)), list(seqs)
+
+    argnums = tuple(range(2 + cell.num_states))
+    (_, got), g_got = mx.value_and_grad(by_problems, argnums=argnums)(xp, r, *s0)
+    (_, want), g_want = mx.value_and_grad(by_dense, argnums=argnums)(xp, r, *s0)
+    for a, b in zip(got, want):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-6).item()
+    for i, (a, b) in enumerate(zip(g_got, g_want)):
+        if i >= 2 and not given[i - 2]:
+            continue
+        assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
+
+
+def test_per_problem_step_loop_refuses_params_and_compiled_steps():
+    """Per-problem params (GRU's bhn: the step kernels read one [H] vector) and the
+    CPU's compiled steps (no per-step backward) have no per-problem step loop."""
+    from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL
+    from mlx_fastrnn.ops.sequence import recurrence
+
+    xp, w = mx.zeros((2, 4, 12)), mx.zeros((2, 12, 4))
+    with pytest.raises(RuntimeError, match="multi-problem"):
+        mx.eval(recurrence(GRU_CELL, GRU_CELL.reference_steps, xp, w, [mx.zeros((4, 4))], (mx.zeros((2, 4)),),
+                           (False,)))
+    with pytest.raises(RuntimeError, match="multi-problem"):
+        mx.eval(recurrence(LSTM_CELL, LSTM_CELL.compiled_steps, mx.zeros((2, 4, 16)), mx.zeros((2, 16, 4)),
+                           [mx.zeros((4, 4))] * 2, (), (False, False)))

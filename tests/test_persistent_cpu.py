@@ -431,16 +431,19 @@ def test_plan_splits_blocks_between_problems():
 
 def test_multi_problem_switch(monkeypatch):
     monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", raising=False)
-    assert P.multi_problem_enabled() is P.MULTI_PROBLEM_DEFAULT
-    # by default: a bidirectional float32 layer's directions (second reversed in the kernel)
-    assert P.multi_problem_enabled(mx.float32, directions=True)
-    assert P.multi_problem_enabled(mx.bfloat16, directions=True) is P.MULTI_PROBLEM_DEFAULT
-    assert P.multi_problem_enabled(mx.float32) is P.MULTI_PROBLEM_DEFAULT
+    # by default: a multi-head layer's heads in every dtype, a bidirectional layer's
+    # directions (second reversed in the kernel) in float32 only
+    assert P.multi_problem_enabled(mx.float32, "heads") and P.multi_problem_enabled(mx.bfloat16, "heads")
+    assert P.multi_problem_enabled(mx.float32, "directions")
+    assert not P.multi_problem_enabled(mx.bfloat16, "directions")
+    assert not P.multi_problem_enabled(mx.float16, "directions")
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
-    assert P.multi_problem_enabled()
+    assert P.multi_problem_enabled(mx.bfloat16, "directions")
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "0")
-    assert not P.multi_problem_enabled()
-    assert not P.multi_problem_enabled(mx.float32, directions=True)
+    assert not P.multi_problem_enabled(mx.float32, "directions")
+    assert not P.multi_problem_enabled(mx.float32, "heads")
+    with pytest.raises(ValueError, match="kind"):
+        P.multi_problem_enabled(mx.float32, "layers")
 
 
 # --------------------------------------------------------------------------- lengths and directions

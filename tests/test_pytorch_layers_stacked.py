@@ -38,7 +38,7 @@ def _emulated_steps(cell, calls, problems, varlen):
         return emu.backward(cell.name, d_outs, xp, hp, prevs, params, w_h, need, LIMITS,
                             lens=lens, rev=rev, d_out=d_out)[0]
 
-    def accepts(xp, w_h, varlen=False):
+    def accepts(xp, w_h, varlen=False, kind="directions"):
         if (w_h.ndim == 3 and not problems) or (varlen and not accept_varlen):
             return False
         return (P.select("forward", cell.name, xp, w_h, LIMITS) is not None

@@ -123,17 +123,18 @@ def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=
     return None
 
 
-def accepts(cell_name, xp, w_h, varlen=False):
+def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
     """Whether the forward and the backward of this launch both run on a
     whole-sequence kernel: NP stacked problems when ``w_h`` is [NP, G*H, H]
     (the resident class always may: its blocks never wait on each other; the
-    tiled class under ``persistent.multi_problem_enabled``), and with
-    ``varlen`` per-row lengths / reversed problems."""
+    tiled class as ``persistent.multi_problem_enabled`` says for this ``kind``
+    of problems, ``"heads"`` or ``"directions"``), and with ``varlen`` per-row
+    lengths / reversed problems."""
     if not P.cuda_available():
         return False
     for direction in ("forward", "backward"):
         klass, _ = choose(direction, cell_name, xp, w_h, varlen)
         if klass is None or (klass == "tiled" and w_h.ndim == 3
-                             and not P.multi_problem_enabled(xp.dtype, directions=varlen)):
+                             and not P.multi_problem_enabled(xp.dtype, kind)):
             return False
     return True

@@ -518,23 +518,29 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     return p
 
 
-# Whether the tiled class may run several problems in one launch (``classes.accepts``):
-# MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides the default. By default only a
-# bidirectional layer's two directions with the second reversed inside the kernel
-# (``directions``), float32 only: on the H200 (2026-12-03, pytorch_layers_bench.py,
-# 2-layer bidirectional LSTM/GRU at 32x40x200 and 1x256x256, fwd and fwd+bwd, with and
-# without lengths) the one launch was faster than one launch per direction on all 16
-# float32 configurations (e.g. LSTM 32x40x200 forward 1.69 against 2.28 ms) and 15 of
-# 16 bfloat16 ones, but 2.5x slower on bfloat16 LSTM 32x40x200 forward+backward (9.5
-# against 3.8 ms; 4.5x in the 2026-12-01 lease), a regression not yet understood
-# (benchmarks/RESULTS.md). Heads stay one launch per problem on this class.
-MULTI_PROBLEM_DEFAULT = False
+# Whether the tiled class may run several problems in one launch (``classes.accepts``),
+# by what the problems are (``kind``): ``"heads"`` (a multi-head layer's heads: always;
+# the alternatives are the dense block-diagonal W_h, N times the work, which beyond
+# N*D of ~768 (LSTM, float32) fits no kernel at all: on the H200, 2026-12-03,
+# flashrnn_bench.py B=16 T=1024, LSTM N=4 D=256 ran 60 ms forward that way, N=16 D=128
+# 79 ms) or ``"directions"`` (a bidirectional layer's two directions, the second reversed
+# inside the kernel: float32 only). For the directions, on the H200 (2026-12-03,
+# pytorch_layers_bench.py, 2-layer bidirectional LSTM/GRU at 32x40x200 and 1x256x256) the
+# one launch beat a launch per direction on all 16 float32 configurations (e.g. LSTM
+# 32x40x200 forward 1.69 against 2.28 ms) but not in bfloat16: a second lease, the
+# same day, timed 1- and 2-layer LSTM/GRU 32x40x200 fwd+bwd both ways in one process and
+# the one launch lost 7 of 8 bfloat16 pairs (by 7-28%; LSTM 2 layers 4.85 against 3.79
+# ms) and won 7 of 8 float32 ones (benchmarks/RESULTS.md). MLX_FASTRNN_PERSISTENT_PROBLEMS
+# =1 / 0 overrides both.
+MULTI_PROBLEM_KINDS = ("heads", "directions")
 
 
-def multi_problem_enabled(x_dtype=None, directions=False):
+def multi_problem_enabled(x_dtype=None, kind="directions"):
+    if kind not in MULTI_PROBLEM_KINDS:
+        raise ValueError(f"kind must be one of {MULTI_PROBLEM_KINDS}, not {kind!r}")
     value = os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip().lower()
     if value == "":
-        return MULTI_PROBLEM_DEFAULT or (directions and x_dtype == mx.float32)
+        return kind == "heads" or x_dtype == mx.float32
     return value not in ("0", "false", "off", "no")
 
 

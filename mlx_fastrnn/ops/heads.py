@@ -1,10 +1,15 @@
 """Multi-head recurrences: N independent heads of size D, block-diagonal R.
 
-``head_recurrence`` runs the heads as N independent problems of the
-whole-sequence kernels (each head its own W_h block, its own blocks of the
-grid, no synchronisation between heads) where they take them, and otherwise
-the dense block-diagonal ``W_h`` on the drop-in layers' path (N times the
-recurrent work, the same numbers).
+``head_recurrence`` runs the heads as N independent problems (each head its
+own W_h block; rows head-major): on the whole-sequence kernels where they take
+them (each head its own blocks of the grid, no synchronisation between heads),
+else as the dense block-diagonal ``W_h`` where a whole-sequence kernel takes
+that, else on the per-step cells with one batched matmul per step (each head's
+rows by its own block: 1/N of the dense product's work and weight bytes), and
+only for a cell with per-unit params (GRU's ``bhn``, which the step kernels
+read as one [H] vector) or without per-step backward kernels (the CPU) the
+dense block-diagonal ``W_h`` on the per-step path (N times the recurrent work,
+the same numbers).
 """
 
 import mlx.core as mx
@@ -34,7 +39,9 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
         xh = mx.contiguous(xp.reshape(length, batch, gates, heads, dim).transpose(0, 3, 1, 2, 4)
                            .reshape(length, heads * batch, gates * dim))
         wh = mx.contiguous(f32(r).transpose(1, 0, 2, 3).reshape(heads, gates * dim, dim))
-        if steps.accepts(xh, wh):
+        dense_in_kernels = steps.accepts(xp, mx.zeros((gates * heads * dim, heads * dim)))  # shapes only
+        if steps.accepts(xh, wh, kind="heads") or (
+                not dense_in_kernels and not params and steps.backward_step is not None):
             s0 = tuple(mx.contiguous(s.reshape(batch, heads, dim).swapaxes(0, 1).reshape(heads * batch, dim))
                        for s in states0)
             prm = tuple(p.reshape(heads, dim) for p in params)

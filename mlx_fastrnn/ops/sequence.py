@@ -27,8 +27,10 @@ def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0):
         xp: [L, B, G*H] input pre-activations, row contiguous (any float dtype).
         w_h: [G*H, H] float32 recurrent weights, or [NP, G*H, H] for NP
             independent problems whose rows are stacked problem-major in xp,
-            states and outputs (params then [NP, ...]); only where
-            ``steps.accepts`` says the whole-sequence kernels take them.
+            states and outputs (params then [NP, ...]): on the whole-sequence
+            kernels where ``steps.accepts`` says they take them, else on the
+            per-step kernels (one batched matmul per step) for a cell without
+            params and steps with a ``backward_step``.
         states0: initial states, each [B, H] float32.
         params: the cell's extra float32 params (GRU: ``(bhn,)``).
         given: per state, whether the caller passed it. States not given are
@@ -80,16 +82,18 @@ def _make_function(cell, steps, given, n_params, varlen):
             out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
             if out is not None:
                 return out
-        if w_h.ndim == 3:
-            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence needs the whole-sequence kernels")
+        if w_h.ndim == 3 and (params or steps.backward_step is None):
+            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence with per-problem params, or without "
+                               "per-step backward kernels, needs the whole-sequence kernels")
         length, batch = xp.shape[0], xp.shape[1]
-        w_h_t = transposed(w_h, length * batch)  # reused by every step
+        # reused by every step; per problem: [NP, H, G*H]
+        w_h_t = transposed(w_h, length * batch) if w_h.ndim == 2 else w_h.swapaxes(1, 2)
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
         for t, x_t in enumerate(split_time(xp)):
             if t == 0 and h0_is_zero:
                 hp = mx.zeros(x_t.shape, mx.float32)
             else:
-                hp = states[0] @ w_h_t
+                hp = per_problem_matmul(states[0], w_h_t)
             states = steps.forward_step(x_t, hp, states, params)
             for seq, a in zip(seqs, (*states, hp)):
                 seq.append(a)
@@ -135,8 +139,10 @@ def _make_function(cell, steps, given, n_params, varlen):
             )
         if whole is not None:
             dx, dhp, d_states0 = whole
-        elif w_h.ndim == 3:
-            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence needs the whole-sequence kernels")
+        elif w_h.ndim == 3:  # the forward checked: no params, a backward step
+            dx, dhp, d_states0 = _backward_by_steps(
+                steps.backward_step, d_outs, xp, hp, prevs, params, w_h, need_d_states0
+            )
         elif steps.backward_sequence is not None:
             dx, dhp, d_states0 = steps.backward_sequence(
                 d_outs, xp, hp, prevs, params, w_h, need_d_states0
@@ -234,11 +240,21 @@ def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, need_d
         dxs[t], dhps[t] = dx, dhp
         if t == 0 and not need_d_states0:
             break  # the caller passed no state: its cotangent is not needed
-        dh = dhp @ w_h if direct[0] is None else mx.addmm(direct[0], dhp, w_h)
+        dh = per_problem_matmul(dhp, w_h)
+        if direct[0] is not None:
+            dh = dh + direct[0]
         d_rec = (dh,) + tuple(direct[1:])
     dx = _concat_time(dxs, length, batch)
     dhp = dx if dhps[0] is dxs[0] else _concat_time(dhps, length, batch)
     return dx, dhp, d_rec
+
+
+def per_problem_matmul(a, w):
+    """``a @ w``; with ``w`` [NP, K, N] each problem's rows of ``a`` [NP*B, K]
+    (problem-major) by its own ``w[p]``: one batched matmul."""
+    if w.ndim == 2:
+        return a @ w
+    return (a.reshape(w.shape[0], -1, a.shape[-1]) @ w).reshape(a.shape[0], w.shape[-1])
 
 
 def _concat_time(pieces, length, batch):
