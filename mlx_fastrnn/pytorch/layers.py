@@ -362,7 +362,10 @@ def _stacked(recurs, x_dtype, varlen):
     if not accepts(mx.zeros((1, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden)), varlen=varlen):
         return None
     w = mx.stack([fwd.w_hh, rev.w_hh])
-    states0 = tuple(mx.concatenate([a, b], axis=0) for a, b in zip(fwd.states0, rev.states0))
+    # states not given are zeros: one zero array for both directions, not two joined
+    # (each op is a graph node of its own on the GPU)
+    states0 = tuple(mx.zeros((2 * batch, a.shape[-1])) if not (ga or gb) else mx.concatenate([a, b], axis=0)
+                    for a, b, ga, gb in zip(fwd.states0, rev.states0, fwd.given, rev.given))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
     return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
 
