@@ -70,7 +70,8 @@ def test_class_entry_points(emulated_gpu, monkeypatch, klass, cell, lens, rev, p
 
 def test_accepts_follows_the_multi_problem_rule(emulated_gpu, monkeypatch):
     """Two stacked problems on the tiled class: directions taken in float32 by
-    default, not in bfloat16; heads in both; the env var overrides."""
+    default where one launch pays over the length, not in bfloat16; heads in
+    both at any length; the env var overrides."""
     monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", "tiled")
     monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", raising=False)
     w = mx.zeros((2, 4 * 12, 12))
@@ -78,8 +79,20 @@ def test_accepts_follows_the_multi_problem_rule(emulated_gpu, monkeypatch):
     assert C.accepts("lstm", x32, w, varlen=True) and C.accepts("lstm", x32, w)
     assert not C.accepts("lstm", x16, w, varlen=True) and not C.accepts("lstm", x16, w)
     assert C.accepts("lstm", x16, w, kind="heads") and C.accepts("lstm", x32, w, kind="heads")
+    # directions: only where one launch pays over the sequence (the model's extra cycles per
+    # step times L against a launch's cost); heads whatever the length
+    one, two = (P.plan(d, "lstm", 12, 2, SMALL, problems=n) for d, n in (("forward", 1), ("forward", 2)))
+    back = [P.plan("backward", "lstm", 12, 2, SMALL, problems=n).cost for n in (1, 2)]
+    extra = max(two.cost - one.cost, back[1] - back[0])
+    assert extra > 0
+    long_l = C.LAUNCH_COST_CYCLES // int(extra) + 1
+    x_long = mx.zeros((long_l, 4, 48))  # never evaluated: the planner reads shapes
+    assert C.accepts("lstm", mx.zeros((max(1, long_l // 2), 4, 48)), w, varlen=True)
+    assert not C.accepts("lstm", x_long, w, varlen=True)
+    assert C.accepts("lstm", x_long, w, kind="heads")
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
     assert C.accepts("lstm", x16, w, varlen=True) and C.accepts("lstm", x16, w)
+    assert C.accepts("lstm", x_long, w, varlen=True)
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "0")
     assert not C.accepts("lstm", x32, w, varlen=True) and not C.accepts("lstm", x32, w, kind="heads")
 

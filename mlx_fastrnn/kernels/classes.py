@@ -123,18 +123,51 @@ def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=
     return None
 
 
+# One launch of a bidirectional layer's two directions instead of two concurrent ones
+# saves a launch's fixed cost but gives each direction half the blocks; it pays where
+# the whole sequence's extra per-step cost (the planner's model, cycles per step, NP=2
+# against NP=1, times L) stays under what a launch costs. Taken from the H200
+# (2026-12-03, 2-layer bidirectional float32): the one launch won at 32x40x200 (model:
+# ~0.07M extra cycles over the sequence forward) and 1x256x256 (~0.06M) and lost ~25%
+# at 16x1024x512 (~8.7M); one launch of those short shapes took 0.3-0.5 ms of which the
+# kernels' steps were ~0.1 ms (benchmarks/RESULTS.md). ~0.15 ms at ~1.7 GHz:
+LAUNCH_COST_CYCLES = 250_000
+
+
+def _one_launch_pays(cell_name, xp, w_h, limits):
+    """Whether two stacked directions (tiled class) beat a launch per direction,
+    forward and backward, by :data:`LAUNCH_COST_CYCLES`."""
+    dims = P._check_common(cell_name, xp, w_h)
+    if dims is None or limits is None:
+        return False
+    _, L, B, H, NP = dims
+    for direction in ("forward", "backward"):
+        both = P.plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, problems=NP)
+        one = P.plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype)
+        if both is None or one is None or L * (both.cost - one.cost) > LAUNCH_COST_CYCLES:
+            return False
+    return True
+
+
 def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
     """Whether the forward and the backward of this launch both run on a
     whole-sequence kernel: NP stacked problems when ``w_h`` is [NP, G*H, H]
     (the resident class always may: its blocks never wait on each other; the
     tiled class as ``persistent.multi_problem_enabled`` says for this ``kind``
-    of problems, ``"heads"`` or ``"directions"``), and with ``varlen`` per-row
-    lengths / reversed problems."""
+    of problems, ``"heads"`` or ``"directions"``, and for directions by default
+    only where one launch pays over ``xp``'s length L: pass the real L), and
+    with ``varlen`` per-row lengths / reversed problems."""
     if not P.cuda_available():
         return False
+    forced = os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip() != ""
     for direction in ("forward", "backward"):
         klass, _ = choose(direction, cell_name, xp, w_h, varlen)
-        if klass is None or (klass == "tiled" and w_h.ndim == 3
-                             and not P.multi_problem_enabled(xp.dtype, kind)):
+        if klass is None:
             return False
+        if klass == "tiled" and w_h.ndim == 3:
+            if not P.multi_problem_enabled(xp.dtype, kind):
+                return False
+            if kind == "directions" and not forced and not _one_launch_pays(cell_name, xp, w_h,
+                                                                             P.device_limits()):
+                return False
     return True

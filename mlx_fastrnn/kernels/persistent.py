@@ -524,7 +524,8 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
 # N*D of ~768 (LSTM, float32) fits no kernel at all: on the H200, 2026-12-03,
 # flashrnn_bench.py B=16 T=1024, LSTM N=4 D=256 ran 60 ms forward that way, N=16 D=128
 # 79 ms) or ``"directions"`` (a bidirectional layer's two directions, the second reversed
-# inside the kernel: float32 only). For the directions, on the H200 (2026-12-03,
+# inside the kernel: float32 only, and there only where one launch pays over the sequence:
+# ``classes.accepts``; 16x1024x512 ran ~25% slower as one launch). For the directions, on the H200 (2026-12-03,
 # pytorch_layers_bench.py, 2-layer bidirectional LSTM/GRU at 32x40x200 and 1x256x256) the
 # one launch beat a launch per direction on all 16 float32 configurations (e.g. LSTM
 # 32x40x200 forward 1.69 against 2.28 ms) but not in bfloat16: a second lease, the

@@ -204,10 +204,11 @@ class _RNNBase(nn.Module):
         and the lengths and the reversal inside the kernels where they take
         them; else gathers around each direction's recurrence (``ops/direction.py``)."""
         if use_kernels and len(recurs) == 2:
-            both = _stacked(recurs, xps[0].dtype, varlen=True)
+            length = xps[0].shape[0]
+            both = _stacked(recurs, xps[0].dtype, varlen=True, length=length)
             if both is not None:
                 return run_both_in_kernels(both.varlen, xps, lens)
-            both = _stacked(recurs, xps[0].dtype, varlen=False)
+            both = _stacked(recurs, xps[0].dtype, varlen=False, length=length)
             if both is not None:
                 return run_both_directions(both, xps, lens)
         results = []
@@ -349,7 +350,7 @@ class _KernelRecurrence:
         return accepts is not None and accepts(mx.zeros((1, *xp.shape[1:]), xp.dtype), self.w_hh, varlen=True)
 
 
-def _stacked(recurs, x_dtype, varlen):
+def _stacked(recurs, x_dtype, varlen, length):
     """Both directions as one two-problem recurrence, when the whole-sequence
     kernels take it (CUDA; forward and backward plans both fit; with ``varlen``
     the second problem reversed inside the kernels); else None."""
@@ -359,7 +360,7 @@ def _stacked(recurs, x_dtype, varlen):
         return None
     batch, (gates_h, hidden) = fwd.states0[0].shape[0], fwd.w_hh.shape
     # shapes and dtypes are all the planner reads: stand-ins (never evaluated)
-    if not accepts(mx.zeros((1, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden)), varlen=varlen):
+    if not accepts(mx.zeros((length, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden)), varlen=varlen):
         return None
     w = mx.stack([fwd.w_hh, rev.w_hh])
     # states not given are zeros: one zero array for both directions, not two joined
