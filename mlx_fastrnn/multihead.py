@@ -29,11 +29,12 @@ its fan-in is a head). Calls follow the drop-in layers: input ``[..., L, in]``
 
 How it runs (``ops/heads.py``): on CUDA the heads are independent problems of
 the whole-sequence kernels (each head's R block its own W_h, its own blocks of
-the grid); elsewhere, or where those kernels decline the shape, the
-block-diagonal matrix is formed densely (``[G*H, H]``, one differentiable op,
-so only the head blocks get gradients) and runs on the drop-in layers' path
-(fused step kernels on Metal, compiled cells on the CPU), doing ``num_heads``
-times the recurrent work of the head blocks alone.
+the grid), and where those kernels decline the shape, of the per-step cells
+with one batched matmul per step (cells without params: not the GRU's
+``bhn``); elsewhere the block-diagonal matrix is formed densely (``[G*H, H]``,
+one differentiable op, so only the head blocks get gradients) and runs on the
+drop-in layers' path (fused step kernels on Metal, compiled cells on the CPU),
+doing ``num_heads`` times the recurrent work of the head blocks alone.
 """
 
 import math
