@@ -156,18 +156,24 @@ def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
     tiled class as ``persistent.multi_problem_enabled`` says for this ``kind``
     of problems, ``"heads"`` or ``"directions"``, and for directions by default
     only where one launch pays over ``xp``'s length L: pass the real L), and
-    with ``varlen`` per-row lengths / reversed problems."""
+    with ``varlen`` per-row lengths / reversed problems. Cached as ``choose``."""
     if not P.cuda_available():
         return False
-    forced = os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip() != ""
+    return _accepts(cell_name, _Operand(tuple(xp.shape), xp.dtype, xp.ndim),
+                    _Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), kind, P.device_limits(),
+                    id(SELECTION), tuple(os.environ.get(k) for k in _ENV),
+                    os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip())
+
+
+@functools.lru_cache(maxsize=1024)
+def _accepts(cell_name, xp, w_h, varlen, kind, limits, selection, env, problems_env):
     for direction in ("forward", "backward"):
-        klass, _ = choose(direction, cell_name, xp, w_h, varlen)
+        klass, _ = _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env)
         if klass is None:
             return False
         if klass == "tiled" and w_h.ndim == 3:
             if not P.multi_problem_enabled(xp.dtype, kind):
                 return False
-            if kind == "directions" and not forced and not _one_launch_pays(cell_name, xp, w_h,
-                                                                             P.device_limits()):
+            if kind == "directions" and not problems_env and not _one_launch_pays(cell_name, xp, w_h, limits):
                 return False
     return True
