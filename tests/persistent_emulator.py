@@ -170,7 +170,8 @@ def _main(fname, spec, inputs, out_specs):
             args.append(f"{name}_shape")
     for i, (shape, dt) in enumerate(out_specs):
         nbytes = math.prod(shape) * _ITEMSIZE[dt]
-        lines.append(f"  std::vector<unsigned char> out{i}({nbytes} + 16, 0);")
+        fill = 0 if spec.zero_outputs else 0xFF  # NaN bytes: an element the kernel never writes shows
+        lines.append(f"  std::vector<unsigned char> out{i}({nbytes} + 16, {fill});")
         lines.append(f"  frnn_emu::add_global(out{i}.data(), {nbytes});")
         args.append(f"({_CTYPE[dt]}*)out{i}.data()")
     nblocks = spec.grid[0] // spec.threadgroup[0]

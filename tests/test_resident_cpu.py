@@ -150,3 +150,18 @@ def test_nvrtc_compiles_without_spills(cell, direction, varlen):
         ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
         assert ok, log[-4000:]
         assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+
+
+def test_only_the_plain_forward_skips_the_output_zeroing():
+    """The plain resident forward writes every output element itself, so it is
+    launched without MLX's zero fill of each output (the emulator then fills them
+    with NaN bytes, and the forward tests above still match the reference); the
+    varlen forward (zeros past each length) and the backward keep the zeroing, and
+    so does the tiled class (its barrier counters start at zero)."""
+    rp = R.plan("forward", "lstm", 32, 4, H100)
+    assert not R.kernel_spec(rp, mx.float32, True).zero_outputs
+    assert R.kernel_spec(rp, mx.float32, True, lens=True).zero_outputs
+    assert R.kernel_spec(rp, mx.float32, True, rev=1).zero_outputs
+    assert R.kernel_spec(R.plan("backward", "lstm", 32, 4, H100), mx.float32, True).zero_outputs
+    tp = P.plan("forward", "lstm", 32, 4, H100)
+    assert P.kernel_spec(tp, mx.float32, True).zero_outputs

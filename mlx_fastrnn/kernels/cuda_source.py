@@ -43,6 +43,10 @@ class KernelSpec:
     shared_memory: int
     grid: tuple
     threadgroup: tuple
+    # Whether the kernel needs its outputs zeroed before it starts (MLX's init_value:
+    # one fill per output, each a graph node of its own); False where it writes every
+    # element itself (the CPU emulator then fills them with NaN bytes instead).
+    zero_outputs: bool = True
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,7 +135,8 @@ def compiled_kernel(spec):
 
 
 def launch(spec, inputs, output_shapes, output_dtypes):
-    """Run ``spec`` on ``inputs``; every output starts zeroed."""
+    """Run ``spec`` on ``inputs``; every output starts zeroed when ``spec.zero_outputs``
+    (that also zeroes the tiled class's barrier counters)."""
     kern = compiled_kernel(spec)
     return kern(
         inputs=list(inputs),
@@ -140,5 +145,5 @@ def launch(spec, inputs, output_shapes, output_dtypes):
         threadgroup=spec.threadgroup,
         output_shapes=list(output_shapes),
         output_dtypes=list(output_dtypes),
-        init_value=0,  # also zeroes the barrier counters
+        **({"init_value": 0} if spec.zero_outputs else {}),
     )

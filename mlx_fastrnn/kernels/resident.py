@@ -554,9 +554,13 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
     )
     digest = source_digest(header, body)
     name = f"frnn_res_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
+    # The plain forward writes every element of its outputs (each row's states and hp
+    # at every step; the barrier-counter output is unused): no zero fills before it.
+    # The varlen forward leaves out past each length and hp at frozen steps to the
+    # zeroing; the backward its frozen steps' dhp.
     return KernelSpec(name=name, input_names=inputs, output_names=outputs, header=header, body=body,
-                        template=template, shared_memory=p.smem, grid=(p.nblocks * p.TPB, 1, 1),
-                        threadgroup=(p.TPB, 1, 1))
+                      template=template, shared_memory=p.smem, grid=(p.nblocks * p.TPB, 1, 1),
+                      threadgroup=(p.TPB, 1, 1), zero_outputs=not fwd or varlen)
 
 
 SYNC_WORDS = 4  # the unused barrier-counter output (kept so every class has one output list)
