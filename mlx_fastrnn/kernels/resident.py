@@ -554,13 +554,15 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
     )
     digest = source_digest(header, body)
     name = f"frnn_res_{p.cell}_{'fwd' if fwd else 'bwd'}_{digest}_s{p.smem}"
-    # The plain forward writes every element of its outputs (each row's states and hp
-    # at every step; the barrier-counter output is unused): no zero fills before it.
-    # The varlen forward leaves out past each length and hp at frozen steps to the
-    # zeroing; the backward its frozen steps' dhp.
+    # The plain kernels write every element of their outputs (the forward each row's
+    # states and hp at every step, the backward dx / dhp at every step and the initial
+    # states' cotangents when NEED_D0; without it those are never read; the barrier-counter
+    # output is unused): no zero fills before them. The varlen forward leaves out past
+    # each length and hp at frozen steps to the zeroing, the varlen backward its frozen
+    # steps' dhp.
     return KernelSpec(name=name, input_names=inputs, output_names=outputs, header=header, body=body,
                       template=template, shared_memory=p.smem, grid=(p.nblocks * p.TPB, 1, 1),
-                      threadgroup=(p.TPB, 1, 1), zero_outputs=not fwd or varlen)
+                      threadgroup=(p.TPB, 1, 1), zero_outputs=varlen)
 
 
 SYNC_WORDS = 4  # the unused barrier-counter output (kept so every class has one output list)
