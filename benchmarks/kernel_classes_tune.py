@@ -7,7 +7,8 @@ For each cell, dtype, batch B, hidden H (sequence length ``--length``) and
 direction, the kernel alone (no input projection, zero initial state) on:
 
 * ``tiled``: the planner's plan of ``kernels/persistent.py``;
-* ``resident`` candidates of ``kernels/resident.py``: rows per block x rows per thread.
+* ``resident`` candidates of ``kernels/resident.py``: rows per block x rows per thread, and
+  for the forward the K-split (threads per unit: ``--k-splits``).
 
 Each candidate is checked against the first one that ran (max abs difference)
 and timed (median of ``--repeats`` calls, ms and us/step). ``--write-table``
@@ -47,14 +48,15 @@ TABLE = os.path.join(ROOT, "mlx_fastrnn", "kernels", "class_table.py")
 CANDIDATES = ((1, 1), (2, 1), (2, 2), (4, 1), (4, 4), (8, 2))  # (rows per block, rows per thread)
 
 
-def resident_candidates(direction, cell, H, B, limits, dtype):
+def resident_candidates(direction, cell, H, B, limits, dtype, k_splits=(1,)):
     out = {}
     for bb, rpt in CANDIDATES:
         if bb > B and bb != 1:
             continue
-        p = R.plan(direction, cell, H, B, limits, dtype, 1, bb, rpt)
-        if p is not None:
-            out.setdefault((p.BB, p.RPT, p.RS), p)
+        for ksp in k_splits if direction == "forward" else (1,):
+            p = R.plan(direction, cell, H, B, limits, dtype, 1, bb, rpt, ksp=ksp)
+            if p is not None:
+                out.setdefault((p.BB, p.RPT, p.RS, p.KSP), p)
     return list(out.values())
 
 
@@ -73,6 +75,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compile-only", action="store_true", help="build and run each kernel once, untimed")
+    ap.add_argument("--k-splits", default="1,2,4",
+                    help="threads per unit splitting the resident forward's K (comma-separated; 1: no split)")
     ap.add_argument("--lock", default=None, metavar="PATH",
                     help="time only while holding this file's lock (parallel tuning processes take turns)")
     ap.add_argument("--json", default=None)
@@ -112,7 +116,8 @@ def main(argv=None):
                         _slstm_problem(B, L, H, dtype)
                     for direction in args.directions.split(","):
                         cands = [("tiled", P.select(direction, cell, xp, w_h))]
-                        cands += [("resident", p) for p in resident_candidates(direction, cell, H, B, limits, dtype)]
+                        cands += [("resident", p) for p in resident_candidates(
+                            direction, cell, H, B, limits, dtype, tuple(int(k) for k in args.k_splits.split(",")))]
                         cands = [(k, p) for k, p in cands if p is not None]
                         if not cands:
                             continue
@@ -139,10 +144,10 @@ def main(argv=None):
                                     if klass == "tiled" else \
                                     (lambda p=p, a=a: R.run_backward(p, *a, False)[:2])
                             split = (f"U{p.U} NU{p.NU} BB{p.BB}x{p.NBB}" if klass == "tiled"
-                                     else f"BB{p.BB} RPT{p.RPT} RS{p.RS} T{p.TPB}")
+                                     else f"BB{p.BB} RPT{p.RPT} RS{p.RS} K{p.KSP} T{p.TPB}")
                             rec = {"cell": cell, "dtype": dname, "B": B, "H": H, "L": L, "direction": direction,
                                    "class": klass, "split": split, "BB": p.BB,
-                                   "RPT": getattr(p, "RPT", 0), "smem": p.smem}
+                                   "RPT": getattr(p, "RPT", 0), "KSP": getattr(p, "KSP", 1), "smem": p.smem}
                             try:
                                 out = fn()
                                 mx.eval(out)
@@ -219,12 +224,13 @@ def write_table(results, meta, path=TABLE):
             best[key] = r
     table = {}
     for (cell, direction, dtype, B, H), r in sorted(best.items()):
-        table.setdefault((cell, direction, dtype), []).append((B, H, r["class"], r["BB"], r["RPT"]))
+        point = (B, H, r["class"], r["BB"], r["RPT"])
+        table.setdefault((cell, direction, dtype), []).append(point + ((r["KSP"],) if r.get("KSP", 1) > 1 else ()))
     with open(path, "w") as f:
         f.write('"""Measured kernel-class choices (written by benchmarks/kernel_classes_tune.py; do not edit).\n\n'
                 f"{meta['host']}, mlx {meta['mlx']}, {meta['limits']['num_sms']} SMs, L={meta['length']}, "
                 f"{meta['started']}. Per (cell, direction, dtype): (B, H, class, rows per block,\n"
-                'rows per thread) of the fastest candidate at each measured point.\n"""\n\n')
+                'rows per thread[, threads per unit when > 1]) of the fastest candidate at each measured point.\n"""\n\n')
         f.write("SELECTION = " + pprint.pformat(table, width=110, compact=True) + "\n")
     print(f"wrote {path}")
 

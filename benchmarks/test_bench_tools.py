@@ -50,3 +50,22 @@ def test_flashrnn_scripts_share_one_grid(tmp_path):
     ours = [("cuda", r["dtype"], r["function"], r["heads"], r["dim"], r["batch"], r["length"], r["mode"])
             for r in rows]
     assert ours == timed and all(r["median_ms"] > 0 for r in rows)
+
+
+def test_class_table_keeps_the_fastest_split(tmp_path):
+    """kernel_classes_tune.write_table: per (cell, direction, dtype, B, H) the fastest
+    candidate, with its K-split as a sixth entry only when it splits."""
+    import kernel_classes_tune as kct
+
+    base = dict(cell="lstm", direction="forward", dtype="float32", B=8, H=64, class_="resident")
+    rows = [dict(base, ms=2.0, BB=2, RPT=1, KSP=1), dict(base, ms=1.0, BB=4, RPT=1, KSP=4),
+            dict(base, H=32, ms=1.5, BB=1, RPT=1, KSP=1), dict(base, H=128, error="x")]
+    for r in rows:
+        r["class"] = r.pop("class_")
+    meta = dict(host="test", mlx="0", limits=dict(num_sms=1), length=10, started="now")
+    path = tmp_path / "table.py"
+    kct.write_table(rows, meta, str(path))
+    scope = {}
+    exec(path.read_text(), scope)
+    assert scope["SELECTION"] == {("lstm", "forward", "float32"): [(8, 32, "resident", 1, 1),
+                                                                  (8, 64, "resident", 4, 1, 4)]}

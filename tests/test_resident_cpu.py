@@ -164,3 +164,66 @@ def test_only_the_plain_kernels_skip_the_output_zeroing():
         assert R.kernel_spec(rp, mx.float32, True, lens=True).zero_outputs
         assert R.kernel_spec(rp, mx.float32, True, rev=1).zero_outputs
         assert P.kernel_spec(P.plan(direction, "lstm", 32, 4, H100), mx.float32, True).zero_outputs
+
+
+# (cell, L, B, H, x dtype, zero initial state, rows per block, threads per unit)
+K_SPLIT_CASES = [
+    ("lstm", 4, 3, 20, mx.float32, False, None, 2),
+    ("gru", 3, 2, 17, mx.float32, True, None, 4),
+    ("rnn_tanh", 3, 5, 40, mx.float32, False, 2, 8),
+    ("slstm", 3, 2, 12, mx.bfloat16, False, None, 4),
+    ("lstm", 5, 4, 33, mx.float16, True, 2, 8),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", K_SPLIT_CASES, ids=lambda c: f"{c[0]}-B{c[2]}-H{c[3]}-{c[4]}-ksp{c[7]}")
+def test_emulated_resident_forward_with_a_k_split(case):
+    """The forward's projection split over KSP threads per unit (interleaved float4
+    chunks, warp-shuffle sums): the same results as the reference, plain and with
+    lengths / a reversed second problem."""
+    cell, L, B, H, xdt, zero, rows, ksp = case
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    if zero:
+        s0 = tuple(mx.zeros_like(s) for s in s0)
+    p = R.plan("forward", cell, H, B, SMALL, xdt, 1, rows, ksp=ksp)
+    assert p is not None and p.KSP == ksp and p.TPB % (32 * ksp) == 0
+    expected = ref.forward(cell, xp, w_h, s0, params, zero)
+    got, _ = emu.resident_forward(cell, xp, w_h, s0, params, zero, SMALL, plan=p)
+    for a, e in zip(got, expected):
+        assert ref.max_rel_err(a, e) < 2e-6
+
+    pf = R.plan("forward", cell, H, B, SMALL, xdt, 2, rows, ksp=ksp)
+    pb = R.plan("backward", cell, H, B, SMALL, xdt, 2, rows)
+
+    def forward(*args, lens, rev):
+        return emu.resident_forward(cell, *args, SMALL, plan=pf, lens=lens, rev=rev)[0]
+
+    def backward(*args, lens, rev, d_out):
+        return emu.resident_backward(cell, *args, SMALL, plan=pb, lens=lens, rev=rev, d_out=d_out)[0]
+
+    lens = [max(1, (3 * r) % (L + 1)) for r in range(2 * B)]
+    ref.check_varlen(cell, L, B, H, xdt, zero, lens, 0b10, 2, forward, backward)
+
+
+def test_k_split_is_forward_only_and_bounded():
+    with pytest.raises(ValueError, match="ksp"):
+        R.plan("backward", "lstm", 32, 2, H100, ksp=2)
+    with pytest.raises(ValueError, match="ksp"):
+        R.plan("forward", "lstm", 32, 2, H100, ksp=3)
+    assert R.plan("forward", "lstm", 32, 2, H100, ksp=8).TPB <= R.MAX_TPB
+    assert R.plan("forward", "lstm", 256, 2, H100, x_dtype=mx.bfloat16, ksp=8) is None  # 256*8 threads > 1024
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("ksp", [2, 4, 8])
+def test_nvrtc_compiles_the_k_split_without_spills(cell, ksp):
+    for (B, H), xdt in (((1, 64), mx.float32), ((8, 128), mx.float32), ((16, 100), mx.bfloat16)):
+        p = R.plan("forward", cell, H, B, H100, xdt, ksp=ksp)
+        if p is None:  # W_h does not fit one block (LSTM / sLSTM float32 H=128) or too many threads
+            continue
+        spec = R.kernel_spec(p, xdt, True)
+        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
+        assert ok, log[-4000:]
+        assert spill_st == 0 and spill_ld == 0 and stack == 0, log

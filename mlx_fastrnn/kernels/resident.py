@@ -9,11 +9,15 @@ co-residency rule to keep) and independent work (batch groups, the NP
 problems of a launch: heads, directions) just adds blocks.
 
 Block ``b``: problem ``b / NBB``, its batch rows ``[gin*BB, gin*BB + BB)``.
-Thread ``(rs, j)`` (``j`` fastest, ``HP`` = H rounded up to a warp) owns unit
-``j`` of rows ``rs, rs + RS, ...``: all G gates of it, so the cell's
-elementwise step needs no exchange between threads. Its projection reads
-``Wt[k][g*H + j]`` (consecutive threads, consecutive words) and ``h[r][k]``
-(one word for the whole warp: a broadcast).
+Thread ``(rs, j, ks)`` (``ks`` fastest, then ``j``; ``HP`` = H rounded up to a
+warp) owns unit ``j`` of rows ``rs, rs + RS, ...``: all G gates of it, so the
+cell's elementwise step needs no exchange between threads. Its projection
+reads ``Wt[k][g*H + j]`` (consecutive units, consecutive words) and
+``h[r][k]`` (a broadcast). The forward may split each unit's K over ``KSP``
+threads (``ks``: every KSP-th float4 chunk of k; the partial sums meet by
+warp shuffles, and thread ``ks == 0`` runs the cell and writes): KSP times the
+warps, each with 1/KSP of the serial FMA chain. KSP comes from the measured
+table (``kernel_classes_tune.py --k-splits``); 1 otherwise.
 
 The cell math is the cell's own device code (``POINT`` in its
 ``persistent.py``: ``frnn_cell::forward`` / ``backward``); this module only
@@ -50,6 +54,10 @@ class ResidentPlan:
     smem: int
     NP: int = 1
     cost: float = 0.0
+    # Threads per unit splitting the forward projection's K (interleaved float4
+    # chunks, summed by warp shuffles): KSP times the warps, 1/KSP of each
+    # thread's serial FMA chain. 1 (one thread per unit) unless tuning asks.
+    KSP: int = 1
 
     @property
     def nblocks(self):
@@ -81,25 +89,33 @@ def smem_bytes(direction, G, H, BB, w_bytes):
     return 8 * BB * KS + KS * N * w_bytes
 
 
-def _step_cost(direction, G, H, RPT, RS, TPB, w_bytes):
+def _step_cost(direction, G, H, RPT, RS, TPB, w_bytes, ksp=1):
     """Cycles of one block's step (a ranking model; the device tuning decides):
     per k the warp issues G (forward) or 1 (backward) W loads, RPT/4 operand
-    loads and G*RPT or RPT FMAs; warps share the SM's four schedulers."""
+    loads and G*RPT or RPT FMAs; warps share the SM's four schedulers; a K
+    split over ``ksp`` threads shortens each chain and adds its shuffles."""
     K = H if direction == "forward" else G * H
     per_k = (G if direction == "forward" else 1) * (1 + RPT) + RPT / 4.0
     warps = TPB // 32
-    issue = K * per_k * max(1.0, warps / 4.0)
-    latency = K * 4.0 / max(1, min(4, G * RPT if direction == "forward" else RPT))  # FMA chains
-    return 600.0 + max(issue, latency) + 200.0 * G
+    issue = (K / ksp) * per_k * max(1.0, warps / 4.0)
+    latency = (K / ksp) * 4.0 / max(1, min(4, G * RPT if direction == "forward" else RPT))  # FMA chains
+    reduce = (ksp.bit_length() - 1) * G * RPT * 30.0  # log2(ksp) dependent shuffles per sum
+    return 600.0 + max(issue, latency) + reduce + 200.0 * G
+
+
+K_SPLITS = (1, 2, 4, 8)  # threads per unit a forward plan may take (KSP)
 
 
 @functools.lru_cache(maxsize=256)
-def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=None, rpt=None):
+def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=None, rpt=None, ksp=1):
     """The resident plan for one launch, or ``None`` when W_h does not fit one
     block (``rows`` / ``rpt``: force that many batch rows per block / per
-    thread, for tuning and for the measured table)."""
+    thread, for tuning and for the measured table; ``ksp``: threads per unit
+    splitting the forward projection's K, forward only)."""
     if limits is None or cell not in P.CELLS or H < 1 or B < 1:
         return None
+    if ksp not in K_SPLITS or (ksp > 1 and direction != "forward"):
+        raise ValueError(f"ksp must be one of {K_SPLITS} (and 1 for the backward), not {ksp!r}")
     G = P.CELLS[cell].num_gates
     HP = _round(H, 32)
     if HP > MAX_TPB:
@@ -123,12 +139,12 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
                 RS = -(-BB // RPT)
                 if RPT > BB and RPT != ROWS_PER_THREAD[0]:
                     break
-                TPB = HP * RS
+                TPB = HP * RS * ksp
                 if TPB > MAX_TPB:
                     continue
-                cost = waves * _step_cost(direction, G, H, RPT, RS, TPB, w_bytes)
+                cost = waves * _step_cost(direction, G, H, RPT, RS, TPB, w_bytes, ksp)
                 p = ResidentPlan(direction, cell, G, H, B, BB, NBB, RS, RPT, TPB, w_bf16, smem, problems,
-                                 cost)
+                                 cost, ksp)
                 if best is None or cost < best.cost:
                     best = p
         if best is not None:
@@ -152,8 +168,9 @@ _PROLOGUE = r"""
   const int gin = blockIdx.x - prob * NBB;
   const int r0 = prob * BP + gin * BB;
   const int nrows = frnn::imin(BB, BP - gin * BB);
-  const int j = threadIdx.x % HP;
-  const int rs = threadIdx.x / HP;
+  const int ks = threadIdx.x % KSP;  // the thread's share of the forward projection's K
+  const int j = (threadIdx.x / KSP) % HP;
+  const int rs = threadIdx.x / (KSP * HP);
   float prm[NPRM > 0 ? NPRM : 1];
 #pragma unroll
   for (int q = 0; q < NPRM; ++q) {
@@ -162,7 +179,7 @@ _PROLOGUE = r"""
   bool ok[RPT];
 #pragma unroll
   for (int rr = 0; rr < RPT; ++rr) {
-    ok[rr] = j < H && rs + rr * RS < nrows;
+    ok[rr] = ks == 0 && j < H && rs + rr * RS < nrows;  // the K-split's other threads only project
   }
 """
 
@@ -188,7 +205,7 @@ def forward_body(cell, varlen=False):
         C.declarations(cell, "const float* inits", "init", "float* seqs", "seq")
         + r"""  constexpr int GH = G * H;
   constexpr int GHP = GH + 1 - GH % 2;  // transposed_stride()
-  constexpr int HP = TPB / RS;
+  constexpr int HP = TPB / (RS * KSP);
   constexpr int KS = (H + 3) / 4 * 4;
 """ + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  float* hb;  // [2][BB][KS]: h_{t-1} and h_t
   WT* Wt;     // [KS][GHP]: W_h transposed, rows k >= H zero
@@ -236,7 +253,19 @@ def forward_body(cell, varlen=False):
       }
     }
     if (!(H0Z && t == 0) && j < H) {
-      frnn::resident_project<KS, GHP, H, G, RPT, RS, BB, WT>(hcur, Wt, j, rs, a);
+      frnn::resident_project<KS, GHP, H, G, RPT, RS, BB, KSP, WT>(hcur, Wt, j, rs, ks, a);
+    }
+    if (KSP > 1 && !(H0Z && t == 0)) {  // every lane: a unit's KSP partial sums are adjacent lanes
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+#pragma unroll
+          for (int o = KSP / 2; o > 0; o >>= 1) {
+            a[rr][g] += __shfl_xor_sync(0xffffffffu, a[rr][g], o);
+          }
+        }
+      }
     }
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
@@ -279,7 +308,7 @@ def backward_body(cell, varlen=False):
     lines = (C.declarations(cell, "const float* gseqs", "gseq", "const float* prevs", "prev")
              + f"  float* dinits[S] = {{{', '.join(f'dinit{k}' for k in range(S))}}};\n")
     return lines + r"""  constexpr int GH = G * H;
-  constexpr int HP = TPB / RS;
+  constexpr int HP = TPB / (RS * KSP);  // KSP = 1: the K-split is the forward's
   constexpr int KS = (GH + 3) / 4 * 4;
   constexpr int STOP = NEED_D0 ? -1 : 0;
 """ + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  float* db;  // [2][BB][KS]: dhp_{s+1} and dhp_s
@@ -457,8 +486,11 @@ __device__ __forceinline__ void load_w_natural(WT* Wn, const WT* w) {
 
 // a[rr][g] += sum_k h[r][k] * Wt[k][g*H + j] for the thread's rows r = rs + rr*RS
 // (rows past BB read row BB-1; the caller drops them). GHP: Wt's row stride.
-template <int KS, int GHP, int H, int G, int RPT, int RS, int BB, typename WT>
-__device__ __forceinline__ void resident_project(const float* h, const WT* Wt, int j, int rs,
+// With KSP > 1 the thread takes the float4 chunks k = 4*(ks + KSP*i) only (the
+// caller sums the KSP partial sums): interleaved, so the KSP lanes of a unit read
+// W rows 4 apart (different banks: GHP is odd).
+template <int KS, int GHP, int H, int G, int RPT, int RS, int BB, int KSP, typename WT>
+__device__ __forceinline__ void resident_project(const float* h, const WT* Wt, int j, int rs, int ks,
                                                  float (&a)[RPT][G]) {
   const float* hrow[RPT];
 #pragma unroll
@@ -466,7 +498,7 @@ __device__ __forceinline__ void resident_project(const float* h, const WT* Wt, i
     hrow[rr] = h + imin(rs + rr * RS, BB - 1) * KS;
   }
 #pragma unroll 2
-  for (int k = 0; k < KS; k += 4) {
+  for (int k = 4 * ks; k < KS; k += 4 * KSP) {
     float4 hv[RPT];
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
@@ -547,7 +579,7 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
         ("T", x_dtype),
         ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
-        ("NP", p.NP),
+        ("NP", p.NP), ("KSP", p.KSP),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),
