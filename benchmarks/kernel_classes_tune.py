@@ -8,7 +8,7 @@ direction, the kernel alone (no input projection, zero initial state) on:
 
 * ``tiled``: the planner's plan of ``kernels/persistent.py``;
 * ``resident`` candidates of ``kernels/resident.py``: rows per block x rows per thread, and
-  for the forward the K-split (threads per unit: ``--k-splits``).
+  the K-split (threads per unit: ``--k-splits``).
 
 Each candidate is checked against the first one that ran (max abs difference)
 and timed (median of ``--repeats`` calls, ms and us/step). ``--write-table``
@@ -53,7 +53,7 @@ def resident_candidates(direction, cell, H, B, limits, dtype, k_splits=(1,)):
     for bb, rpt in CANDIDATES:
         if bb > B and bb != 1:
             continue
-        for ksp in k_splits if direction == "forward" else (1,):
+        for ksp in k_splits:
             p = R.plan(direction, cell, H, B, limits, dtype, 1, bb, rpt, ksp=ksp)
             if p is not None:
                 out.setdefault((p.BB, p.RPT, p.RS, p.KSP), p)
@@ -76,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compile-only", action="store_true", help="build and run each kernel once, untimed")
     ap.add_argument("--k-splits", default="1,2,4",
-                    help="threads per unit splitting the resident forward's K (comma-separated; 1: no split)")
+                    help="threads per unit splitting the resident projection's K (comma-separated; 1: no split)")
     ap.add_argument("--lock", default=None, metavar="PATH",
                     help="time only while holding this file's lock (parallel tuning processes take turns)")
     ap.add_argument("--json", default=None)

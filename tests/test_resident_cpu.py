@@ -178,10 +178,10 @@ K_SPLIT_CASES = [
 
 @needs_cxx
 @pytest.mark.parametrize("case", K_SPLIT_CASES, ids=lambda c: f"{c[0]}-B{c[2]}-H{c[3]}-{c[4]}-ksp{c[7]}")
-def test_emulated_resident_forward_with_a_k_split(case):
-    """The forward's projection split over KSP threads per unit (interleaved float4
-    chunks, warp-shuffle sums): the same results as the reference, plain and with
-    lengths / a reversed second problem."""
+def test_emulated_resident_k_split(case):
+    """The projection split over KSP threads per unit (interleaved float4 chunks,
+    warp-shuffle sums), forward and backward: the same results as the reference,
+    plain and with lengths / a reversed second problem."""
     cell, L, B, H, xdt, zero, rows, ksp = case
     xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
     if zero:
@@ -192,9 +192,21 @@ def test_emulated_resident_forward_with_a_k_split(case):
     got, _ = emu.resident_forward(cell, xp, w_h, s0, params, zero, SMALL, plan=p)
     for a, e in zip(got, expected):
         assert ref.max_rel_err(a, e) < 2e-6
+    need = not zero
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    pb = R.plan("backward", cell, H, B, SMALL, xdt, 1, rows, ksp=ksp)
+    assert pb is not None and pb.KSP == ksp
+    (dx, dhp, d0), _ = emu.resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need, SMALL, plan=pb)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, need)
+    assert ref.max_rel_err(dx, rdx) < 2e-6 and ref.max_rel_err(dhp, rdhp) < 2e-6
+    assert (d0 is None) == (not need)
+    for a, e in zip(d0 or (), rd0 or ()):
+        assert ref.max_rel_err(a, e) < 2e-6
 
     pf = R.plan("forward", cell, H, B, SMALL, xdt, 2, rows, ksp=ksp)
-    pb = R.plan("backward", cell, H, B, SMALL, xdt, 2, rows)
+    pb = R.plan("backward", cell, H, B, SMALL, xdt, 2, rows, ksp=ksp)
 
     def forward(*args, lens, rev):
         return emu.resident_forward(cell, *args, SMALL, plan=pf, lens=lens, rev=rev)[0]
@@ -206,9 +218,7 @@ def test_emulated_resident_forward_with_a_k_split(case):
     ref.check_varlen(cell, L, B, H, xdt, zero, lens, 0b10, 2, forward, backward)
 
 
-def test_k_split_is_forward_only_and_bounded():
-    with pytest.raises(ValueError, match="ksp"):
-        R.plan("backward", "lstm", 32, 2, H100, ksp=2)
+def test_k_split_is_bounded():
     with pytest.raises(ValueError, match="ksp"):
         R.plan("forward", "lstm", 32, 2, H100, ksp=3)
     assert R.plan("forward", "lstm", 32, 2, H100, ksp=8).TPB <= R.MAX_TPB
@@ -218,9 +228,10 @@ def test_k_split_is_forward_only_and_bounded():
 @pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)
 @pytest.mark.parametrize("ksp", [2, 4, 8])
-def test_nvrtc_compiles_the_k_split_without_spills(cell, ksp):
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_the_k_split_without_spills(cell, ksp, direction):
     for (B, H), xdt in (((1, 64), mx.float32), ((8, 128), mx.float32), ((16, 100), mx.bfloat16)):
-        p = R.plan("forward", cell, H, B, H100, xdt, ksp=ksp)
+        p = R.plan(direction, cell, H, B, H100, xdt, ksp=ksp)
         if p is None:  # W_h does not fit one block (LSTM / sLSTM float32 H=128) or too many threads
             continue
         spec = R.kernel_spec(p, xdt, True)

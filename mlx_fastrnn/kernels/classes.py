@@ -25,7 +25,7 @@ from . import persistent as P
 from . import resident as R
 
 # (cell, direction, dtype name) -> [(B, H, class, rows per block, rows per thread[, threads
-# per unit splitting the resident forward's K, when more than one])],
+# per unit splitting the resident projection's K, when more than one])],
 # measured by benchmarks/kernel_classes_tune.py on the device (class_table.py);
 # a shape takes the choice of the nearest point in (log B, log H).
 try:
@@ -87,7 +87,7 @@ def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
         want = forced or (point[2] if point else "resident")
         if want == "resident":
             if point and point[2] == "resident":
-                ksp = point[5] if len(point) > 5 and direction == "forward" else 1
+                ksp = point[5] if len(point) > 5 else 1
                 tuned = R.plan(direction, cell_name, H, B, limits, xp.dtype, NP, min(point[3], B), point[4],
                                ksp=ksp)
                 rp = tuned or rp

@@ -13,11 +13,12 @@ Thread ``(rs, j, ks)`` (``ks`` fastest, then ``j``; ``HP`` = H rounded up to a
 warp) owns unit ``j`` of rows ``rs, rs + RS, ...``: all G gates of it, so the
 cell's elementwise step needs no exchange between threads. Its projection
 reads ``Wt[k][g*H + j]`` (consecutive units, consecutive words) and
-``h[r][k]`` (a broadcast). The forward may split each unit's K over ``KSP``
+``h[r][k]`` (a broadcast). The projection may split each unit's K over ``KSP``
 threads (``ks``: every KSP-th float4 chunk of k; the partial sums meet by
 warp shuffles, and thread ``ks == 0`` runs the cell and writes): KSP times the
-warps, each with 1/KSP of the serial FMA chain. KSP comes from the measured
-table (``kernel_classes_tune.py --k-splits``); 1 otherwise.
+warps, each with 1/KSP of the serial FMA chain; the backward likewise over its
+K = G*H. KSP comes from the measured table (``kernel_classes_tune.py
+--k-splits``); 1 otherwise.
 
 The cell math is the cell's own device code (``POINT`` in its
 ``persistent.py``: ``frnn_cell::forward`` / ``backward``); this module only
@@ -54,9 +55,9 @@ class ResidentPlan:
     smem: int
     NP: int = 1
     cost: float = 0.0
-    # Threads per unit splitting the forward projection's K (interleaved float4
-    # chunks, summed by warp shuffles): KSP times the warps, 1/KSP of each
-    # thread's serial FMA chain. 1 (one thread per unit) unless tuning asks.
+    # Threads per unit splitting the projection's K (interleaved float4 chunks,
+    # summed by warp shuffles): KSP times the warps, 1/KSP of each thread's
+    # serial FMA chain. 1 (one thread per unit) unless the measured table asks.
     KSP: int = 1
 
     @property
@@ -99,7 +100,8 @@ def _step_cost(direction, G, H, RPT, RS, TPB, w_bytes, ksp=1):
     warps = TPB // 32
     issue = (K / ksp) * per_k * max(1.0, warps / 4.0)
     latency = (K / ksp) * 4.0 / max(1, min(4, G * RPT if direction == "forward" else RPT))  # FMA chains
-    reduce = (ksp.bit_length() - 1) * G * RPT * 30.0  # log2(ksp) dependent shuffles per sum
+    sums = (G if direction == "forward" else 1) * RPT
+    reduce = (ksp.bit_length() - 1) * sums * 30.0  # log2(ksp) dependent shuffles per sum
     return 600.0 + max(issue, latency) + reduce + 200.0 * G
 
 
@@ -111,11 +113,11 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
     """The resident plan for one launch, or ``None`` when W_h does not fit one
     block (``rows`` / ``rpt``: force that many batch rows per block / per
     thread, for tuning and for the measured table; ``ksp``: threads per unit
-    splitting the forward projection's K, forward only)."""
+    splitting the projection's K)."""
     if limits is None or cell not in P.CELLS or H < 1 or B < 1:
         return None
-    if ksp not in K_SPLITS or (ksp > 1 and direction != "forward"):
-        raise ValueError(f"ksp must be one of {K_SPLITS} (and 1 for the backward), not {ksp!r}")
+    if ksp not in K_SPLITS:
+        raise ValueError(f"ksp must be one of {K_SPLITS}, not {ksp!r}")
     G = P.CELLS[cell].num_gates
     HP = _round(H, 32)
     if HP > MAX_TPB:
@@ -308,7 +310,7 @@ def backward_body(cell, varlen=False):
     lines = (C.declarations(cell, "const float* gseqs", "gseq", "const float* prevs", "prev")
              + f"  float* dinits[S] = {{{', '.join(f'dinit{k}' for k in range(S))}}};\n")
     return lines + r"""  constexpr int GH = G * H;
-  constexpr int HP = TPB / (RS * KSP);  // KSP = 1: the K-split is the forward's
+  constexpr int HP = TPB / (RS * KSP);
   constexpr int KS = (GH + 3) / 4 * 4;
   constexpr int STOP = NEED_D0 ? -1 : 0;
 """ + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  float* db;  // [2][BB][KS]: dhp_{s+1} and dhp_s
@@ -362,7 +364,16 @@ def backward_body(cell, varlen=False):
       drec[rr] = 0.0f;
     }
     if (s < L - 1 && j < H) {
-      frnn::resident_project_back<KS, H, RPT, RS, BB, WT>(dcur, Wn, j, rs, drec);
+      frnn::resident_project_back<KS, H, RPT, RS, BB, KSP, WT>(dcur, Wn, j, rs, ks, drec);
+    }
+    if (KSP > 1 && s < L - 1) {  // every lane: a unit's KSP partial sums are adjacent lanes
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) {
+#pragma unroll
+        for (int o = KSP / 2; o > 0; o >>= 1) {
+          drec[rr] += __shfl_xor_sync(0xffffffffu, drec[rr], o);
+        }
+      }
     }
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
@@ -522,9 +533,10 @@ __device__ __forceinline__ void resident_project(const float* h, const WT* Wt, i
   }
 }
 
-// d[rr] += sum_m dh[r][m] * Wn[m][j] (the backward's dhp_{s+1} W_h).
-template <int KS, int H, int RPT, int RS, int BB, typename WT>
-__device__ __forceinline__ void resident_project_back(const float* dh, const WT* Wn, int j, int rs,
+// d[rr] += sum_m dh[r][m] * Wn[m][j] (the backward's dhp_{s+1} W_h); with KSP > 1
+// over the float4 chunks m = 4*(ks + KSP*i) only, as resident_project.
+template <int KS, int H, int RPT, int RS, int BB, int KSP, typename WT>
+__device__ __forceinline__ void resident_project_back(const float* dh, const WT* Wn, int j, int rs, int ks,
                                                       float (&d)[RPT]) {
   const float* drow[RPT];
   float acc[RPT][2];
@@ -535,7 +547,7 @@ __device__ __forceinline__ void resident_project_back(const float* dh, const WT*
     acc[rr][1] = 0.0f;
   }
 #pragma unroll 2
-  for (int m = 0; m < KS; m += 4) {
+  for (int m = 4 * ks; m < KS; m += 4 * KSP) {
     const float w0 = to_f(Wn[(m + 0) * H + j]);
     const float w1 = to_f(Wn[(m + 1) * H + j]);
     const float w2 = to_f(Wn[(m + 2) * H + j]);
