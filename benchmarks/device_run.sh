@@ -156,7 +156,10 @@ for s in $STAGES; do
     flashrnn_torch) install_flashrnn
              stage flashrnn_builds "$T_FLASHRNN_BUILD" bash -c 'for i in 1 2 3 4 5 6 7 8; do
                PYTHONPATH="'"$TORCH_PYTHONPATH"'" python3 benchmarks/flashrnn_torch.py --build-only --part $i/8 \
-                 '"$FLASHRNN_GRID"' > /tmp/frnn_build.$i.log 2>&1 & done; wait; grep -h "s  \[\|error" /tmp/frnn_build.*.log'
+                 '"$FLASHRNN_GRID"' --json /tmp/frnn_build.$i.json > /tmp/frnn_build.$i.log 2>&1 & done; wait
+               grep -h "s  \[\|error" /tmp/frnn_build.*.log'
+             ls /tmp/frnn_build.*.json >/dev/null 2>&1 &&  # build times and errors
+               python3 -c "$CONCAT_JSON" "$OUT/flashrnn_builds.json" /tmp/frnn_build.*.json
              stage flashrnn_torch "$T_FLASHRNN" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/flashrnn_torch.py \
              $FLASHRNN_GRID --budget "$BUDGET" --json "$OUT/flashrnn_torch.json" ;;
     # kernel classes: tiled vs resident per (cell, dtype, B, H), one tuning process per cell and

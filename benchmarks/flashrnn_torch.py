@@ -77,14 +77,16 @@ def measure(torch, run, budget, min_repeats=3, max_repeats=100):
 
 
 def configs(args):
-    """``[(backend, dtype, function, N, D, B, T, mode)]`` this process runs: the grid
-    per backend; with ``--build-only`` one T=2 config per kernel FlashRNN builds
+    """``[(backend, dtype, function, N, D, B, T, mode)]`` this process runs: each config
+    of the grid on every backend in turn; with ``--build-only`` one T=2 config per kernel FlashRNN builds
     (keyed by function, dtype, N, D, B: not T nor the mode); ``--part i/n`` every
     n-th from the i-th."""
     part, parts = (int(v) for v in args.part.split("/"))
     if not 1 <= part <= parts:
         raise SystemExit(f"--part {args.part}: want i/n with 1 <= i <= n")
-    grid = [(be, *cfg) for be in args.backends.split(",") for cfg in flashrnn_grid(args)]
+    # every backend per config, in turns: a run cut short by its time limit has timed
+    # each backend on the same configs
+    grid = [(be, *cfg) for cfg in flashrnn_grid(args) for be in args.backends.split(",")]
     if args.build_only:
         grid = sorted({(be, dt, fn, n, d, b, 2, "fwdbwd") for be, dt, fn, n, d, b, _, _ in grid})
     return grid[part - 1::parts]

@@ -50,6 +50,9 @@ def test_flashrnn_scripts_share_one_grid(tmp_path):
     ours = [("cuda", r["dtype"], r["function"], r["heads"], r["dim"], r["batch"], r["length"], r["mode"])
             for r in rows]
     assert ours == timed and all(r["median_ms"] > 0 for r in rows)
+    both = flashrnn_torch.configs(flashrnn_torch.parse_args(grid + ["--backends", "cuda,triton_fused"]))
+    assert [c[0] for c in both[:4]] == ["cuda", "triton_fused"] * 2  # backends in turns per config
+    assert [c[1:] for c in both[::2]] == [c[1:] for c in timed]
 
 
 def test_class_table_keeps_the_fastest_split(tmp_path):
