@@ -519,20 +519,22 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
 
 
 # Whether the tiled class may run several problems in one launch (``classes.accepts``),
-# by what the problems are (``kind``): ``"heads"`` (a multi-head layer's heads: always;
-# the alternatives are the dense block-diagonal W_h, N times the work, which beyond
-# N*D of ~768 (LSTM, float32) fits no kernel at all: on the H200, 2026-12-03,
-# flashrnn_bench.py B=16 T=1024, LSTM N=4 D=256 ran 60 ms forward that way, N=16 D=128
-# 79 ms) or ``"directions"`` (a bidirectional layer's two directions, the second reversed
-# inside the kernel: float32 only, and there only where one launch pays over the sequence:
-# ``classes.accepts``; 16x1024x512 ran ~25% slower as one launch). For the directions, on the H200 (2026-12-03,
-# pytorch_layers_bench.py, 2-layer bidirectional LSTM/GRU at 32x40x200 and 1x256x256) the
-# one launch beat a launch per direction on all 16 float32 configurations (e.g. LSTM
-# 32x40x200 forward 1.69 against 2.28 ms) but not in bfloat16: a second lease, the
-# same day, timed 1- and 2-layer LSTM/GRU 32x40x200 fwd+bwd both ways in one process and
-# the one launch lost 7 of 8 bfloat16 pairs (by 7-28%; LSTM 2 layers 4.85 against 3.79
-# ms) and won 7 of 8 float32 ones (benchmarks/RESULTS.md). MLX_FASTRNN_PERSISTENT_PROBLEMS
-# =1 / 0 overrides both.
+# by what the problems are (``kind``):
+# * ``"heads"``, a multi-head layer's heads: always. The alternative is the dense
+#   block-diagonal W_h, N times the work, which beyond N*D of ~768 (LSTM, float32) fits
+#   no kernel at all: on the H200 (2026-12-03, flashrnn_bench.py B=16 T=1024) LSTM N=4
+#   D=256 ran 60 ms forward that way, N=16 D=128 79 ms.
+# * ``"directions"``, a bidirectional layer's two directions (the second reversed inside
+#   the kernel): float32 only, and there only where one launch pays over the sequence
+#   (``classes.accepts``; 16x1024x512 ran ~25% slower as one launch). On the H200
+#   (2026-12-03, pytorch_layers_bench.py, 2-layer bidirectional LSTM/GRU at 32x40x200 and
+#   1x256x256) the one launch beat a launch per direction on all 16 float32
+#   configurations (e.g. LSTM 32x40x200 forward 1.69 against 2.28 ms) but not in
+#   bfloat16: a second lease the same day timed 1- and 2-layer LSTM/GRU 32x40x200
+#   fwd+bwd both ways in one process, and the one launch lost 7 of 8 bfloat16 pairs (by
+#   7-28%; LSTM 2 layers 4.85 against 3.79 ms) and won 7 of 8 float32 ones
+#   (benchmarks/RESULTS.md).
+# MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides both.
 MULTI_PROBLEM_KINDS = ("heads", "directions")
 
 
