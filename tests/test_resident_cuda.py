@@ -22,7 +22,7 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def _check(cell, L, B, H, xdt, zero, problems=1):
+def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1):
     parts = [ref.problem(cell, L, B, H, xdt, seed=3 + k) for k in range(problems)]
     if zero:
         parts = [(x, w, tuple(mx.zeros_like(s) for s in s0), q) for x, w, s0, q in parts]
@@ -32,7 +32,11 @@ def _check(cell, L, B, H, xdt, zero, problems=1):
     params = parts[0][3] if problems == 1 else tuple(mx.stack(qs) for qs in zip(*(p[3] for p in parts)))
     pf = R.select("forward", cell, xp, w)
     pb = R.select("backward", cell, xp, w)
-    assert pf is not None and pb is not None and pf.NP == problems
+    if ksp > 1:  # the K-split of the same splits
+        limits = P.device_limits()
+        pf = R.plan("forward", cell, H, B, limits, xdt, problems, pf.BB, pf.RPT, ksp=ksp)
+        pb = R.plan("backward", cell, H, B, limits, xdt, problems, pb.BB, pb.RPT, ksp=ksp)
+    assert pf is not None and pb is not None and pf.NP == problems and pf.KSP == pb.KSP == ksp
     got = R.run_forward(pf, xp, w, s0, params, zero)
     mx.eval(got)
     need = not zero
@@ -64,6 +68,15 @@ def _check(cell, L, B, H, xdt, zero, problems=1):
 @pytest.mark.parametrize("L,B,H", [(1, 1, 1), (3, 1, 33), (7, 5, 64), (12, 33, 100), (100, 8, 32)])
 def test_resident_parity(cell, xdt, L, B, H):
     _check(cell, L, B, H, xdt, False)
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("ksp", [2, 4, 8])
+def test_resident_k_split_parity(cell, ksp):
+    """Each unit's projection split over KSP threads (forward and backward), plain
+    and two problems, against the CPU reference."""
+    _check(cell, 20, 3, 40, mx.float32, False, ksp=ksp)
+    _check(cell, 7, 2, 24, mx.bfloat16, True, problems=2, ksp=ksp)
 
 
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)
