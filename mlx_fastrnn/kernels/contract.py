@@ -24,7 +24,9 @@ gives). The backward reads the cotangent of ``out`` (``gout``) at the same
 positions, passes a frozen step's cotangents through unchanged (a frozen step
 is the identity), writes ``dx`` in position order and ``dhp`` in step order
 (the order of the state sequences, for ``dW_h = sum dhp^T h_prev``), zero at
-frozen steps. Outputs start zeroed (the launch's ``init_value=0``).
+frozen steps. The varlen kernels' outputs start zeroed (the launch's
+``init_value=0``: ``KernelSpec.zero_outputs``); they rely on it for ``out``
+past each length and for the frozen steps' ``hp`` / ``dhp``.
 """
 
 from . import persistent as P
