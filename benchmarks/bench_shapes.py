@@ -124,6 +124,23 @@ def open_torch(tool, allow_cpu=False, cudnn_benchmark=False):
     return torch, device
 
 
+def torch_timed_ms(torch, fn, cuda=True):
+    """Milliseconds one call of ``fn`` takes: CUDA events around it on a GPU
+    (waiting for the end event), wall time on the CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 # ---------------------------------------------------------------------------
 # cuDNN weight flattening for the PyTorch baselines
 #

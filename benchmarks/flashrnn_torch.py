@@ -27,7 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_shapes import FLASHRNN_GATES, add_flashrnn_grid_args, flashrnn_grid, write_json  # noqa: E402
+from bench_shapes import (FLASHRNN_GATES, add_flashrnn_grid_args, flashrnn_grid, torch_timed_ms,  # noqa: E402
+                          write_json)
 
 
 def make_run(torch, flashrnn, backend, function, batch, length, heads, dim, dtype, mode, seed=0):
@@ -58,20 +59,11 @@ def make_run(torch, flashrnn, backend, function, batch, length, heads, dim, dtyp
     return run
 
 
-def timed_ms(torch, run):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def measure(torch, run, budget, min_repeats=3, max_repeats=100):
-    first = timed_ms(torch, run)
-    last = timed_ms(torch, run)
+    first = torch_timed_ms(torch, run)
+    last = torch_timed_ms(torch, run)
     repeats = int(min(max_repeats, max(min_repeats, budget * 1e3 / max(last, 1e-3))))
-    times = [timed_ms(torch, run) for _ in range(repeats)]
+    times = [torch_timed_ms(torch, run) for _ in range(repeats)]
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return dict(median_ms=statistics.median(times), iqr_ms=q[2] - q[0], repeats=len(times), first_ms=first)
 

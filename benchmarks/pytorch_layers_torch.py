@@ -39,7 +39,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_shapes import (DTYPES, MODES, flatten_after_first_call, flatten_cudnn_weights,  # noqa: E402
-                          open_torch, write_json)
+                          open_torch, torch_timed_ms, write_json)
 
 # ---------------------------------------------------------------------------
 # configuration shared with pytorch_layers_bench.py (pure Python: no torch, no MLX)
@@ -242,16 +242,7 @@ def main(argv=None):
           f"{meta['cudnn_version']}, {meta['date']}; {len(configs)} configs; median ms ±IQR", flush=True)
 
     def timed(fn):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return torch_timed_ms(torch, fn, cuda)
 
     def measure(fn, flat):
         if cuda:

@@ -36,7 +36,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_shapes import (  # noqa: E402
     DTYPES, LAYERS, MODES, flatten_after_first_call, flatten_cudnn_weights, flatten_remark,
-    flatten_summary, is_streaming, open_torch, parse_list, parse_shapes, write_json)
+    flatten_summary, is_streaming, open_torch, parse_list, parse_shapes, torch_timed_ms, write_json)
 
 if "mlx" in sys.modules or "mlx.core" in sys.modules:
     sys.exit("torch_baseline.py must run in a process without MLX")
@@ -106,16 +106,7 @@ def main(argv=None):
             torch.cuda.synchronize()
 
     def timed(fn):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return torch_timed_ms(torch, fn, cuda)
 
     if cuda:  # initialise CUDA, cuBLAS and cuDNN outside the first timed config
         warm_layer = torch.nn.LSTM(8, 8, batch_first=True).to(device)
