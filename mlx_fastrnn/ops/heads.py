@@ -39,9 +39,11 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
         xh = mx.contiguous(xp.reshape(length, batch, gates, heads, dim).transpose(0, 3, 1, 2, 4)
                            .reshape(length, heads * batch, gates * dim))
         wh = mx.contiguous(f32(r).transpose(1, 0, 2, 3).reshape(heads, gates * dim, dim))
-        dense_in_kernels = steps.accepts(xp, mx.zeros((gates * heads * dim, heads * dim)))  # shapes only
+        # else the per-step loop of problems, unless the dense W_h takes a kernel (its
+        # stand-in: shapes are all the planner reads)
         if steps.accepts(xh, wh, kind="heads") or (
-                not dense_in_kernels and not params and steps.backward_step is not None):
+                not params and steps.backward_step is not None
+                and not steps.accepts(xp, mx.zeros((gates * heads * dim, heads * dim)))):
             s0 = tuple(mx.contiguous(s.reshape(batch, heads, dim).swapaxes(0, 1).reshape(heads * batch, dim))
                        for s in states0)
             prm = tuple(p.reshape(heads, dim) for p in params)

@@ -240,10 +240,12 @@ def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, need_d
         dxs[t], dhps[t] = dx, dhp
         if t == 0 and not need_d_states0:
             break  # the caller passed no state: its cotangent is not needed
-        if w_h.ndim == 2:
-            dh = dhp @ w_h if direct[0] is None else mx.addmm(direct[0], dhp, w_h)
+        if direct[0] is not None and w_h.ndim == 2:
+            dh = mx.addmm(direct[0], dhp, w_h)
         else:
-            dh = per_problem_matmul(dhp, w_h) if direct[0] is None else per_problem_matmul(dhp, w_h) + direct[0]
+            dh = per_problem_matmul(dhp, w_h)
+            if direct[0] is not None:
+                dh = dh + direct[0]
         d_rec = (dh,) + tuple(direct[1:])
     dx = _concat_time(dxs, length, batch)
     dhp = dx if dhps[0] is dxs[0] else _concat_time(dhps, length, batch)
