@@ -292,28 +292,29 @@ def emulate(spec, inputs, out_specs, timeout=300):
 
 
 def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights="auto", plan=None,
-            lens=None, rev=0):
+            lens=None, rev=0, interleaved=False):
     """``persistent_sequence`` with the launch replaced by the emulator (``plan``:
     use this plan instead of the selected one)."""
     p = plan or P.select("forward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
-    spec, inputs, shapes, dtypes = P.forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
+    spec, inputs, shapes, dtypes = P.forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev,
+                                                    interleaved=interleaved)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
     return tuple(res[:-1]), (p, res[-1])
 
 
 def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tpb=64, weights="auto",
-             plan=None, lens=None, rev=0, d_out=None):
+             plan=None, lens=None, rev=0, d_out=None, interleaved=False):
     """``persistent_backward`` with the launch replaced by the emulator (``plan``:
     use this plan instead of the selected one)."""
     p = plan or P.select("backward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
     spec, inputs, shapes, dtypes = P.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
-                                                     lens, rev, d_out)
+                                                     lens, rev, d_out, interleaved=interleaved)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
-    varlen = lens is not None or bool(rev)
+    varlen = lens is not None or bool(rev) or interleaved
     return P.backward_results(cell, res, need_d_state0, varlen), (p, res[-1])
 
 
@@ -438,20 +439,22 @@ def compile_spec(spec, x_dtype, w_bf16):
 # --------------------------------------------------------------------------- the resident class, emulated
 
 
-def resident_forward(cell, xp, w_h, states0, params, h0_is_zero, limits, plan=None, lens=None, rev=0):
+def resident_forward(cell, xp, w_h, states0, params, h0_is_zero, limits, plan=None, lens=None, rev=0,
+                     interleaved=False):
     """``resident.run_forward`` with the launch replaced by the emulator."""
     from mlx_fastrnn.kernels import resident as R
 
     p = plan or R.select("forward", cell, xp, w_h, limits)
     if p is None:
         return None, None
-    spec, inputs, shapes, dtypes = R.forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
+    spec, inputs, shapes, dtypes = R.forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev,
+                                                    interleaved)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
     return tuple(res[:-1]), p
 
 
 def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, plan=None,
-                      lens=None, rev=0, d_out=None):
+                      lens=None, rev=0, d_out=None, interleaved=False):
     """``resident.run_backward`` with the launch replaced by the emulator."""
     from mlx_fastrnn.kernels import resident as R
 
@@ -459,6 +462,6 @@ def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, l
     if p is None:
         return None, None
     spec, inputs, shapes, dtypes = R.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
-                                                     lens, rev, d_out)
+                                                     lens, rev, d_out, interleaved)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
-    return P.backward_results(cell, res, need_d_state0, lens is not None or bool(rev)), p
+    return P.backward_results(cell, res, need_d_state0, lens is not None or bool(rev) or interleaved), p

@@ -202,8 +202,20 @@ def stacked_problems(cell_name, problems, L, B, H, x_dtype, zero):
     return parts, (xp, w, s0, params)
 
 
+def interleave(a, problems):
+    """[L, NP*B, K] problem-major rows -> problem-interleaved (row ``b * NP + p``)."""
+    L, rows, K = a.shape
+    return mx.contiguous(a.reshape(L, problems, rows // problems, K).swapaxes(1, 2).reshape(L, rows, K))
+
+
+def deinterleave(a, problems):
+    """The inverse of :func:`interleave`."""
+    L, rows, K = a.shape
+    return mx.contiguous(a.reshape(L, rows // problems, problems, K).swapaxes(1, 2).reshape(L, rows, K))
+
+
 def check_varlen(cell_name, L, B, H, x_dtype, zero, lens, rev, problems, forward, backward, on=None,
-                 tol=(2e-6, 1e-5)):
+                 tol=(2e-6, 1e-5), interleaved=False):
     """One varlen launch pair against the masked reference: ``forward(xp, w_h,
     states0, params, h0_is_zero, lens=, rev=) -> (seqs..., hp, out)`` and
     ``backward(d_outs, xp, hp, prevs, params, w_h, need, lens=, rev=, d_out=) ->
@@ -213,7 +225,9 @@ def check_varlen(cell_name, L, B, H, x_dtype, zero, lens, rev, problems, forward
     initial-state cotangents (``tol[1]``) against ``mx.vjp`` of
     :func:`varlen_forward`; ``on``: how to run the reference (default: directly;
     :func:`on_cpu` for a GPU test). ``lens`` may also be the full list of lengths
-    for the rows, with ``B`` rows per problem."""
+    for the rows, with ``B`` rows per problem. ``interleaved``: the kernels get
+    ``xp`` and ``d_out`` problem-interleaved and return ``out`` and ``dx`` so
+    (``forward`` / ``backward`` are passed ``interleaved=True``)."""
     run = on or (lambda fn, *args: fn(*args))
     parts, (xp, w, s0, params) = stacked_problems(cell_name, problems, L, B, H, x_dtype, zero)
     rows = problems * B
@@ -221,14 +235,21 @@ def check_varlen(cell_name, L, B, H, x_dtype, zero, lens, rev, problems, forward
     row_rev = [bool((rev >> (r // B)) & 1) for r in range(rows)]
     lens_a = None if lens is None else mx.array(lens, mx.int32)
     S = CELLS[cell_name].num_states
-    got = forward(xp, w, s0, params, zero, lens=lens_a, rev=rev)
+    kw = {"interleaved": True} if interleaved else {}
+    xin = interleave(xp, problems) if interleaved else xp
+    got = forward(xin, w, s0, params, zero, lens=lens_a, rev=rev, **kw)
     assert len(got) == S + 2
+    if interleaved:
+        got = (*got[:-1], deinterleave(got[-1], problems))
     seqs, hp = got[:S], got[S]
     prevs = prevs_of(s0, seqs)
     d_seqs = cotangents(cell_name, L, rows, H)
     d_out = cotangents(cell_name, L, rows, H, seed=7)[0]
     need = not zero
-    dx, dhp, d0 = backward(d_seqs, xp, hp, prevs, params, w, need, lens=lens_a, rev=rev, d_out=d_out)
+    dx, dhp, d0 = backward(d_seqs, xin, hp, prevs, params, w, need, lens=lens_a, rev=rev,
+                           d_out=interleave(d_out, problems) if interleaved else d_out, **kw)
+    if interleaved:
+        dx = deinterleave(dx, problems)
     assert (d0 is not None) == need
     for k, (pxp, pw, ps0, pprm) in enumerate(parts):
         sl = slice(k * B, (k + 1) * B)

@@ -326,21 +326,23 @@ def test_emulated_chunked_and_bf16_weights():
 @pytest.mark.parametrize("varlen", [False, True])
 def test_nvrtc_compiles_without_spills(cell, direction, varlen):
     for (B, H), xdt in (((32, 200), mx.float32), ((16, 512), mx.bfloat16), ((1, 1), mx.float16)):
-        for problems, rev in (((1, 1), (2, 0b10)) if varlen else ((1, 0),)):
+        for problems, rev, xil in (((1, 1, False), (2, 0b10, False), (2, 0b10, True)) if varlen else ((1, 0, False),)):
             p = P.plan(direction, cell, H, B, H100, x_dtype=xdt, weights="bfloat16" if H == 512 else "auto",
                        problems=problems)
-            _assert_compiles(p, xdt, lens=varlen, rev=rev)
+            _assert_compiles(p, xdt, lens=varlen, rev=rev, interleaved=xil)
 
 
-def _assert_compiles(p, xdt, lens=False, rev=0):
+def _assert_compiles(p, xdt, lens=False, rev=0, interleaved=False):
     """NVRTC + ptxas of plan ``p``'s kernel: at most 128 registers (two 256-thread
     blocks per SM: ``persistent.LAUNCH_BOUNDS``); no spills and no stack, except
     the few bytes the bound costs the two-problem varlen LSTM / sLSTM forward."""
-    spec = P.kernel_spec(p, xdt, True, lens=lens, rev=rev)
+    spec = P.kernel_spec(p, xdt, True, lens=lens, rev=rev, interleaved=interleaved)
     ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
     assert ok, log[-4000:]
     assert regs is not None and regs <= 128, log
     allowed = 32 if p.NP > 1 and (lens or rev) else 0  # measured: 8-24 bytes (NVRTC 13.0)
+    if interleaved and p.cell == "slstm":  # 32 stored / 64 loaded (no layer runs it: only bidirectional
+        allowed = 64                        # LSTM / GRU / RNN layers read x and write out interleaved)
     assert spill_st <= allowed and spill_ld <= allowed and stack <= allowed, log
     return spec
     return spec
@@ -489,6 +491,32 @@ def test_emulated_lengths_and_directions(case):
         return emu.backward(cell, *args, limits, lens=lens, rev=rev, d_out=d_out)[0]
 
     ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward)
+
+
+# (cell, L, B, H, x dtype, zero initial state, lengths or None, REV mask, problems)
+INTERLEAVED_CASES = [
+    ("lstm", 4, 2, 12, mx.float32, False, [3, 4, 4, 1], 0b10, 2),
+    ("gru", 5, 3, 10, mx.bfloat16, True, None, 0b10, 2),
+    ("rnn_tanh", 3, 2, 8, mx.float32, False, [1, 3, 2, 3, 3, 2], 0b101, 3),
+    ("slstm", 4, 2, 9, mx.float32, False, None, 0, 2),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", INTERLEAVED_CASES, ids=lambda c: f"{c[0]}-np{c[8]}-rev{c[7]}")
+def test_emulated_problem_interleaved_io(case):
+    """``XIL``: x, out, dx and the out cotangent problem-interleaved (a
+    bidirectional layer's projection and output as they are), the state
+    sequences problem-major; against the masked reference and its vjp."""
+    cell, L, B, H, xdt, zero, lens, rev, problems = case
+
+    def forward(*args, lens, rev, interleaved):
+        return emu.forward(cell, *args, SMALL, lens=lens, rev=rev, interleaved=interleaved)[0]
+
+    def backward(*args, lens, rev, d_out, interleaved):
+        return emu.backward(cell, *args, SMALL, lens=lens, rev=rev, d_out=d_out, interleaved=interleaved)[0]
+
+    ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward, interleaved=True)
 
 
 @needs_cxx

@@ -135,29 +135,33 @@ def seeded_lengths(rows, L, seed=0):
     return lens
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["problem_major", "interleaved"])
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{c[0]}-L{c[1]}-B{c[2]}-H{c[3]}-rev{c[7]}-np{c[8]}")
-def test_varlen_parity(case):
+def test_varlen_parity(case, interleaved):
     """Lengths and directions inside the tiled kernels on the GPU against the
-    masked reference (CPU stream) and its vjp."""
+    masked reference (CPU stream) and its vjp; x, out, dx and the out
+    cotangent problem-major or problem-interleaved (``XIL``)."""
     cell, L, B, H, xdt, zero, lens, rev, problems = case
+    if interleaved and problems == 1:
+        pytest.skip("one problem: the two layouts are the same")
     lens = seeded_lengths(B * problems, L) if lens == "seeded" else None
 
-    def forward(*args, lens, rev):
+    def forward(*args, lens, rev, **kw):
         p = P.select("forward", cell, args[0], args[1])
         assert p is not None
-        out = P.persistent_sequence(cell, *args, use_plan=p, lens=lens, rev=rev)
+        out = P.persistent_sequence(cell, *args, use_plan=p, lens=lens, rev=rev, **kw)
         assert out is not None
         mx.eval(out)
         return out
 
-    def backward(*args, lens, rev, d_out):
-        out = P.persistent_backward(cell, *args, lens=lens, rev=rev, d_out=d_out)
+    def backward(*args, lens, rev, d_out, **kw):
+        out = P.persistent_backward(cell, *args, lens=lens, rev=rev, d_out=d_out, **kw)
         assert out is not None
         mx.eval(out)
         return out
 
     ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward, on=ref.on_cpu,
-                     tol=(ref.gpu_tol(L), 5 * ref.gpu_tol(L)))
+                     tol=(ref.gpu_tol(L), 5 * ref.gpu_tol(L)), interleaved=interleaved)
 
 
 def test_repeatable():

@@ -30,13 +30,15 @@ def _emulated_steps(cell, calls, problems, varlen):
     tiled class); ``problems`` / ``varlen``: whether they take several
     problems per launch / lengths and reversal inside the kernels. ``calls``
     collects (w_h.ndim, lens given, rev) per forward launch."""
-    def forward_sequence(xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
-        calls.append((w_h.ndim, lens is not None, rev))
-        return emu.forward(cell.name, xp, w_h, states0, params, h0_is_zero, LIMITS, lens=lens, rev=rev)[0]
+    def forward_sequence(xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, interleaved=False):
+        calls.append((w_h.ndim, lens is not None, rev, interleaved))
+        return emu.forward(cell.name, xp, w_h, states0, params, h0_is_zero, LIMITS, lens=lens, rev=rev,
+                           interleaved=interleaved)[0]
 
-    def backward_sequence_kernel(d_outs, xp, hp, prevs, params, w_h, need, lens=None, rev=0, d_out=None):
+    def backward_sequence_kernel(d_outs, xp, hp, prevs, params, w_h, need, lens=None, rev=0, d_out=None,
+                                 interleaved=False):
         return emu.backward(cell.name, d_outs, xp, hp, prevs, params, w_h, need, LIMITS,
-                            lens=lens, rev=rev, d_out=d_out)[0]
+                            lens=lens, rev=rev, d_out=d_out, interleaved=interleaved)[0]
 
     def accepts(xp, w_h, varlen=False, kind="directions"):
         if (w_h.ndim == 3 and not problems) or (varlen and not accept_varlen):
@@ -101,12 +103,13 @@ def test_kernel_paths_match_the_cpu_path(monkeypatch, dispatch, cls, kw, with_hx
                         lambda cell, whole=True: _emulated_steps(cell, calls, problems, varlen))
     got = _loss_and_grads(layer, x, hx, lengths)
     if dispatch == "both_one_launch":
-        assert calls and all(c == (3, with_lengths, 0b10) for c in calls)
+        # both directions' projections and the output as they are: problem-interleaved
+        assert calls and all(c == (3, with_lengths, 0b10, True) for c in calls)
     elif dispatch == "one_launch_each":
         # without lengths the forward direction runs the plain kernel: (2, False, 0)
-        assert sorted(set(calls)) == [(2, with_lengths, 0), (2, with_lengths, 1)]
+        assert sorted(set(calls)) == [(2, with_lengths, 0, False), (2, with_lengths, 1, False)]
     else:
-        assert calls and all(c == (3, False, 0) for c in calls)
+        assert calls and all(c == (3, False, 0, False) for c in calls)
     for a, b in zip(got, want):
         scale = max(1.0, mx.abs(b).max().item())
         assert mx.abs(a - b).max().item() <= 2e-5 * scale

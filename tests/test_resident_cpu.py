@@ -137,15 +137,30 @@ def test_emulated_resident_lengths_and_directions(case):
     _check_varlen_plans(cell, L, B, H, xdt, zero, lens, rev, problems, pf, pb)
 
 
-def _check_varlen_plans(cell, L, B, H, xdt, zero, lens, rev, problems, pf, pb):
+def _check_varlen_plans(cell, L, B, H, xdt, zero, lens, rev, problems, pf, pb, interleaved=False):
     """``ref.check_varlen`` of plans ``pf`` / ``pb``, emulated."""
-    def forward(*args, lens, rev):
-        return emu.resident_forward(cell, *args, SMALL, plan=pf, lens=lens, rev=rev)[0]
+    def forward(*args, lens, rev, **kw):
+        return emu.resident_forward(cell, *args, SMALL, plan=pf, lens=lens, rev=rev, **kw)[0]
 
-    def backward(*args, lens, rev, d_out):
-        return emu.resident_backward(cell, *args, SMALL, plan=pb, lens=lens, rev=rev, d_out=d_out)[0]
+    def backward(*args, lens, rev, d_out, **kw):
+        return emu.resident_backward(cell, *args, SMALL, plan=pb, lens=lens, rev=rev, d_out=d_out, **kw)[0]
 
-    ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward)
+    ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward, interleaved=interleaved)
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell,L,B,H,xdt,lens,rev,problems,rows", [
+    ("lstm", 4, 3, 12, mx.float32, [4, 1, 3, 2, 4, 4], 0b10, 2, 2),
+    ("gru", 5, 2, 10, mx.bfloat16, None, 0b10, 2, None),
+    ("rnn_relu", 3, 2, 8, mx.float32, [3, 1, 2, 3, 2, 2], 0b110, 3, 1),
+])
+def test_emulated_resident_problem_interleaved_io(cell, L, B, H, xdt, lens, rev, problems, rows):
+    """``XIL`` in the resident kernels: x, out, dx and the out cotangent
+    problem-interleaved, against the masked reference and its vjp."""
+    pf = R.plan("forward", cell, H, B, SMALL, xdt, problems, rows)
+    pb = R.plan("backward", cell, H, B, SMALL, xdt, problems, rows)
+    assert pf is not None and pb is not None
+    _check_varlen_plans(cell, L, B, H, xdt, False, lens, rev, problems, pf, pb, interleaved=True)
 
 
 @pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
@@ -155,10 +170,11 @@ def _check_varlen_plans(cell, L, B, H, xdt, zero, lens, rev, problems, pf, pb):
 def test_nvrtc_compiles_without_spills(cell, direction, varlen):
     for (B, H), xdt in (((1, 64), mx.float32), ((16, 100), mx.bfloat16), ((64, 32), mx.float32)):
         p = R.plan(direction, cell, H, B, H100, xdt, 2 if varlen else 1)
-        spec = R.kernel_spec(p, xdt, True, lens=varlen, rev=0b10 if varlen else 0)
-        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
-        assert ok, log[-4000:]
-        assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+        for xil in (False, True) if varlen else (False,):  # problem-major / -interleaved x, out, dx
+            spec = R.kernel_spec(p, xdt, True, lens=varlen, rev=0b10 if varlen else 0, interleaved=xil)
+            ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
+            assert ok, log[-4000:]
+            assert spill_st == 0 and spill_ld == 0 and stack == 0, log
 
 
 def test_only_the_plain_kernels_skip_the_output_zeroing():

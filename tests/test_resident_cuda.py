@@ -89,34 +89,37 @@ def test_resident_bf16_weights_for_half_inputs():
     _check("lstm", 6, 2, 160, mx.bfloat16, False)
 
 
-@pytest.mark.parametrize("cell,L,B,H,xdt,rev,problems", [
-    ("gru", 30, 9, 128, mx.float32, 1, 1),
-    ("lstm", 25, 4, 64, mx.bfloat16, 0b10, 2),
-    ("rnn_relu", 12, 3, 200, mx.float32, 0, 1),
-    ("slstm", 10, 2, 48, mx.float32, 0b10, 2),
+@pytest.mark.parametrize("cell,L,B,H,xdt,rev,problems,interleaved", [
+    ("gru", 30, 9, 128, mx.float32, 1, 1, False),
+    ("lstm", 25, 4, 64, mx.bfloat16, 0b10, 2, False),
+    ("lstm", 25, 4, 64, mx.bfloat16, 0b10, 2, True),
+    ("rnn_relu", 12, 3, 200, mx.float32, 0, 1, False),
+    ("slstm", 10, 2, 48, mx.float32, 0b10, 2, False),
+    ("gru", 20, 3, 96, mx.float32, 0b10, 2, True),
 ])
-def test_resident_varlen_parity(cell, L, B, H, xdt, rev, problems):
+def test_resident_varlen_parity(cell, L, B, H, xdt, rev, problems, interleaved):
     """Lengths and directions inside the resident kernels on the GPU against the
-    masked reference (CPU stream) and its vjp."""
+    masked reference (CPU stream) and its vjp; ``interleaved``: x, out, dx and
+    the out cotangent problem-interleaved (``XIL``)."""
     rows = B * problems
     lens = [L] + [max(1, (7 * r) % (L + 1)) for r in range(1, rows)]
 
-    def forward(xp, w, *args, lens, rev):
+    def forward(xp, w, *args, lens, rev, **kw):
         p = R.select("forward", cell, xp, w)
         assert p is not None
-        out = R.run_forward(p, xp, w, *args, lens=lens, rev=rev)
+        out = R.run_forward(p, xp, w, *args, lens=lens, rev=rev, **kw)
         mx.eval(out)
         return out
 
-    def backward(d_outs, xp, hp, prevs, params, w, need, lens, rev, d_out):
+    def backward(d_outs, xp, hp, prevs, params, w, need, lens, rev, d_out, **kw):
         p = R.select("backward", cell, xp, w)
         assert p is not None
-        out = R.run_backward(p, d_outs, xp, hp, prevs, params, w, need, lens=lens, rev=rev, d_out=d_out)
+        out = R.run_backward(p, d_outs, xp, hp, prevs, params, w, need, lens=lens, rev=rev, d_out=d_out, **kw)
         mx.eval(out)
         return out
 
     ref.check_varlen(cell, L, B, H, xdt, False, lens, rev, problems, forward, backward, on=ref.on_cpu,
-                     tol=(ref.gpu_tol(L), 5 * ref.gpu_tol(L)))
+                     tol=(ref.gpu_tol(L), 5 * ref.gpu_tol(L)), interleaved=interleaved)
 
 
 def test_choice_and_override(monkeypatch):

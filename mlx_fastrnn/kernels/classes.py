@@ -98,31 +98,32 @@ def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
     return ("resident", rp) if rp is not None else (None, None)
 
 
-def sequence(cell_name, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
+def sequence(cell_name, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, interleaved=False):
     """``persistent.persistent_sequence``'s contract, on the chosen class."""
     if not P.cuda_available():
         return None
-    varlen = lens is not None or bool(rev)
+    varlen = lens is not None or bool(rev) or interleaved
     klass, p = choose("forward", cell_name, xp, w_h, varlen)
     if klass == "resident":
-        return R.run_forward(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
+        return R.run_forward(p, xp, w_h, states0, params, h0_is_zero, lens, rev, interleaved)
     if klass == "tiled":
         return P.persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, use_plan=p,
-                                     lens=lens, rev=rev)
+                                     lens=lens, rev=rev, interleaved=interleaved)
     return None
 
 
-def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
+def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
+             interleaved=False):
     """``persistent.persistent_backward``'s contract, on the chosen class."""
     if not P.cuda_available():
         return None
-    varlen = lens is not None or bool(rev)
+    varlen = lens is not None or bool(rev) or interleaved
     klass, p = choose("backward", cell_name, xp, w_h, varlen)
     if klass == "resident":
-        return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out)
+        return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, interleaved)
     if klass == "tiled":
         return P.persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
-                                     use_plan=p, lens=lens, rev=rev, d_out=d_out)
+                                     use_plan=p, lens=lens, rev=rev, d_out=d_out, interleaved=interleaved)
     return None
 
 

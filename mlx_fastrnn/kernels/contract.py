@@ -24,7 +24,14 @@ gives). The backward reads the cotangent of ``out`` (``gout``) at the same
 positions, passes a frozen step's cotangents through unchanged (a frozen step
 is the identity), writes ``dx`` in position order and ``dhp`` in step order
 (the order of the state sequences, for ``dW_h = sum dhp^T h_prev``), zero at
-frozen steps. The varlen kernels' outputs start zeroed (the launch's
+frozen steps. With ``XIL`` (template; the varlen bodies only) the position-ordered
+arrays ``x``, ``out``, ``dx`` and ``gout`` are problem-interleaved: row ``b`` of
+problem ``p`` at position ``pos`` is row ``(pos * BP + b) * NP + p`` (``BP = B /
+NP`` rows per problem), i.e. ``[L, BP, NP * K]`` viewed as ``[L, B, K]``: a
+bidirectional layer's input projection of both directions and its output with
+the directions concatenated, as they are, with no split or join around the
+launch. The state sequences, ``hp`` and ``dhp`` stay problem-major.
+The varlen kernels' outputs start zeroed (the launch's
 ``init_value=0``: ``KernelSpec.zero_outputs``); they rely on it for ``out``
 past each length and for the frozen steps' ``hp`` / ``dhp``.
 """
@@ -93,6 +100,17 @@ def position(varlen, t, length="len"):
     """C++ expression: the position of ``x`` step ``t`` reads (varlen: given the
     row's ``length`` and ``rev``)."""
     return f"(rev ? {length} - 1 - ({t}) : ({t}))" if varlen else f"({t})"
+
+
+def io_row(varlen, pos, row):
+    """C++ expression (long long): the row of ``x`` / ``out`` / ``dx`` / ``gout``
+    that position ``pos`` of global (problem-major) row ``row`` is at; problem-
+    interleaved under ``XIL`` (varlen bodies; they name ``prob`` and ``BP``)."""
+    plain = f"(long long)({pos}) * B + {row}"
+    if not varlen:
+        return f"({plain})"
+    # row = prob * BP + b -> b * NP + prob = row * NP - prob * (B - 1), as B = BP * NP
+    return f"(XIL ? (long long)({pos}) * B + (long long)({row}) * NP - (long long)prob * (B - 1) : {plain})"
 
 
 def active(varlen, t, length="len"):

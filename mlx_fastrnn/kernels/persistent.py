@@ -391,27 +391,28 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
 # --------------------------------------------------------------------------- sources
 
 
-def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0):
+def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0, interleaved=False):
     """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward);
-    ``lens`` (per-row lengths) / ``rev`` (bit p: problem p reversed) select the
-    varlen body (:mod:`.tiled`).
+    ``lens`` (per-row lengths) / ``rev`` (bit p: problem p reversed) /
+    ``interleaved`` (problem-interleaved x, out, dx, gout: ``XIL``) select the
+    varlen body (:mod:`.tiled`, :mod:`.contract`).
 
     ``header`` replaces the shared device code (the tuning tools prepend the
     ``FRNN_*`` switches documented in ``persistent_header``). Cached: a launch
     pays a lookup, not the ~20 us of assembling the spec."""
     return _kernel_spec(p, x_dtype, bool(flag), header, os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", ""),
-                        bool(lens), int(rev))
+                        bool(lens), int(rev), bool(interleaved))
 
 
 @functools.lru_cache(maxsize=512)
-def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev):
+def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
     from . import tiled
 
     header = _with_switches(switches, header)
     header = _cell_header(header, p.cell)
     mod = cell_module(p.cell)
     fwd = p.direction == "forward"
-    varlen = bool(lens or rev)
+    varlen = bool(lens or rev or interleaved)
     body = tiled.forward_body(p.cell, varlen) if fwd else tiled.backward_body(p.cell, varlen)
     inputs, outputs = tiled.forward_io(p.cell, varlen) if fwd else tiled.backward_io(p.cell, varlen)
     w_dtype = mx.bfloat16 if p.w_bf16 else mx.float32
@@ -431,7 +432,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev):
         ("NBB", p.NBB),
         ("NP", p.NP),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
-        *((("LENS", bool(lens)), ("REV", int(rev))) if varlen else ()),
+        *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *mod.template_extras(p.cell),
     )
     # MLX caches the compiled module by kernel name, in memory and on disk
@@ -638,7 +639,7 @@ def _directions_fit(p, rev):
     return p.NP <= MAX_REVERSIBLE_PROBLEMS and rev < (1 << p.NP)
 
 
-def forward_arrays(p, xp, w_h, states0, params, lens, rev, sync_words):
+def forward_arrays(p, xp, w_h, states0, params, lens, rev, sync_words, interleaved=False):
     """``(inputs, output shapes, output dtypes)`` of either class's forward
     (:mod:`.contract`'s I/O; ``sync_words``: the barrier-counter output), or None.
     Outputs: the state sequences, hp, (varlen: out,) the barrier counters."""
@@ -648,7 +649,7 @@ def forward_arrays(p, xp, w_h, states0, params, lens, rev, sync_words):
     states0, params, w = operands
     cs = CELLS[p.cell]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
-    varlen = lens is not None or bool(rev)
+    varlen = lens is not None or bool(rev) or interleaved
     if varlen and not _directions_fit(p, rev):
         return None
     inputs = (xp, w, *states0, *((lengths_operand(lens, B),) if varlen else ()), *params)
@@ -658,7 +659,7 @@ def forward_arrays(p, xp, w_h, states0, params, lens, rev, sync_words):
     return inputs, shapes, dtypes
 
 
-def backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, sync_words):
+def backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, sync_words, interleaved=False):
     """As :func:`forward_arrays`, for the backward; ``d_out``: the cotangent of
     the varlen forward's ``out`` (position order)."""
     from .contract import writes_dhp
@@ -669,7 +670,7 @@ def backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, syn
     d_outs, prevs, params, w = operands
     cs = CELLS[p.cell]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    varlen = lens is not None or bool(rev)
+    varlen = lens is not None or bool(rev) or interleaved
     if varlen:
         if not _directions_fit(p, rev):
             return None
@@ -684,21 +685,21 @@ def backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, syn
     return inputs, shapes, dtypes
 
 
-def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, header=HEADER):
+def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, header=HEADER, interleaved=False):
     """``(spec, inputs, output shapes, output dtypes)`` of the tiled forward, or None."""
-    arrays = forward_arrays(p, xp, w_h, states0, params, lens, rev, p.sync_words)
+    arrays = forward_arrays(p, xp, w_h, states0, params, lens, rev, p.sync_words, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, h0_is_zero, header, lens is not None, rev), *arrays)
+    return (kernel_spec(p, xp.dtype, h0_is_zero, header, lens is not None, rev, interleaved), *arrays)
 
 
 def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
-                    header=HEADER):
+                    header=HEADER, interleaved=False):
     """``(spec, inputs, output shapes, output dtypes)`` of the tiled backward, or None."""
-    arrays = backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, p.sync_words)
+    arrays = backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, p.sync_words, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, need_d_state0, header, lens is not None, rev), *arrays)
+    return (kernel_spec(p, xp.dtype, need_d_state0, header, lens is not None, rev, interleaved), *arrays)
 
 
 def backward_results(cell, outs, need_d_state0, varlen=False):
@@ -712,18 +713,18 @@ def backward_results(cell, outs, need_d_state0, varlen=False):
 
 
 def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limits=None, tpb=256,
-                        weights="auto", use_plan=None, header=HEADER, lens=None, rev=0):
+                        weights="auto", use_plan=None, header=HEADER, lens=None, rev=0, interleaved=False):
     """Run the whole forward recurrence in one kernel.
 
     Args follow ``ops.sequence.recurrence``: ``xp`` [L, B, G*H] (float32/16,
     bfloat16), ``w_h`` [G*H, H] float32, ``states0`` (each [B, H] float32),
     ``params`` (GRU: ``(bhn,)``), ``h0_is_zero``; ``lens`` int32 [B] per-row
-    lengths (1..L) and ``rev`` (bit p: problem p runs from each row's end):
-    see :mod:`.tiled`.
+    lengths (1..L), ``rev`` (bit p: problem p runs from each row's end) and
+    ``interleaved`` (``xp`` and ``out`` problem-interleaved): see :mod:`.contract`.
 
     Returns one float32 [L, B, H] sequence per state, then ``hp`` [L, B, G*H]
     (``hp_t = h_{t-1} W_h^T``, zero at t=0 when ``h0_is_zero``), then with
-    ``lens`` / ``rev`` the output ``out`` [L, B, H] in position order; or
+    ``lens`` / ``rev`` / ``interleaved`` the output ``out`` [L, B, H] in position order; or
     ``None`` when the caller must use the per-step path. ``use_plan`` /
     ``header`` are for tuning (``benchmarks/persistent_tune.py``): a plan from
     :func:`plan` for this problem, and replacement device code.
@@ -733,14 +734,15 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
     p = _given_or_selected(use_plan, "forward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
-    launch_args = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev, header)
+    launch_args = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev, header, interleaved)
     if launch_args is None:
         return None
     return tuple(launch(*launch_args)[:-1])  # the barrier counters dropped
 
 
 def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, *, limits=None,
-                        tpb=256, weights="auto", use_plan=None, header=HEADER, lens=None, rev=0, d_out=None):
+                        tpb=256, weights="auto", use_plan=None, header=HEADER, lens=None, rev=0, d_out=None,
+                        interleaved=False):
     """Adjoint of :func:`persistent_sequence` in one reverse-time kernel.
 
     Same meaning as the cells' ``naive.backward_sequence``: ``d_outs`` the
@@ -758,7 +760,9 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
     p = _given_or_selected(use_plan, "backward", cell_name, xp, w_h, limits, tpb, weights)
     if p is None:
         return None
-    launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, header)
+    launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, header,
+                                  interleaved)
     if launch_args is None:
         return None
-    return backward_results(cell_name, launch(*launch_args), need_d_state0, lens is not None or bool(rev))
+    return backward_results(cell_name, launch(*launch_args), need_d_state0,
+                            lens is not None or bool(rev) or interleaved)

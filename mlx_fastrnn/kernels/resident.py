@@ -231,7 +231,7 @@ def forward_body(cell, varlen=False):
 #pragma unroll
   for (int rr = 0; rr < RPT; ++rr) {
     const bool ld = ok[rr] && """ + _active(varlen, "0") + r""";
-    const long long row = (long long)(ld ? """ + _pos(varlen, "0") + r""" : 0) * B + r0 + rs + rr * RS;
+    const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "0") + " : 0", "r0 + rs + rr * RS") + r""";
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       xv[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
@@ -247,7 +247,7 @@ def forward_body(cell, varlen=False):
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
       const bool ld = ok[rr] && more && """ + _active(varlen, "t + 1") + r""";
-      const long long row = (long long)(ld ? """ + _pos(varlen, "t + 1") + r""" : 0) * B + r0 + rs + rr * RS;
+      const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "t + 1") + " : 0", "r0 + rs + rr * RS") + r""";
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         xn[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
@@ -280,7 +280,7 @@ def forward_body(cell, varlen=False):
             hp[row * GH + g * H + j] = a[rr][g];
           }
           """ + call + r"""(xv[rr], a[rr], prm, st[rr]);
-""" + (r"""          out[((long long)""" + _pos(varlen, "t") + r""" * B + r0 + r) * H + j] = st[rr][0];
+""" + (r"""          out[""" + C.io_row(varlen, _pos(varlen, "t"), "r0 + r") + r""" * H + j] = st[rr][0];
 """ if varlen else "") + r"""        }
 #pragma unroll
         for (int q = 0; q < S; ++q) {
@@ -329,7 +329,7 @@ def backward_body(cell, varlen=False):
       const long long row = (long long)(s < 0 ? 0 : s) * B + r0 + rs + rr * RS;
       const bool ld = ok[rr] && s >= 0;
       const bool la = ld && """ + _active(varlen, "s") + r""";
-      const long long prow = (long long)(la ? """ + _pos(varlen, "s") + r""" : 0) * B + r0 + rs + rr * RS;
+      const long long prow = """ + C.io_row(varlen, "la ? " + _pos(varlen, "s") + " : 0", "r0 + rs + rr * RS") + r""";
 #pragma unroll
       for (int q = 0; q < S; ++q) {
         gs[rr][q] = ld ? gseqs[q][row * H + j] : 0.0f;
@@ -387,7 +387,7 @@ def backward_body(cell, varlen=False):
             gt[q] = gv[rr][q] + dcar[rr][q] + (q == 0 ? drec[rr] : 0.0f);
           }
           if (""" + _active(varlen, "s") + r""") {
-""" + ("            gt[0] += ov[rr];\n" if varlen else "") + r"""            const long long prow = (long long)""" + _pos(varlen, "s") + r""" * B + r0 + r;
+""" + ("            gt[0] += ov[rr];\n" if varlen else "") + r"""            const long long prow = """ + C.io_row(varlen, _pos(varlen, "s"), "r0 + r") + r""";
             """ + call + r"""(xv[rr], hv[rr], prm, pv[rr], gt, dxg, dhg, dpv);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
@@ -579,11 +579,11 @@ def header_for(cell):
 
 
 @functools.lru_cache(maxsize=512)
-def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
-    """``lens`` / ``rev``: the varlen body (:mod:`.contract`). Cached (a launch
-    pays a lookup)."""
+def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False):
+    """``lens`` / ``rev`` / ``interleaved``: the varlen body (:mod:`.contract`).
+    Cached (a launch pays a lookup)."""
     fwd = p.direction == "forward"
-    varlen = bool(lens or rev)
+    varlen = bool(lens or rev or interleaved)
     header = header_for(p.cell)
     body = forward_body(p.cell, varlen) if fwd else backward_body(p.cell, varlen)
     inputs, outputs = forward_io(p.cell, varlen) if fwd else backward_io(p.cell, varlen)
@@ -593,7 +593,7 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0):
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
         ("NP", p.NP), ("KSP", p.KSP),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
-        *((("LENS", bool(lens)), ("REV", int(rev))) if varlen else ()),
+        *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),
     )
     digest = source_digest(header, body)
@@ -622,32 +622,36 @@ def select(direction, cell_name, xp, w_h, limits=None):
     return plan(direction, cell_name, H, B, limits, xp.dtype, NP)
 
 
-def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
+def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, interleaved=False):
     """(spec, inputs, output shapes, output dtypes) of the forward, or None
     (outputs as the tiled class's: :func:`.persistent.forward_arrays`)."""
-    arrays = P.forward_arrays(p, xp, w_h, states0, params, lens, rev, SYNC_WORDS)
+    arrays = P.forward_arrays(p, xp, w_h, states0, params, lens, rev, SYNC_WORDS, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, h0_is_zero, lens is not None, rev), *arrays)
+    return (kernel_spec(p, xp.dtype, h0_is_zero, lens is not None, rev, interleaved), *arrays)
 
 
-def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
+def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
+                    interleaved=False):
     """As :func:`forward_launch`, for the backward."""
-    arrays = P.backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, SYNC_WORDS)
+    arrays = P.backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, SYNC_WORDS, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, need_d_state0, lens is not None, rev), *arrays)
+    return (kernel_spec(p, xp.dtype, need_d_state0, lens is not None, rev, interleaved), *arrays)
 
 
-def run_forward(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0):
-    launch_args = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev)
+def run_forward(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, interleaved=False):
+    launch_args = forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens, rev, interleaved)
     if launch_args is None:
         return None
     return tuple(launch(*launch_args)[:-1])
 
 
-def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None):
-    launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out)
+def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
+                 interleaved=False):
+    launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out,
+                                  interleaved)
     if launch_args is None:
         return None
-    return P.backward_results(p.cell, launch(*launch_args), need_d_state0, lens is not None or bool(rev))
+    return P.backward_results(p.cell, launch(*launch_args), need_d_state0,
+                              lens is not None or bool(rev) or interleaved)

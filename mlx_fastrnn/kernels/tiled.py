@@ -37,9 +37,10 @@ _active = functools.partial(C.active, length="len[e]")
 def forward_body(cell, varlen=False):
     mod, S, NPRM = C.cell_counts(cell)
     call = "frnn_cell::forward" + getattr(mod, "POINT_TEMPLATE", "")
+    xrow = C.io_row(varlen, "pos", "r0 + er[e]")
     load_x = r"""#pragma unroll
     for (int g = 0; g < G; ++g) {
-      xv[e][g] = ld ? frnn::to_f(x[((long long)pos * B + r0 + er[e]) * GH + g * H + j0 + eu[e]]) : 0.0f;
+      xv[e][g] = ld ? frnn::to_f(x[""" + xrow + r""" * GH + g * H + j0 + eu[e]]) : 0.0f;
     }
 """
     return (
@@ -85,7 +86,7 @@ def forward_body(cell, varlen=False):
             hp[row * GH + g * H + j] = a[g];
           }
           """ + call + r"""(xv[e], a, prm[e], st[e]);
-""" + (r"""          out[((long long)""" + _pos(varlen, "t") + r""" * B + r0 + er[e]) * H + j] = st[e][0];
+""" + (r"""          out[""" + C.io_row(varlen, _pos(varlen, "t"), "r0 + er[e]") + r""" * H + j] = st[e][0];
 """ if varlen else "") + r"""        }
 #pragma unroll
         for (int q = 0; q < S; ++q) {
@@ -101,7 +102,7 @@ def forward_body(cell, varlen=False):
         const int pos = ld ? """ + _pos(varlen, "t + 1") + r""" : 0;
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          xv[e][g] = ld ? frnn::to_f(x[((long long)pos * B + r0 + er[e]) * GH + g * H + j0 + eu[e]]) : 0.0f;
+          xv[e][g] = ld ? frnn::to_f(x[""" + xrow + r""" * GH + g * H + j0 + eu[e]]) : 0.0f;
         }
       }
       frnn::grid_barrier(counter, (unsigned)(NU * (t + 1)));
@@ -146,7 +147,7 @@ def backward_body(cell, varlen=False):
       const long long row = (long long)s * B + r0 + er[e];
       const int j = j0 + eu[e];
       const bool ld = ok[e] && """ + _active(varlen, "s") + r""";
-      const long long prow = (long long)(ld ? """ + _pos(varlen, "s") + r""" : 0) * B + r0 + er[e];
+      const long long prow = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "s") + " : 0", "r0 + er[e]") + r""";
 #pragma unroll
       for (int q = 0; q < S; ++q) {
         gs[e][q] = ok[e] ? gseqs[q][row * H + j] : 0.0f;  // frozen steps pass it through
@@ -181,7 +182,7 @@ def backward_body(cell, varlen=False):
           }
           if (""" + _active(varlen, "s") + r""") {
 """ + ("            gt[0] += go[e];\n" if varlen else "") + r"""            const long long row = (long long)s * B + r0 + er[e];
-            const long long prow = (long long)""" + _pos(varlen, "s") + r""" * B + r0 + er[e];
+            const long long prow = """ + C.io_row(varlen, _pos(varlen, "s"), "r0 + er[e]") + r""";
             float dxg[G], dhg[G], dpv[S];
             """ + call + r"""(xs[e], hs_[e], prm[e], ps[e], gt, dxg, dhg, dpv);
 #pragma unroll

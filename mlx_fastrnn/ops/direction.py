@@ -47,6 +47,7 @@ class Lengths(NamedTuple):
     valid: mx.array  # bool [L, B, 1]: step t of row b is within its length
     reverse_index: mx.array  # int32 [L, B, 1]: position read at step t, reversed within the length
     last: mx.array  # int32 [1, B, 1]: lengths - 1
+    both_directions: mx.array  # int32 [2B]: the lengths twice (a two-direction launch's rows)
 
 
 def prepare_lengths(lengths, length, batch):
@@ -78,7 +79,8 @@ def prepare_lengths(lengths, length, batch):
     t = mx.arange(hi, dtype=mx.int32)[:, None]
     valid = t < lengths[None, :]
     reverse_index = mx.where(valid, lengths[None, :] - 1 - t, t)
-    return Lengths(hi, lengths, valid[..., None], reverse_index[..., None], (lengths - 1)[None, :, None])
+    return Lengths(hi, lengths, valid[..., None], reverse_index[..., None], (lengths - 1)[None, :, None],
+                   mx.concatenate([lengths, lengths]))
 
 
 def truncate(x, lens):
@@ -101,10 +103,15 @@ def reverse_time(a, lens):
     return mx.take_along_axis(a, lens.reverse_index, axis=0)
 
 
+def final_step(seq):
+    """``seq[-1]`` as a view (an integer index is a gather in MLX: a kernel of its own)."""
+    return seq[-1:].squeeze(0)
+
+
 def last_step(seq, lens):
     """The [B, K] state after each row's last valid step of ``seq`` [L, B, K]."""
     if lens is None:
-        return seq[-1]
+        return final_step(seq)
     return mx.take_along_axis(seq, lens.last, axis=0)[0]
 
 
@@ -154,15 +161,17 @@ def run_in_kernels(recur_varlen, xp, lens, reverse):
     the whole-sequence kernels. ``recur_varlen(xp, lengths, rev) -> (out,
     seqs)`` runs ``ops.sequence.recurrence`` with ``lens`` / ``rev``."""
     out, seqs = recur_varlen(xp, None if lens is None else lens.lengths, 1 if reverse else 0)
-    return out, tuple(s[-1] for s in seqs)
+    return out, tuple(final_step(s) for s in seqs)
 
 
-def run_both_in_kernels(recur_varlen, xps, lens):
+def run_both_in_kernels(recur_varlen, xp, lens):
     """Both directions as ONE launch of two problems, the second reversed
-    (``rev`` bit 1): ``xps`` stacked on the row axis as they are, no gather.
-    Returns ``[(output, finals), (output, finals)]`` as :func:`run_direction`."""
-    batch = xps[0].shape[1]
-    lengths = None if lens is None else mx.concatenate([lens.lengths, lens.lengths])
-    out, seqs = recur_varlen(mx.concatenate(xps, axis=1), lengths, 0b10)
-    return [(out[:, d * batch:(d + 1) * batch], tuple(s[-1, d * batch:(d + 1) * batch] for s in seqs))
-            for d in range(2)]
+    (``rev`` bit 1), with ``xp`` [L, B, 2 * G*H] (both directions' input
+    projections) as it is: the kernels read it problem-interleaved and write
+    the output so, i.e. with the directions concatenated on the last axis, so
+    there is no split, gather or join around the launch.
+    Returns ``(output [L, B, 2 * H], finals)``, one [2, B, *] array per state."""
+    length, batch = xp.shape[0], xp.shape[1]
+    lengths = None if lens is None else lens.both_directions
+    out, seqs = recur_varlen(xp.reshape(length, 2 * batch, xp.shape[-1] // 2), lengths, 0b10, interleaved=True)
+    return out.reshape(length, batch, -1), tuple(s[-1:].reshape(2, batch, -1) for s in seqs)

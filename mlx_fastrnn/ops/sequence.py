@@ -18,7 +18,7 @@ from .projection import transposed
 _FUNCTIONS = {}
 
 
-def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0):
+def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0, interleaved=False):
     """Run ``cell`` over ``xp``.
 
     Args:
@@ -40,6 +40,11 @@ def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0):
             validates them) and directions (bit p set: problem p runs from each
             row's end to its start), inside the whole-sequence kernels
             (``kernels/contract.py``); only where ``steps.accepts(..., varlen=True)``.
+        interleaved: ``xp`` [L, B, G*H] is problem-interleaved (row ``b * NP + p``
+            is row ``b`` of problem ``p``: a bidirectional layer's projection
+            [L, B / NP, NP * G*H] viewed so), and so is ``out`` (the directions
+            concatenated on the last axis); the state sequences stay
+            problem-major. Whole-sequence kernels only, as ``lens`` / ``rev``.
 
     Returns:
         One [L, B, H] float32 sequence per state; with ``lens`` / ``rev``
@@ -47,7 +52,7 @@ def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0):
         past each length, and the state sequences in step order, frozen past
         each length (so ``seq[-1]`` is every row's final state).
     """
-    varlen = (lens is not None, int(rev)) if lens is not None or rev else None
+    varlen = (lens is not None, int(rev), bool(interleaved)) if lens is not None or rev or interleaved else None
     key = (cell.name, steps, tuple(given), len(params), varlen)
     fn = _FUNCTIONS.get(key)
     if fn is None:
@@ -62,7 +67,7 @@ def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0):
 def _make_function(cell, steps, given, n_params, varlen):
     n = cell.num_states
     h0_is_zero, need_d_states0 = not given[0], any(given)
-    has_lens, rev = varlen or (False, 0)
+    has_lens, rev, interleaved = varlen or (False, 0, False)
     n_primals = 2 + n + n_params + has_lens
 
     def split(rest):
@@ -74,7 +79,8 @@ def _make_function(cell, steps, given, n_params, varlen):
         states, params, lens = split(rest)
         if varlen is not None:
             # (seqs..., hp, out); no per-step form: callers check steps.accepts first
-            out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero, lens=lens, rev=rev)
+            out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero, lens=lens, rev=rev,
+                                         interleaved=interleaved)
             if out is None:
                 raise RuntimeError("mlx_fastrnn: lengths inside the recurrence need the whole-sequence kernels")
             return out
@@ -129,7 +135,8 @@ def _make_function(cell, steps, given, n_params, varlen):
         whole = None
         if varlen is not None:
             whole = steps.backward_sequence_kernel(
-                d_outs, xp, hp, prevs, params, w_h, need_d_states0, lens=lens, rev=rev, d_out=d_out
+                d_outs, xp, hp, prevs, params, w_h, need_d_states0, lens=lens, rev=rev, d_out=d_out,
+                interleaved=interleaved,
             )
             if whole is None:
                 raise RuntimeError("mlx_fastrnn: lengths inside the recurrence need the whole-sequence kernels")

@@ -33,6 +33,7 @@ projections and float64 run a per-step loop of MLX ops (``ops/stepwise.py``),
 as does everything under ``MLX_RNN_IMPL=legacy``.
 """
 
+import functools
 import math
 import numbers
 import warnings
@@ -177,18 +178,15 @@ class _RNNBase(nn.Module):
         layer_in = x
         for layer in range(self.num_layers):
             keys = [f"l{layer}{suffix}" for suffix in self._suffixes]
-            xps = self._project(params, keys, layer_in, fused=use_kernels)
+            xp = self._project(params, keys, layer_in, fused=use_kernels)
             s0s = [None if states0 is None else tuple(s[layer * self.num_directions + d] for s in states0)
                    for d in range(len(keys))]
             run = self._direction_kernels if use_kernels else self._direction_stepwise
             recurs = [run(params, key, layer_in.shape[1], s0) for key, s0 in zip(keys, s0s)]
-            results = self._run_directions(recurs, xps, lens, use_kernels)
-            outs = []
-            for out, fin in results:
-                outs.append(cast_to(out, dtype))
-                for acc, f in zip(finals, fin):
-                    acc.append(cast_to(f, dtype))
-            layer_in = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+            out, fins = self._run_directions(recurs, xp, lens, use_kernels)
+            layer_in = cast_to(out, dtype)
+            for acc, f in zip(finals, fins):
+                acc.append(cast_to(f, dtype))
             if self.dropout and self.training and layer + 1 < self.num_layers:
                 layer_in = _dropout(layer_in, self.dropout)
         output = pad_time(layer_in, lens, length)
@@ -196,29 +194,36 @@ class _RNNBase(nn.Module):
             output = output[:, 0]
         elif self.batch_first:
             output = output.swapaxes(0, 1)
-        finals = tuple(mx.stack(f) if batched else mx.stack(f)[:, 0] for f in finals)
+        finals = tuple(f[0] if len(f) == 1 else mx.concatenate(f, axis=0) for f in finals)
+        if not batched:
+            finals = tuple(f[:, 0] for f in finals)
         return output, finals
 
     @staticmethod
-    def _run_directions(recurs, xps, lens, use_kernels):
-        """``[(output, finals)]`` per direction of one layer. On the whole-sequence
-        kernels, both directions as one two-problem launch where they take it,
-        and the lengths and the reversal inside the kernels where they take
-        them; else gathers around each direction's recurrence (``ops/direction.py``)."""
+    def _run_directions(recurs, xp, lens, use_kernels):
+        """One layer: ``(output [L, B, D * H_out], finals)``, one ``[D, B, *]``
+        array per state; ``xp``: the directions' input pre-activations, one
+        array [L, B, D * G*H] (``fused``, see :meth:`_project`) or a list. On the
+        whole-sequence kernels, both directions as one two-problem launch where
+        they take it, with the lengths and the reversal inside the kernels and
+        ``xp`` and the output as they are (problem-interleaved: no split, no
+        join); else gathers around each direction's recurrence (``ops/direction.py``)."""
         if use_kernels and len(recurs) == 2:
-            length = xps[0].shape[0]
-            both = _stacked(recurs, xps[0].dtype, varlen=True, length=length)
+            length = xp.shape[0]
+            both = _stacked(recurs, xp.dtype, varlen=True, length=length)
             if both is not None:
-                return run_both_in_kernels(both.varlen, xps, lens)
-            both = _stacked(recurs, xps[0].dtype, varlen=False, length=length)
+                return run_both_in_kernels(both.varlen, xp, lens)
+            xps = _split_directions(xp, 2)
+            both = _stacked(recurs, xp.dtype, varlen=False, length=length)
             if both is not None:
-                return run_both_directions(both, xps, lens)
+                return _join_directions(run_both_directions(both, xps, lens))
+        xps = _split_directions(xp, len(recurs)) if isinstance(xp, mx.array) else xp
         results = []
-        for d, (recur, xp) in enumerate(zip(recurs, xps)):
-            inside = use_kernels and (lens is not None or d == 1) and recur.accepts_varlen(xp)
-            results.append(run_in_kernels(recur.varlen, xp, lens, d == 1) if inside
-                           else run_direction(recur, xp, lens, reverse=d == 1))
-        return results
+        for d, (recur, xp_d) in enumerate(zip(recurs, xps)):
+            inside = use_kernels and (lens is not None or d == 1) and recur.accepts_varlen(xp_d)
+            results.append(run_in_kernels(recur.varlen, xp_d, lens, d == 1) if inside
+                           else run_direction(recur, xp_d, lens, reverse=d == 1))
+        return _join_directions(results)
 
     def _check_hx(self, hx, batch, batched):
         """``hx`` as a tuple of ``[num_layers * D, B, *]`` arrays, or ``None``."""
@@ -273,22 +278,29 @@ class _RNNBase(nn.Module):
         return b_hh[2 * self.hidden_size:] if self.mode == "GRU" and b_hh is not None else None
 
     def _project(self, params, keys, layer_in, fused):
-        """The input pre-activations of each direction (``keys``), time-major.
-        With ``fused`` and two directions, ONE matmul by both directions'
-        stacked ``W_ih`` over the layer input (the previous layer's two
-        directions' outputs), split afterwards."""
+        """The input pre-activations of the directions (``keys``), time-major.
+        With ``fused``, ONE matmul by the directions' stacked ``W_ih`` over the
+        layer input (the previous layer's output, directions concatenated):
+        [L, B, D * G*H]; else a list, one per direction."""
         weights = [self._torch_weights(params, key) for key in keys]
-        biases = [self._input_bias(b_ih, b_hh) for _, _, b_ih, b_hh in weights]
         if not fused:
+            biases = [self._input_bias(b_ih, b_hh) for _, _, b_ih, b_hh in weights]
             return [layer_in @ w_ih.T if b is None else mx.addmm(b, layer_in, w_ih.T)
                     for (w_ih, _, _, _), b in zip(weights, biases)]
-        if len(keys) == 1:
-            return [project(layer_in, weights[0][0], biases[0])]
-        w = mx.concatenate([w_ih for w_ih, _, _, _ in weights], axis=0)
-        b = None if biases[0] is None else mx.concatenate(biases)
-        gh = weights[0][0].shape[0]
-        xp = project(layer_in, w, b)
-        return [xp[..., :gh], xp[..., gh:]]
+
+        def joined(i):  # the directions' arrays i (W_ih, -, b_ih, b_hh) as one
+            return weights[0][i] if len(keys) == 1 else mx.concatenate([w[i] for w in weights])
+
+        b = None
+        if self.bias:
+            # in as few ops as possible (each is a kernel launch on a GPU): GRU folds
+            # only the r, z parts of b_hh in, by a constant mask rather than a
+            # concatenation with zeros per direction
+            b_hh = joined(3)
+            if self.mode == "GRU":
+                b_hh = mx.where(_gru_rz_mask(self.hidden_size, len(keys)), b_hh, mx.zeros((), b_hh.dtype))
+            b = joined(2) + b_hh
+        return project(layer_in, joined(0), b)
 
     def _direction_kernels(self, params, key, batch, s0):
         """``recur(xp)`` for one (layer, direction) on the fused cells."""
@@ -342,9 +354,9 @@ class _KernelRecurrence:
         return recurrence(self.cell, self.steps, mx.contiguous(xp), self.w_hh, self.states0,
                           self.params, self.given)
 
-    def varlen(self, xp, lengths, rev):
+    def varlen(self, xp, lengths, rev, interleaved=False):
         return recurrence(self.cell, self.steps, mx.contiguous(xp), self.w_hh, self.states0,
-                          self.params, self.given, lens=lengths, rev=rev)
+                          self.params, self.given, lens=lengths, rev=rev, interleaved=interleaved)
 
     def accepts_varlen(self, xp):
         accepts = self.steps.accepts
@@ -371,6 +383,30 @@ def _stacked(recurs, x_dtype, varlen, length):
                     for a, b, ga, gb in zip(fwd.states0, rev.states0, fwd.given, rev.given))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
     return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
+
+
+@functools.lru_cache(maxsize=None)
+def _gru_rz_mask(hidden, directions):
+    """bool [directions * 3 * hidden]: True on the r and z gates' entries of each direction."""
+    return mx.array(([True] * (2 * hidden) + [False] * hidden) * directions)  # a constant: no graph
+
+
+def _split_directions(xp, directions):
+    """[L, B, D * G*H] -> each direction's [L, B, G*H] (views)."""
+    if directions == 1:
+        return [xp]
+    gh = xp.shape[-1] // 2
+    return [xp[..., :gh], xp[..., gh:]]
+
+
+def _join_directions(results):
+    """``[(output, finals)]`` per direction -> ``(output, directions concatenated on
+    the last axis; finals, one [D, B, *] array per state)``."""
+    if len(results) == 1:
+        out, fins = results[0]
+        return out, tuple(f[None] for f in fins)
+    return (mx.concatenate([out for out, _ in results], axis=-1),
+            tuple(mx.stack(fs) for fs in zip(*(fins for _, fins in results))))
 
 
 def _dropout(x, p):
