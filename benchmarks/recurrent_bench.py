@@ -140,7 +140,9 @@ def measure(run, budget=1.0, min_repeats=3, max_repeats=100, max_warmup=3, slow=
     ``prewarm`` (optional, cheap) is called first: a short-sequence twin of the
     case, so compilation and kernel JIT (keyed on the per-step shapes, not the
     length) are not in the first call. A first call slower than ``slow``
-    seconds is the only sample. Otherwise at least one more warm-up follows
+    seconds is followed by a second, and where that is slower than ``slow``
+    too it is the only sample (the first may still compile what the twin did
+    not: a kernel chosen by the length). Otherwise at least one more warm-up follows
     (its time sets the number of repeats), and more while they fit in a
     quarter of ``budget``.
     """
@@ -152,11 +154,17 @@ def measure(run, budget=1.0, min_repeats=3, max_repeats=100, max_warmup=3, slow=
     mx.synchronize()
     t0 = time.perf_counter()
     result = run()
-    first = time.perf_counter() - t0
+    first = last = time.perf_counter() - t0
+    warmup = 1
     if slow is not None and first > slow:
-        return _stats([first], warmup=0, first_ms=first * 1e3, prewarm_ms=prewarm_ms,
-                      single_call=True), result
-    warmup, spent, last = 1, 0.0, first
+        t0 = time.perf_counter()
+        result = run()
+        last = time.perf_counter() - t0
+        warmup = 2
+        if last > slow:
+            return _stats([last], warmup=1, first_ms=first * 1e3, prewarm_ms=prewarm_ms,
+                          single_call=True), result
+    spent = 0.0
     while warmup < 2 or (warmup < max_warmup and spent + last < 0.25 * budget):
         t0 = time.perf_counter()
         result = run()

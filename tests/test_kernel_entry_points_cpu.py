@@ -69,15 +69,15 @@ def test_class_entry_points(emulated_gpu, monkeypatch, klass, cell, lens, rev, p
 
 
 def test_accepts_follows_the_multi_problem_rule(emulated_gpu, monkeypatch):
-    """Two stacked problems on the tiled class: directions taken in float32 by
-    default where one launch pays over the length, not in bfloat16; heads in
-    both at any length; the env var overrides."""
+    """Two stacked problems on the tiled class: directions taken by default
+    (float32 and bfloat16) where one launch pays over the length; heads at any
+    length; the env var overrides."""
     monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", "tiled")
     monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", raising=False)
     w = mx.zeros((2, 4 * 12, 12))
     x32, x16 = mx.zeros((1, 4, 48)), mx.zeros((1, 4, 48), mx.bfloat16)
     assert C.accepts("lstm", x32, w, varlen=True) and C.accepts("lstm", x32, w)
-    assert not C.accepts("lstm", x16, w, varlen=True) and not C.accepts("lstm", x16, w)
+    assert C.accepts("lstm", x16, w, varlen=True) and C.accepts("lstm", x16, w)
     assert C.accepts("lstm", x16, w, kind="heads") and C.accepts("lstm", x32, w, kind="heads")
     # directions: only where one launch pays over the sequence (the model's extra cycles per
     # step times L against a launch's cost); heads whatever the length
@@ -104,7 +104,7 @@ def test_pytorch_layer_on_the_default_cuda_path(emulated_gpu, monkeypatch, klass
     """A float32 bidirectional ``mlx_fastrnn.pytorch`` layer on the CUDA path as
     dispatched by default (``classes.accepts``: both directions as one
     two-problem launch, the second reversed in the kernel; on the tiled class by
-    the float32 default of ``persistent.multi_problem_enabled``), kernels
+    the default of ``persistent.multi_problem_enabled``), kernels
     emulated: outputs, final states and every gradient equal the CPU path's."""
     import mlx_fastrnn.pytorch as ptl
     from mlx.utils import tree_flatten

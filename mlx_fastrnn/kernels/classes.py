@@ -176,7 +176,7 @@ def _accepts(cell_name, xp, w_h, varlen, kind, limits, selection, env, problems_
         if klass is None:
             return False
         if klass == "tiled" and w_h.ndim == 3:
-            if not P.multi_problem_enabled(xp.dtype, kind):
+            if not P.multi_problem_enabled(kind):
                 return False
             if kind == "directions" and not problems_env and not _one_launch_pays(cell_name, xp, w_h, limits):
                 return False

@@ -526,25 +526,25 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
 #   no kernel at all: on the H200 (2026-12-03, flashrnn_bench.py B=16 T=1024) LSTM N=4
 #   D=256 ran 60 ms forward that way, N=16 D=128 79 ms.
 # * ``"directions"``, a bidirectional layer's two directions (the second reversed inside
-#   the kernel): float32 only, and there only where one launch pays over the sequence
-#   (``classes.accepts``; 16x1024x512 ran ~25% slower as one launch). On the H200
-#   (2026-12-03, pytorch_layers_bench.py, 2-layer bidirectional LSTM/GRU at 32x40x200 and
-#   1x256x256) the one launch beat a launch per direction on all 16 float32
-#   configurations (e.g. LSTM 32x40x200 forward 1.69 against 2.28 ms) but not in
-#   bfloat16: a second lease the same day timed 1- and 2-layer LSTM/GRU 32x40x200
-#   fwd+bwd both ways in one process, and the one launch lost 7 of 8 bfloat16 pairs (by
-#   7-28%; LSTM 2 layers 4.85 against 3.79 ms) and won 7 of 8 float32 ones
-#   (benchmarks/RESULTS.md).
+#   the kernel, x and the output problem-interleaved), in every dtype, but only where one
+#   launch pays over the sequence (``classes.accepts``: each direction gets half the
+#   grid; 16x1024x512 ran 1.3-2x slower as one launch). On the H200 (2026-12-04,
+#   .probe-style A/B in alternating rounds, one 1-layer bidirectional LSTM / GRU against
+#   one direction) the one launch took 1.09-1.24x one direction's time at 1x256x256 in
+#   float32 and bfloat16, a launch per direction 1.24-1.35x; at 32x40x200 the one launch
+#   was faster in 15 of 16 cases of both dtypes (benchmarks/RESULTS.md). (Before the
+#   interleaved layout, bfloat16 kept a launch per direction: 2026-12-03 the one launch
+#   lost 7 of 8 bfloat16 pairs at 32x40x200.)
 # MLX_FASTRNN_PERSISTENT_PROBLEMS=1 / 0 overrides both.
 MULTI_PROBLEM_KINDS = ("heads", "directions")
 
 
-def multi_problem_enabled(x_dtype=None, kind="directions"):
+def multi_problem_enabled(kind="directions"):
     if kind not in MULTI_PROBLEM_KINDS:
         raise ValueError(f"kind must be one of {MULTI_PROBLEM_KINDS}, not {kind!r}")
     value = os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip().lower()
     if value == "":
-        return kind == "heads" or x_dtype == mx.float32
+        return True
     return value not in ("0", "false", "off", "no")
 
 
