@@ -33,6 +33,7 @@ projections and float64 run a per-step loop of MLX ops (``ops/stepwise.py``),
 as does everything under ``MLX_RNN_IMPL=legacy``.
 """
 
+import contextlib
 import functools
 import math
 import numbers
@@ -175,15 +176,16 @@ class _RNNBase(nn.Module):
         use_kernels = (current_impl() != "legacy" and self.proj_size == 0 and dtype in FAST_DTYPES
                        and batch > 0)
         finals = [[] for _ in range(2 if self.mode == "LSTM" else 1)]
+        streams = _direction_streams(self.num_directions)
         layer_in = x
         for layer in range(self.num_layers):
             keys = [f"l{layer}{suffix}" for suffix in self._suffixes]
-            xp = self._project(params, keys, layer_in, fused=use_kernels)
+            xp = self._project(params, keys, layer_in, use_kernels, streams)
             s0s = [None if states0 is None else tuple(s[layer * self.num_directions + d] for s in states0)
                    for d in range(len(keys))]
             run = self._direction_kernels if use_kernels else self._direction_stepwise
             recurs = [run(params, key, layer_in.shape[1], s0) for key, s0 in zip(keys, s0s)]
-            out, fins = self._run_directions(recurs, xp, lens, use_kernels)
+            out, fins = self._run_directions(recurs, xp, lens, use_kernels, streams)
             layer_in = cast_to(out, dtype)
             for acc, f in zip(finals, fins):
                 acc.append(cast_to(f, dtype))
@@ -200,15 +202,16 @@ class _RNNBase(nn.Module):
         return output, finals
 
     @staticmethod
-    def _run_directions(recurs, xp, lens, use_kernels):
+    def _run_directions(recurs, xp, lens, use_kernels, streams):
         """One layer: ``(output [L, B, D * H_out], finals)``, one ``[D, B, *]``
         array per state; ``xp``: the directions' input pre-activations, one
-        array [L, B, D * G*H] (``fused``, see :meth:`_project`) or a list. On the
+        array [L, B, D * G*H] or a list (see :meth:`_project`). On the
         whole-sequence kernels, both directions as one two-problem launch where
         they take it, with the lengths and the reversal inside the kernels and
         ``xp`` and the output as they are (problem-interleaved: no split, no
-        join); else gathers around each direction's recurrence (``ops/direction.py``)."""
-        if use_kernels and len(recurs) == 2:
+        join); else gathers around each direction's recurrence (``ops/direction.py``),
+        each direction on its stream (``streams``: :func:`_direction_streams`)."""
+        if use_kernels and len(recurs) == 2 and isinstance(xp, mx.array):
             length = xp.shape[0]
             both = _stacked(recurs, xp.dtype, varlen=True, length=length)
             if both is not None:
@@ -219,10 +222,11 @@ class _RNNBase(nn.Module):
                 return _join_directions(run_both_directions(both, xps, lens))
         xps = _split_directions(xp, len(recurs)) if isinstance(xp, mx.array) else xp
         results = []
-        for d, (recur, xp_d) in enumerate(zip(recurs, xps)):
-            inside = use_kernels and (lens is not None or d == 1) and recur.accepts_varlen(xp_d)
-            results.append(run_in_kernels(recur.varlen, xp_d, lens, d == 1) if inside
-                           else run_direction(recur, xp_d, lens, reverse=d == 1))
+        for d, (recur, xp_d, stream) in enumerate(zip(recurs, xps, streams)):
+            with _on(stream):
+                inside = use_kernels and (lens is not None or d == 1) and recur.accepts_varlen(xp_d)
+                results.append(run_in_kernels(recur.varlen, xp_d, lens, d == 1) if inside
+                               else run_direction(recur, xp_d, lens, reverse=d == 1))
         return _join_directions(results)
 
     def _check_hx(self, hx, batch, batched):
@@ -277,16 +281,23 @@ class _RNNBase(nn.Module):
         """GRU's ``b_hn`` (the n part of ``b_hh``, inside ``r * (...)``); None otherwise."""
         return b_hh[2 * self.hidden_size:] if self.mode == "GRU" and b_hh is not None else None
 
-    def _project(self, params, keys, layer_in, fused):
+    def _project(self, params, keys, layer_in, fused, streams):
         """The input pre-activations of the directions (``keys``), time-major.
-        With ``fused``, ONE matmul by the directions' stacked ``W_ih`` over the
-        layer input (the previous layer's output, directions concatenated):
-        [L, B, D * G*H]; else a list, one per direction."""
+        With ``fused`` and the directions on one stream, ONE matmul by the
+        directions' stacked ``W_ih`` over the layer input (the previous layer's
+        output, directions concatenated): [L, B, D * G*H]; else a list, one per
+        direction, each made on its direction's stream."""
         weights = [self._torch_weights(params, key) for key in keys]
-        if not fused:
-            biases = [self._input_bias(b_ih, b_hh) for _, _, b_ih, b_hh in weights]
-            return [layer_in @ w_ih.T if b is None else mx.addmm(b, layer_in, w_ih.T)
-                    for (w_ih, _, _, _), b in zip(weights, biases)]
+        if not fused or any(s is not None for s in streams):
+            xps = []
+            for (w_ih, _, b_ih, b_hh), stream in zip(weights, streams):
+                with _on(stream):
+                    b = self._input_bias(b_ih, b_hh)
+                    if fused:
+                        xps.append(project(layer_in, w_ih, b))
+                    else:
+                        xps.append(layer_in @ w_ih.T if b is None else mx.addmm(b, layer_in, w_ih.T))
+            return xps
 
         def joined(i):  # the directions' arrays i (W_ih, -, b_ih, b_hh) as one
             return weights[0][i] if len(keys) == 1 else mx.concatenate([w[i] for w in weights])
@@ -383,6 +394,27 @@ def _stacked(recurs, x_dtype, varlen, length):
                     for a, b, ga, gb in zip(fwd.states0, rev.states0, fwd.given, rev.given))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
     return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
+
+
+def _direction_streams(directions):
+    """The stream each direction's ops run on (None: the default). On the CPU the
+    second direction gets a stream of its own: the two directions are independent
+    until their outputs are joined, and MLX runs each CPU stream on its own thread,
+    so they take two cores (on a 2-core CPU a bidirectional layer then costs about
+    one direction). GPUs keep one stream (the CUDA kernels take both directions in
+    one launch where that pays)."""
+    if directions == 1 or mx.default_device().type != mx.cpu:
+        return (None,) * directions
+    return (None, _side_stream())
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream():
+    return mx.new_stream(mx.cpu)
+
+
+def _on(stream):
+    return contextlib.nullcontext() if stream is None else mx.stream(stream)
 
 
 @functools.lru_cache(maxsize=None)
