@@ -139,6 +139,16 @@ def test_matches_torch_float64_fixture(name):
     compare_with_reference(CONFIGS[name], fixture_case(name), name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_torch_float64_fixture_on_the_gpu(name):
+    """The fixture comparison with the GPU as the default device (whole-sequence
+    kernels on CUDA, per-step cells on Metal), at the same tolerances."""
+    if mx.default_device().type != mx.gpu:
+        pytest.skip("the default device is not a GPU")
+    compare_with_reference(CONFIGS[name], fixture_case(name), f"{name} (GPU)")
+
+
 # --------------------------------------------------------------------------- live against torch
 
 def _random_config(seed):

@@ -176,7 +176,9 @@ class _RNNBase(nn.Module):
         use_kernels = (current_impl() != "legacy" and self.proj_size == 0 and dtype in FAST_DTYPES
                        and batch > 0)
         finals = [[] for _ in range(2 if self.mode == "LSTM" else 1)]
-        streams = _direction_streams(self.num_directions)
+        # the whole-sequence kernels may take both directions in one launch: one stream then
+        stackable = use_kernels and default_steps(self._cell, current_impl() != "cell").accepts is not None
+        streams = _direction_streams(self.num_directions, stackable)
         layer_in = x
         for layer in range(self.num_layers):
             keys = [f"l{layer}{suffix}" for suffix in self._suffixes]
@@ -313,12 +315,15 @@ class _RNNBase(nn.Module):
             b = joined(2) + b_hh
         return project(layer_in, joined(0), b)
 
+    @property
+    def _cell(self):
+        return {"LSTM": LSTM_CELL, "GRU": GRU_CELL, "RNN_TANH": RNN_TANH_CELL, "RNN_RELU": RNN_RELU_CELL}[self.mode]
+
     def _direction_kernels(self, params, key, batch, s0):
         """``recur(xp)`` for one (layer, direction) on the fused cells."""
         _, w_hh, _, b_hh = self._torch_weights(params, key)
         bhn = self._hn_bias(b_hh)
-        cell = {"LSTM": LSTM_CELL, "GRU": GRU_CELL, "RNN_TANH": RNN_TANH_CELL,
-                "RNN_RELU": RNN_RELU_CELL}[self.mode]
+        cell = self._cell
         hidden = self.hidden_size
         if s0 is None:
             states0 = tuple(mx.zeros((batch, hidden)) for _ in range(cell.num_states))
@@ -396,14 +401,14 @@ def _stacked(recurs, x_dtype, varlen, length):
     return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
 
 
-def _direction_streams(directions):
+def _direction_streams(directions, stackable=False):
     """The stream each direction's ops run on (None: the default). On the CPU the
     second direction gets a stream of its own: the two directions are independent
     until their outputs are joined, and MLX runs each CPU stream on its own thread,
     so they take two cores (on a 2-core CPU a bidirectional layer then costs about
-    one direction). GPUs keep one stream (the CUDA kernels take both directions in
-    one launch where that pays)."""
-    if directions == 1 or mx.default_device().type != mx.cpu:
+    one direction). GPUs keep one stream, and so does a layer whose steps may take
+    both directions in one launch (``stackable``: the CUDA kernels, where that pays)."""
+    if directions == 1 or stackable or mx.default_device().type != mx.cpu:
         return (None,) * directions
     return (None, _side_stream())
 
