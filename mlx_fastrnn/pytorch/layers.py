@@ -326,7 +326,7 @@ class _RNNBase(nn.Module):
         cell = self._cell
         hidden = self.hidden_size
         if s0 is None:
-            states0 = tuple(mx.zeros((batch, hidden)) for _ in range(cell.num_states))
+            states0 = (mx.zeros((batch, hidden)),) * cell.num_states  # one zero array for all
             given = (False,) * cell.num_states
         else:
             states0 = tuple(s if s.dtype == mx.float32 else s.astype(mx.float32) for s in s0)
@@ -395,7 +395,8 @@ def _stacked(recurs, x_dtype, varlen, length):
     w = mx.stack([fwd.w_hh, rev.w_hh])
     # states not given are zeros: one zero array for both directions, not two joined
     # (each op is a graph node of its own on the GPU)
-    states0 = tuple(mx.zeros((2 * batch, a.shape[-1])) if not (ga or gb) else mx.concatenate([a, b], axis=0)
+    zero = mx.zeros((2 * batch, hidden))  # every state not given (never evaluated when all are)
+    states0 = tuple(zero if not (ga or gb) else mx.concatenate([a, b], axis=0)
                     for a, b, ga, gb in zip(fwd.states0, rev.states0, fwd.given, rev.given))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
     return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
