@@ -112,7 +112,7 @@ def last_step(seq, lens):
     """The [B, K] state after each row's last valid step of ``seq`` [L, B, K]."""
     if lens is None:
         return final_step(seq)
-    return mx.take_along_axis(seq, lens.last, axis=0)[0]
+    return mx.take_along_axis(seq, lens.last, axis=0).squeeze(0)
 
 
 def run_direction(recur, xp, lens, reverse):
