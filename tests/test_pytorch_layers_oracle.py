@@ -573,19 +573,20 @@ def test_cpu_runs_the_second_direction_on_a_stream_of_its_own(monkeypatch):
     second runs on a CPU stream of its own (its own thread), the first on the default
     stream; one direction keeps the default stream. The results are those of both on
     one stream (``test_matches_oracle`` checks them against the oracle)."""
+    from mlx_fastrnn.pytorch import directions
     from mlx_fastrnn.pytorch import layers as torch_layers
 
     if mx.default_device().type != mx.cpu:
         pytest.skip("the CPU's streams")
-    first, second = torch_layers._direction_streams(2)
+    first, second = directions.direction_streams(2)
     assert first is None and second is not None and second.device == mx.Device(mx.cpu)
     assert second != mx.default_stream(mx.Device(mx.cpu))
-    assert torch_layers._direction_streams(1) == (None,)
-    assert torch_layers._direction_streams(2, stackable=True) == (None, None)  # one launch may take both
+    assert directions.direction_streams(1) == (None,)
+    assert directions.direction_streams(2, stackable=True) == (None, None)  # one launch may take both
     layer = LSTM(5, 4, num_layers=2, bidirectional=True)
     x = mx.random.normal((6, 3, 5), key=mx.random.key(1))
     out, (h, c) = layer(x)
-    monkeypatch.setattr(torch_layers, "_direction_streams", lambda d, stackable=False: (None,) * d)
+    monkeypatch.setattr(torch_layers, "direction_streams", lambda d, stackable=False: (None,) * d)
     out1, (h1, c1) = layer(x)
     for a, b in ((out, out1), (h, h1), (c, c1)):
         assert mx.array_equal(a, b)

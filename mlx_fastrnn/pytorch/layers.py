@@ -26,14 +26,14 @@ Parameters (PyTorch's names, so a converted ``state_dict`` loads with
 second direction; gate order LSTM i, f, g, o, GRU r, z, n. Every parameter is
 initialised from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)).
 
-Per (layer, direction) the input projection is one matmul over the whole
-sequence and the recurrence runs on the drop-in layers' path (persistent or
-per-step kernels on a GPU, compiled cells on the CPU, fused backward); LSTM
-projections and float64 run a per-step loop of MLX ops (``ops/stepwise.py``),
-as does everything under ``MLX_RNN_IMPL=legacy``.
+Per layer the input projection is one matmul over the whole sequence (on the
+CPU one per direction) and the recurrence runs on the drop-in layers' path
+(persistent or per-step kernels on a GPU, compiled cells on the CPU, fused
+backward); how the directions run is :mod:`.directions`'. LSTM projections and
+float64 run a per-step loop of MLX ops (``ops/stepwise.py``), as does
+everything under ``MLX_RNN_IMPL=legacy``.
 """
 
-import contextlib
 import functools
 import math
 import numbers
@@ -45,11 +45,10 @@ import mlx.nn as nn
 from ..cells import GRU_CELL, LSTM_CELL, RNN_RELU_CELL, RNN_TANH_CELL
 from ..config import current_impl
 from ..ops import stepwise
-from ..ops.direction import (InputError, pad_time, prepare_lengths, run_both_directions, run_both_in_kernels,
-                             run_direction, run_in_kernels, truncate)
+from ..ops.direction import InputError, pad_time, prepare_lengths, truncate
 from ..ops.projection import project
 from ..ops.recurrent import FAST_DTYPES, cast_to, default_steps, result_dtype
-from ..ops.sequence import recurrence
+from .directions import KernelRecurrence, direction_streams, on_stream, run_layer_directions
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -178,7 +177,7 @@ class _RNNBase(nn.Module):
         finals = [[] for _ in range(2 if self.mode == "LSTM" else 1)]
         # the whole-sequence kernels may take both directions in one launch: one stream then
         stackable = use_kernels and default_steps(self._cell, current_impl() != "cell").accepts is not None
-        streams = _direction_streams(self.num_directions, stackable)
+        streams = direction_streams(self.num_directions, stackable)
         layer_in = x
         for layer in range(self.num_layers):
             keys = [f"l{layer}{suffix}" for suffix in self._suffixes]
@@ -187,7 +186,7 @@ class _RNNBase(nn.Module):
                    for d in range(len(keys))]
             run = self._direction_kernels if use_kernels else self._direction_stepwise
             recurs = [run(params, key, layer_in.shape[1], s0) for key, s0 in zip(keys, s0s)]
-            out, fins = self._run_directions(recurs, xp, lens, use_kernels, streams)
+            out, fins = run_layer_directions(recurs, xp, lens, use_kernels, streams)
             layer_in = cast_to(out, dtype)
             for acc, f in zip(finals, fins):
                 acc.append(cast_to(f, dtype))
@@ -202,34 +201,6 @@ class _RNNBase(nn.Module):
         if not batched:
             finals = tuple(f[:, 0] for f in finals)
         return output, finals
-
-    @staticmethod
-    def _run_directions(recurs, xp, lens, use_kernels, streams):
-        """One layer: ``(output [L, B, D * H_out], finals)``, one ``[D, B, *]``
-        array per state; ``xp``: the directions' input pre-activations, one
-        array [L, B, D * G*H] or a list (see :meth:`_project`). On the
-        whole-sequence kernels, both directions as one two-problem launch where
-        they take it, with the lengths and the reversal inside the kernels and
-        ``xp`` and the output as they are (problem-interleaved: no split, no
-        join); else gathers around each direction's recurrence (``ops/direction.py``),
-        each direction on its stream (``streams``: :func:`_direction_streams`)."""
-        if use_kernels and len(recurs) == 2 and isinstance(xp, mx.array):
-            length = xp.shape[0]
-            both = _stacked(recurs, xp.dtype, varlen=True, length=length)
-            if both is not None:
-                return run_both_in_kernels(both.varlen, xp, lens)
-            xps = _split_directions(xp, 2)
-            both = _stacked(recurs, xp.dtype, varlen=False, length=length)
-            if both is not None:
-                return _join_directions(run_both_directions(both, xps, lens))
-        xps = _split_directions(xp, len(recurs)) if isinstance(xp, mx.array) else xp
-        results = []
-        for d, (recur, xp_d, stream) in enumerate(zip(recurs, xps, streams)):
-            with _on(stream):
-                inside = use_kernels and (lens is not None or d == 1) and recur.accepts_varlen(xp_d)
-                results.append(run_in_kernels(recur.varlen, xp_d, lens, d == 1) if inside
-                               else run_direction(recur, xp_d, lens, reverse=d == 1))
-        return _join_directions(results)
 
     def _check_hx(self, hx, batch, batched):
         """``hx`` as a tuple of ``[num_layers * D, B, *]`` arrays, or ``None``."""
@@ -293,7 +264,7 @@ class _RNNBase(nn.Module):
         if not fused or any(s is not None for s in streams):
             xps = []
             for (w_ih, _, b_ih, b_hh), stream in zip(weights, streams):
-                with _on(stream):
+                with on_stream(stream):
                     b = self._input_bias(b_ih, b_hh)
                     if fused:
                         xps.append(project(layer_in, w_ih, b))
@@ -336,7 +307,7 @@ class _RNNBase(nn.Module):
         else:
             cell_params = ()
         w_hh32 = w_hh if w_hh.dtype == mx.float32 else w_hh.astype(mx.float32)
-        return _KernelRecurrence(cell, default_steps(cell, current_impl() != "cell"), w_hh32, states0,
+        return KernelRecurrence(cell, default_steps(cell, current_impl() != "cell"), w_hh32, states0,
                                  cell_params, given)
 
     def _direction_stepwise(self, params, key, batch, s0):
@@ -356,95 +327,10 @@ class _RNNBase(nn.Module):
         return lambda xp: stepwise.rnn(xp, w_hh, h0, relu)
 
 
-class _KernelRecurrence:
-    """``recur(xp)`` of one (layer, direction) on the drop-in layers' driver;
-    ``varlen(xp, lengths, rev)`` the same with lengths / reversal inside the
-    whole-sequence kernels, where ``accepts_varlen(xp)``."""
-
-    def __init__(self, cell, steps, w_hh, states0, params, given):
-        self.cell, self.steps, self.w_hh = cell, steps, w_hh
-        self.states0, self.params, self.given = states0, params, given
-
-    def __call__(self, xp):
-        # The driver and kernels take row-contiguous input (a reversed or split xp is a view).
-        return recurrence(self.cell, self.steps, mx.contiguous(xp), self.w_hh, self.states0,
-                          self.params, self.given)
-
-    def varlen(self, xp, lengths, rev, interleaved=False):
-        return recurrence(self.cell, self.steps, mx.contiguous(xp), self.w_hh, self.states0,
-                          self.params, self.given, lens=lengths, rev=rev, interleaved=interleaved)
-
-    def accepts_varlen(self, xp):
-        accepts = self.steps.accepts
-        # shapes and dtypes are all the planner reads: a stand-in (never evaluated)
-        return accepts is not None and accepts(mx.zeros((1, *xp.shape[1:]), xp.dtype), self.w_hh, varlen=True)
-
-
-def _stacked(recurs, x_dtype, varlen, length):
-    """Both directions as one two-problem recurrence, when the whole-sequence
-    kernels take it (CUDA; forward and backward plans both fit; with ``varlen``
-    the second problem reversed inside the kernels); else None."""
-    fwd, rev = recurs
-    accepts = fwd.steps.accepts
-    if accepts is None:
-        return None
-    batch, (gates_h, hidden) = fwd.states0[0].shape[0], fwd.w_hh.shape
-    # shapes and dtypes are all the planner reads: stand-ins (never evaluated)
-    if not accepts(mx.zeros((length, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden)), varlen=varlen):
-        return None
-    w = mx.stack([fwd.w_hh, rev.w_hh])
-    # states not given are zeros: one zero array for both directions, not two joined
-    # (each op is a graph node of its own on the GPU)
-    zero = mx.zeros((2 * batch, hidden))  # every state not given (never evaluated when all are)
-    states0 = tuple(zero if not (ga or gb) else mx.concatenate([a, b], axis=0)
-                    for a, b, ga, gb in zip(fwd.states0, rev.states0, fwd.given, rev.given))
-    params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
-    return _KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
-
-
-def _direction_streams(directions, stackable=False):
-    """The stream each direction's ops run on (None: the default). On the CPU the
-    second direction gets a stream of its own: the two directions are independent
-    until their outputs are joined, and MLX runs each CPU stream on its own thread,
-    so they take two cores (on a 2-core CPU a bidirectional layer then costs about
-    one direction). GPUs keep one stream, and so does a layer whose steps may take
-    both directions in one launch (``stackable``: the CUDA kernels, where that pays)."""
-    if directions == 1 or stackable or mx.default_device().type != mx.cpu:
-        return (None,) * directions
-    return (None, _side_stream())
-
-
-@functools.lru_cache(maxsize=None)
-def _side_stream():
-    return mx.new_stream(mx.cpu)
-
-
-def _on(stream):
-    return contextlib.nullcontext() if stream is None else mx.stream(stream)
-
-
 @functools.lru_cache(maxsize=None)
 def _gru_rz_mask(hidden, directions):
     """bool [directions * 3 * hidden]: True on the r and z gates' entries of each direction."""
     return mx.array(([True] * (2 * hidden) + [False] * hidden) * directions)  # a constant: no graph
-
-
-def _split_directions(xp, directions):
-    """[L, B, D * G*H] -> each direction's [L, B, G*H] (views)."""
-    if directions == 1:
-        return [xp]
-    gh = xp.shape[-1] // 2
-    return [xp[..., :gh], xp[..., gh:]]
-
-
-def _join_directions(results):
-    """``[(output, finals)]`` per direction -> ``(output, directions concatenated on
-    the last axis; finals, one [D, B, *] array per state)``."""
-    if len(results) == 1:
-        out, fins = results[0]
-        return out, tuple(f[None] for f in fins)
-    return (mx.concatenate([out for out, _ in results], axis=-1),
-            tuple(mx.stack(fs) for fs in zip(*(fins for _, fins in results))))
 
 
 def _dropout(x, p):
