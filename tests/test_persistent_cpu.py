@@ -299,6 +299,74 @@ def test_emulated_reduction_widths(case, switches, monkeypatch):
     _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, plan=p)
 
 
+STREAMED_CASES = [  # (cell, L, B, H, x dtype, zero initial state)
+    ("lstm", 4, 3, 24, mx.float32, False),
+    ("gru", 3, 5, 20, mx.bfloat16, True),
+    ("rnn_tanh", 5, 2, 36, mx.float32, False),
+    ("slstm", 3, 2, 32, mx.float32, False),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", STREAMED_CASES, ids=lambda c: f"{c[0]}-H{c[3]}-{str(c[4]).split('.')[-1]}")
+def test_emulated_streamed_weights(case):
+    """W_h streamed from global memory every step (``weights="global"``, template
+    ``WG``: forward W_h's rows in gate groups, backward W_h^T's rows), K in several
+    chunks, several blocks per batch group; shared memory holds no W_h."""
+    cell, L, B, H, xdt, zero = case
+    limits = P.Limits(num_sms=6, smem_per_block=512, smem_per_sm=3072)
+    assert P.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64) is None  # no W slice fits
+    problem = ref.problem(cell, L, B, H, xdt)
+    xp, w_h, s0, params = problem
+    for direction in ("forward", "backward"):
+        p = P.plan(direction, cell, H, B, limits, x_dtype=xdt, tpb=64, weights="global")
+        assert p is not None and p.w_global and H % p.U == 0 and p.NU > 1
+        assert p.smem == P.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, 0)
+        if direction == "backward" and cell != "rnn_tanh":
+            assert p.KCH < p.K  # K = G*H in several chunks
+    got, _ = emu.forward(cell, xp, w_h, s0, params, zero, limits, weights="global")
+    expected = ref.forward(cell, xp, w_h, s0, params, zero)
+    for a, e in zip(got, expected):
+        assert ref.max_rel_err(a, e) < 2e-6
+    _assert_emulated_backward(cell, problem, expected, not zero, limits, weights="global")
+
+
+def test_streamed_weights_only_where_no_slice_fits_and_when_asked(monkeypatch):
+    """``select`` streams W_h only with MLX_FASTRNN_PERSISTENT_STREAMED=1 and only where
+    no shared-memory plan fits; the streamed plans keep the grid within the SMs."""
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_STREAMED", raising=False)
+    big, small = mx.zeros((3, 16, 4 * 1024)), mx.zeros((3, 16, 4 * 256))
+    w_big, w_small = mx.zeros((4 * 1024, 1024)), mx.zeros((4 * 256, 256))
+    assert P.select("forward", "lstm", big, w_big, H100) is None
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_STREAMED", "1")
+    for direction in ("forward", "backward"):
+        p = P.select(direction, "lstm", big, w_big, H100)
+        assert p is not None and p.w_global and p.nblocks <= H100.num_sms and 1024 % p.U == 0
+        assert not P.select(direction, "lstm", small, w_small, H100).w_global
+
+
+@needs_cxx
+def test_emulated_streamed_weights_with_lengths_and_directions():
+    """The varlen bodies with a streamed W_h: two problems (their own W_h), the
+    second reversed, per-row lengths, x and out problem-interleaved."""
+    limits = P.Limits(num_sms=6, smem_per_block=512, smem_per_sm=3072)
+    cell, L, B, H = "lstm", 4, 2, 12
+
+    def forward(*args, lens, rev, interleaved):
+        p = P.plan("forward", cell, H, B, limits, tpb=64, weights="global", problems=2)
+        assert p is not None and p.w_global
+        return emu.forward(cell, *args, limits, plan=p, lens=lens, rev=rev, interleaved=interleaved)[0]
+
+    def backward(*args, lens, rev, d_out, interleaved):
+        p = P.plan("backward", cell, H, B, limits, tpb=64, weights="global", problems=2)
+        assert p is not None and p.w_global
+        return emu.backward(cell, *args, limits, plan=p, lens=lens, rev=rev, d_out=d_out,
+                            interleaved=interleaved)[0]
+
+    ref.check_varlen(cell, L, B, H, mx.float32, False, [4, 1, 3, 4], 0b10, 2, forward, backward,
+                     interleaved=True)
+
+
 @needs_cxx
 def test_emulated_chunked_and_bf16_weights():
     """K in several chunks (tiny shared memory) and bfloat16 W slices."""
@@ -332,6 +400,22 @@ def test_nvrtc_compiles_without_spills(cell, direction, varlen):
             _assert_compiles(p, xdt, lens=varlen, rev=rev, interleaved=xil)
 
 
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell,H,problems", [("lstm", 1024, 2), ("lstm", 2048, 1), ("gru", 1536, 1),
+                                             ("gru", 2048, 1), ("rnn_tanh", 4096, 1)])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_streamed_weights(cell, H, problems, direction):
+    """The streamed-W_h kernels of shapes no shared-memory slice holds on the H100/H200
+    (B=16; with two problems also the varlen, interleaved bfloat16 body)."""
+    assert P.plan(direction, cell, H, 16, H100) is None
+    p = P.plan(direction, cell, H, 16, H100, weights="global")
+    assert p is not None and p.w_global and p.nblocks <= H100.num_sms
+    _assert_compiles(p, mx.float32)
+    if problems > 1:
+        p = P.plan(direction, cell, H, 16, H100, weights="global", problems=problems)
+        _assert_compiles(p, mx.bfloat16, lens=True, rev=0b10, interleaved=True)
+
+
 def _assert_compiles(p, xdt, lens=False, rev=0, interleaved=False):
     """NVRTC + ptxas of plan ``p``'s kernel: at most 128 registers (two 256-thread
     blocks per SM: ``persistent.LAUNCH_BOUNDS``); no spills and no stack, except
@@ -341,6 +425,8 @@ def _assert_compiles(p, xdt, lens=False, rev=0, interleaved=False):
     assert ok, log[-4000:]
     assert regs is not None and regs <= 128, log
     allowed = 32 if p.NP > 1 and (lens or rev) else 0  # measured: 8-24 bytes (NVRTC 13.0)
+    if p.w_global:  # streamed W_h: the N rows' global loads in flight; measured 16-52 bytes at N = 32-64
+        allowed = 64
     if interleaved and p.cell == "slstm":  # 32 stored / 64 loaded (no layer runs it: only bidirectional
         allowed = 64                        # LSTM / GRU / RNN layers read x and write out interleaved)
     assert spill_st <= allowed and spill_ld <= allowed and stack <= allowed, log

@@ -113,6 +113,24 @@ def test_parity_bf16_weight_slices(cell):
     _check_sequence(cell, 9, 6, 96, mx.bfloat16, h0_zero=False, weights="bfloat16")
 
 
+@pytest.mark.parametrize("cell,H", [("lstm", 1024), ("gru", 1536), ("rnn_tanh", 2048)])
+def test_parity_streamed_weights(cell, H):
+    """W_h streamed from global memory every step (``weights="global"``): shapes no
+    shared-memory slice holds (``MLX_FASTRNN_PERSISTENT_STREAMED=1`` lets the
+    layers use it)."""
+    _check_sequence(cell, 6, 4, H, mx.float32, h0_zero=False, weights="global")
+
+
+def test_streamed_weights_only_when_asked(monkeypatch):
+    """A W_h no slice holds runs on the per-step cells unless MLX_FASTRNN_PERSISTENT_STREAMED=1."""
+    xp, w_h, s0, params = ref.problem("lstm", 3, 2, 1024)
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_STREAMED", raising=False)
+    assert P.select("forward", "lstm", xp, w_h) is None
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_STREAMED", "1")
+    p = P.select("forward", "lstm", xp, w_h)
+    assert p is not None and p.w_global
+
+
 def test_parity_float16_input():
     _check_sequence("lstm", 5, 3, 40, mx.float16, h0_zero=False)
 

@@ -261,6 +261,9 @@ class Plan:
     # layer): each has B rows and its own W_h and per-unit parameters; its NBB
     # batch groups never meet another problem's at a barrier.
     NP: int = 1
+    # W_h streamed from global memory (L2) every step instead of held in shared
+    # memory (template WG): for W_h slices no shared memory holds
+    w_global: bool = False
 
     @property
     def K(self):
@@ -285,12 +288,12 @@ def smem_bytes(K, N, BBP, KCH, KS, w_bytes):
 
 
 def _weight_options(weights, x_dtype):
-    if weights == "float32":
+    if weights in ("float32", "global"):
         return (False,)
     if weights == "bfloat16":
         return (True,)
     if weights != "auto":
-        raise ValueError(f"weights must be 'auto', 'float32' or 'bfloat16', not {weights!r}")
+        raise ValueError(f"weights must be 'auto', 'float32', 'bfloat16' or 'global', not {weights!r}")
     # bfloat16 W only when float32 does not fit and the input is already half.
     return (False, True) if x_dtype in (mx.float16, mx.bfloat16) else (False,)
 
@@ -299,11 +302,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes):
+def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes, w_global=False):
     """A rough cycles-per-step model of one block (to rank candidates; tune on
     the device): a fixed barrier + latency term, staging from L2 (~32 B/clk),
     shared-memory loads and shuffles at one warp instruction per clock, FMAs at
-    four, and the cell's elementwise work."""
+    four, and the cell's elementwise work; a streamed W_h adds its slice read
+    from L2 (~32 B/clk) every step."""
     chunks = _cdiv(K, KCH)
     tasks = (BBP // RB) * KS
     iters = _cdiv(_cdiv(KCH, 32), KS)  # k-iterations of one lane per task and chunk
@@ -311,7 +315,8 @@ def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes):
     matvec = tasks * chunks * per_task
     stage = BBP * K * 4 / 32.0 + chunks * 600.0
     cell = EPT * (G * 40 + 60) * (2 if direction == "backward" else 1)
-    return 2000.0 + stage + matvec + cell
+    stream = N * K * 4 / 32.0 if w_global else 0.0
+    return 2000.0 + stage + matvec + cell + stream
 
 
 def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None,
@@ -322,7 +327,9 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     the accumulators) exceeds the shared-memory / register budget.
     ``nbb`` restricts the candidates to that many batch groups (for tuning).
     ``problems`` independent problems of ``B`` rows each share the launch: each
-    gets ``1/problems`` of the blocks.
+    gets ``1/problems`` of the blocks. ``weights="global"``: W_h streamed from
+    global memory every step (``Plan.w_global``; hidden units per block a divisor
+    of H), shared memory only for the staged rows and partial sums.
     """
     # Cached (the search took ~20 us, twice per training call); the env
     # overrides the search reads are part of the key.
@@ -357,6 +364,8 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         if max_nu < 1:
             continue
         U = -(-H // max_nu)
+        while weights == "global" and H % U:  # a streamed W_h: no block with rows past H
+            U += 1
         NU = -(-H // U)
         N = G * U if direction == "forward" else U
         if N > MAX_N:
@@ -368,7 +377,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         if EPT > CELLS[cell].max_ept:
             continue
         for w_bf16 in _weight_options(weights, x_dtype):
-            w_bytes = 2 if w_bf16 else 4
+            w_bytes = 0 if weights == "global" else 2 if w_bf16 else 4
             KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
             room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes)
             if room < 4 * BBP * 32:
@@ -378,9 +387,9 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
             smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes)
             if smem > budget:
                 continue
-            cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes)
+            cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes, weights == "global")
             p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
-                     w_bf16, smem, cost, problems)
+                     w_bf16, smem, cost, problems, weights == "global")
             key = (cost, p.nblocks, w_bf16)
             if best is None or key < (best.cost, best.nblocks, best.w_bf16):
                 best = p
@@ -431,6 +440,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
         ("EPT", p.EPT),
         ("NBB", p.NBB),
         ("NP", p.NP),
+        ("WG", p.w_global),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *mod.template_extras(p.cell),
@@ -514,9 +524,19 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     if limits is None:
         limits = device_limits()
     p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights=weights, problems=NP)
+    if p is None and weights == "auto" and streamed_enabled():
+        p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights="global", problems=NP)
     if p is None or p.nblocks > limits.num_sms or p.NU * (L + 1) >= 2**31:
         return None
     return p
+
+
+def streamed_enabled():
+    """Whether a W_h no shared-memory plan holds may run with W_h streamed from
+    global memory every step (``Plan.w_global``) instead of on the per-step
+    cells: ``MLX_FASTRNN_PERSISTENT_STREAMED=1``. Off by default until it is
+    timed on a GPU (checked in the CPU emulator and compiled by NVRTC only)."""
+    return os.environ.get("MLX_FASTRNN_PERSISTENT_STREAMED", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 # Whether the tiled class may run several problems in one launch (``classes.accepts``),
@@ -528,9 +548,9 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
 # * ``"directions"``, a bidirectional layer's two directions (the second reversed inside
 #   the kernel, x and the output problem-interleaved), in every dtype, but only where one
 #   launch pays over the sequence (``classes.accepts``: each direction gets half the
-#   grid; 16x1024x512 ran 1.3-2x slower as one launch). On the H200 (2026-12-04,
-#   .probe-style A/B in alternating rounds, one 1-layer bidirectional LSTM / GRU against
-#   one direction) the one launch took 1.09-1.24x one direction's time at 1x256x256 in
+#   grid; 16x1024x512 ran 1.2-1.7x slower as one launch). On the H200 (2026-12-04,
+#   benchmarks/results/h200_bidir_ab_probe.json: alternating rounds, one 1-layer
+#   bidirectional LSTM / GRU against one direction) the one launch took 1.09-1.24x one direction's time at 1x256x256 in
 #   float32 and bfloat16, a launch per direction 1.24-1.35x; at 32x40x200 the one launch
 #   was faster in 15 of 16 cases of both dtypes (benchmarks/RESULTS.md). (Before the
 #   interleaved layout, bfloat16 kept a launch per direction: 2026-12-03 the one launch
@@ -602,6 +622,8 @@ def backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h):
     if not all(a.dtype == mx.float32 for a in prevs):
         return None
     d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
+    if p.w_global:  # the backward streams W_h's columns: as the rows of W_h^T
+        return d_outs, prevs, params, mx.contiguous(w_h.swapaxes(-1, -2))
     return d_outs, prevs, params, (w_h.astype(mx.bfloat16) if p.w_bf16 else w_h)
 
 

@@ -322,12 +322,14 @@ struct pow2_at_least {  // smallest power of two >= V, at most 32 (= 32 >> shift
   static constexpr int value = 32 >> shift;
 };
 
-// part[(ks*BBP + r)*N + n] (+)= sum_{k in split ks of the chunk} hs[r][k] * Ws[n][k0 + k].
+// part[(ks*BBP + r)*N + n] (+)= sum_{k in split ks of the chunk} hs[r][k] * W[n][k0 + k],
+// row n of W at Ws + (n / RU) * GS + (n % RU) * K: the shared-memory slice's rows are
+// consecutive (RU = N), a streamed W_h's rows (WG) gate groups of U rows GS apart.
 // A warp takes a task (row group of RB rows, K-split ks); its lanes stride over
 // k, so hs and Ws reads are consecutive words (no bank conflicts), then a
 // butterfly reduction. The same lane owns the same part element in every
 // chunk, so accumulation across chunks needs no synchronisation.
-template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT>
+template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT, int RU = N, int GS = 0>
 __device__ __forceinline__ void matvec_chunk(
     const float* hs, const WT* Ws, int k0, int klen, float* part, bool accumulate) {
 #if defined(FRNN_DIAG_NO_MATVEC)
@@ -368,7 +370,7 @@ __device__ __forceinline__ void matvec_chunk(
         }
 #pragma unroll
         for (int n = 0; n < N; ++n) {
-          const float4 wv = ld4(wk + n * K + k);
+          const float4 wv = ld4(wk + (n / RU) * GS + (n % RU) * K + k);
 #pragma unroll
           for (int rr = 0; rr < RB; ++rr) {
             float a = acc[rr][n];
@@ -389,7 +391,7 @@ __device__ __forceinline__ void matvec_chunk(
       }
 #pragma unroll
       for (int n = 0; n < N; ++n) {
-        const float wv = to_f(wk[n * K + k]);
+        const float wv = to_f(wk[(n / RU) * GS + (n % RU) * K + k]);
 #pragma unroll
         for (int rr = 0; rr < RB; ++rr) {
           acc[rr][n] = fmaf(hv[rr], wv, acc[rr][n]);
@@ -435,14 +437,14 @@ __device__ __forceinline__ void matvec_chunk(
 
 // part <- the block's rows of src (rows r0.., row stride ld, K columns) times
 // Ws^T, K-chunk by K-chunk. Ends with __syncthreads: part is ready to read.
-template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT>
+template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, int RU = N, int GS = 0, typename WT>
 __device__ __forceinline__ void project(
     const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part) {
   for (int k0 = 0; k0 < K; k0 += KCH) {
     const int klen = imin(KCH, K - k0);
     stage_rows<BBP, KCH, TPB>(hs, src, ld, nrows, k0, klen);
     __syncthreads();
-    matvec_chunk<K, KCH, BBP, N, RB, KS, TPB, WT>(hs, Ws, k0, klen, part, k0 > 0);
+    matvec_chunk<K, KCH, BBP, N, RB, KS, TPB, WT, RU, GS>(hs, Ws, k0, klen, part, k0 > 0);
     __syncthreads();
   }
 }
@@ -470,6 +472,7 @@ __device__ __forceinline__ float part_sum(const float* part, int r, int n) {
 #   KS    K-splits of one chunk                           KCH  K-chunk staged at once
 #   TPB   threads per block                               EPT  cell elements per thread (ceil(BB*U / TPB))
 #   NBB   batch groups per problem                        NP   independent problems (own W_h, own rows)
+#   WG    W_h streamed from global memory every step (no shared-memory slice; U divides H)
 #   H0Z   forward: the initial state is zero (step 0 skips the projection)
 #   NEED_D0  backward: also produce the initial states' cotangents
 #   RELU  RNN: relu instead of tanh
@@ -485,10 +488,13 @@ def block_prologue(direction, gates):
     prob / pofs (the problem: NP independent recurrences with their own W_h and
     per-unit parameters, rows problem-major), j0, r0, nrows, counter, the shared-memory carve (hs, part, Ws) with this block's W_h
     slice loaded (rows for the forward, transposed columns for the backward),
-    and the per-thread element slots ok/er/eu (filled by ``ELEMENT_SLOT``).
+    ``Wsrc`` the rows the projection reads (``Ws``, or under ``WG`` W_h's own rows in
+    global memory: forward W_h, backward the W_h^T the launch passes), and the
+    per-thread element slots ok/er/eu (filled by ``ELEMENT_SLOT``).
     ``gates`` is the C++ expression for the number of gates (``"G"`` or ``"1"``).
     """
     width, load = ("N", "rows") if direction == "forward" else ("U", "cols")
+    row_len = "H" if direction == "forward" else f"({gates}) * H"
     return f"""  const int L = x_shape[0];
   const int B = x_shape[1];  // all rows: NP problems of B / NP rows each
   const int grp = blockIdx.x / NU;  // batch group (its own barrier counter)
@@ -504,7 +510,14 @@ def block_prologue(direction, gates):
   float* part;
   WT* Ws;
   frnn::carve<BBP, KCH, KS, {width}>(hs, part, Ws);
-  frnn::load_w_{load}<{gates}, U, H, TPB>(Ws, w + (long long)prob * ({gates}) * H * H, j0);
+  // WG: W_h streamed from global memory (L2) every step instead of a shared-memory slice
+  static_assert(!WG || H % U == 0, "a streamed W_h needs U | H: no block has rows past H");
+  const WT* Wsrc = Ws;
+  if (WG) {{
+    Wsrc = w + (long long)prob * ({gates}) * H * H + (long long)j0 * {row_len};
+  }} else {{
+    frnn::load_w_{load}<{gates}, U, H, TPB>(Ws, w + (long long)prob * ({gates}) * H * H, j0);
+  }}
 
   bool ok[EPT];
   int er[EPT], eu[EPT];

@@ -68,6 +68,8 @@ class ResidentPlan:
     def K(self):
         return self.H if self.direction == "forward" else self.G * self.H
 
+    w_global = False  # W_h always in the block's shared memory (the shared operand code asks)
+
 
 def _round(a, m):
     return -(-a // m) * m
