@@ -550,8 +550,9 @@ def streamed_enabled():
 #   launch pays over the sequence (``classes.accepts``: each direction gets half the
 #   grid; 16x1024x512 ran 1.2-1.7x slower as one launch). On the H200 (2026-12-04,
 #   benchmarks/results/h200_bidir_ab_probe.json: alternating rounds, one 1-layer
-#   bidirectional LSTM / GRU against one direction) the one launch took 1.09-1.24x one direction's time at 1x256x256 in
-#   float32 and bfloat16, a launch per direction 1.24-1.35x; at 32x40x200 the one launch
+#   bidirectional LSTM / GRU against one direction) the one launch took 1.09-1.24x one
+#   direction's time at 1x256x256 in float32 and bfloat16, a launch per direction
+#   1.24-1.35x; at 32x40x200 the one launch
 #   was faster in 15 of 16 cases of both dtypes (benchmarks/RESULTS.md). (Before the
 #   interleaved layout, bfloat16 kept a launch per direction: 2026-12-03 the one launch
 #   lost 7 of 8 bfloat16 pairs at 32x40x200.)
