@@ -314,7 +314,7 @@ def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tp
     spec, inputs, shapes, dtypes = P.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
                                                      lens, rev, d_out, interleaved=interleaved)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
-    varlen = lens is not None or bool(rev) or interleaved
+    varlen = P.is_varlen(lens, rev, interleaved)
     return P.backward_results(cell, res, need_d_state0, varlen), (p, res[-1])
 
 
@@ -464,4 +464,4 @@ def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, l
     spec, inputs, shapes, dtypes = R.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
                                                      lens, rev, d_out, interleaved)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
-    return P.backward_results(cell, res, need_d_state0, lens is not None or bool(rev) or interleaved), p
+    return P.backward_results(cell, res, need_d_state0, P.is_varlen(lens, rev, interleaved)), p

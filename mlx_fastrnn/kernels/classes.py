@@ -102,7 +102,7 @@ def sequence(cell_name, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, 
     """``persistent.persistent_sequence``'s contract, on the chosen class."""
     if not P.cuda_available():
         return None
-    varlen = lens is not None or bool(rev) or interleaved
+    varlen = P.is_varlen(lens, rev, interleaved)
     klass, p = choose("forward", cell_name, xp, w_h, varlen)
     if klass == "resident":
         return R.run_forward(p, xp, w_h, states0, params, h0_is_zero, lens, rev, interleaved)
@@ -117,7 +117,7 @@ def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=
     """``persistent.persistent_backward``'s contract, on the chosen class."""
     if not P.cuda_available():
         return None
-    varlen = lens is not None or bool(rev) or interleaved
+    varlen = P.is_varlen(lens, rev, interleaved)
     klass, p = choose("backward", cell_name, xp, w_h, varlen)
     if klass == "resident":
         return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, interleaved)

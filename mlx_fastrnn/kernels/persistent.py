@@ -655,6 +655,12 @@ def out_cotangent(d_out, shape):
     return d_out if d_out.dtype == mx.float32 else d_out.astype(mx.float32)
 
 
+def is_varlen(lens, rev, interleaved):
+    """Whether a launch takes the varlen body: per-row lengths (an array, or None),
+    reversed problems (``rev`` bits) or problem-interleaved x / out (:mod:`.contract`)."""
+    return lens is not None or bool(rev) or bool(interleaved)
+
+
 def _directions_fit(p, rev):
     """Whether ``rev`` names only problems of plan ``p`` in the bits a launch has."""
     if not isinstance(rev, int) or rev < 0:
@@ -672,7 +678,7 @@ def forward_arrays(p, xp, w_h, states0, params, lens, rev, sync_words, interleav
     states0, params, w = operands
     cs = CELLS[p.cell]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
-    varlen = lens is not None or bool(rev) or interleaved
+    varlen = is_varlen(lens, rev, interleaved)
     if varlen and not _directions_fit(p, rev):
         return None
     inputs = (xp, w, *states0, *((lengths_operand(lens, B),) if varlen else ()), *params)
@@ -693,7 +699,7 @@ def backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, syn
     d_outs, prevs, params, w = operands
     cs = CELLS[p.cell]
     L, B, H = xp.shape[0], xp.shape[1], w_h.shape[-1]
-    varlen = lens is not None or bool(rev) or interleaved
+    varlen = is_varlen(lens, rev, interleaved)
     if varlen:
         if not _directions_fit(p, rev):
             return None
@@ -787,5 +793,4 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
                                   interleaved)
     if launch_args is None:
         return None
-    return backward_results(cell_name, launch(*launch_args), need_d_state0,
-                            lens is not None or bool(rev) or interleaved)
+    return backward_results(cell_name, launch(*launch_args), need_d_state0, is_varlen(lens, rev, interleaved))

@@ -655,5 +655,4 @@ def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None
                                   interleaved)
     if launch_args is None:
         return None
-    return P.backward_results(p.cell, launch(*launch_args), need_d_state0,
-                              lens is not None or bool(rev) or interleaved)
+    return P.backward_results(p.cell, launch(*launch_args), need_d_state0, P.is_varlen(lens, rev, interleaved))

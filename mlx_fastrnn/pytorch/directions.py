@@ -57,11 +57,11 @@ def _stacked(recurs, x_dtype, varlen, length):
         return None
     w = mx.stack([fwd.w_hh, rev.w_hh])
     # the states not given: one zero array for both directions and every state, not two
-    # joined per state (each op is a graph node of its own on the GPU); never evaluated
-    # when every state is given
-    zero = mx.zeros((2 * batch, hidden))
-    states0 = tuple(zero if not (ga or gb) else mx.concatenate([a, b], axis=0)
-                    for a, b, ga, gb in zip(fwd.states0, rev.states0, fwd.given, rev.given))
+    # joined per state (each op is a graph node of its own on the GPU)
+    given = [ga or gb for ga, gb in zip(fwd.given, rev.given)]
+    zero = None if all(given) else mx.zeros((2 * batch, hidden))
+    states0 = tuple(mx.concatenate([a, b], axis=0) if g else zero
+                    for a, b, g in zip(fwd.states0, rev.states0, given))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
     return KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
 

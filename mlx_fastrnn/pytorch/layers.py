@@ -241,13 +241,14 @@ class _RNNBase(nn.Module):
         b_hh = params.get("bias_hh_" + key) if self.bias else None
         return w_ih, w_hh, b_ih, b_hh
 
-    def _input_bias(self, b_ih, b_hh):
-        """The bias folded into the input projection (GRU: all of ``b_ih``, ``b_hh``'s r, z parts)."""
+    def _input_bias(self, b_ih, b_hh, directions=1):
+        """The bias folded into the input projection of ``directions`` directions'
+        joined biases (GRU: all of ``b_ih``, ``b_hh``'s r, z parts, by a constant mask:
+        its n part is ``b_hn``, inside ``r * (...)``)."""
         if b_ih is None:
             return None
         if self.mode == "GRU":
-            h = self.hidden_size
-            return b_ih + mx.concatenate([b_hh[: 2 * h], mx.zeros((h,), b_hh.dtype)])
+            b_hh = mx.where(_gru_rz_mask(self.hidden_size, directions), b_hh, mx.zeros((), b_hh.dtype))
         return b_ih + b_hh
 
     def _hn_bias(self, b_hh):
@@ -275,15 +276,7 @@ class _RNNBase(nn.Module):
         def joined(i):  # the directions' arrays i (W_ih, -, b_ih, b_hh) as one
             return weights[0][i] if len(keys) == 1 else mx.concatenate([w[i] for w in weights])
 
-        b = None
-        if self.bias:
-            # in as few ops as possible (each is a kernel launch on a GPU): GRU folds
-            # only the r, z parts of b_hh in, by a constant mask rather than a
-            # concatenation with zeros per direction
-            b_hh = joined(3)
-            if self.mode == "GRU":
-                b_hh = mx.where(_gru_rz_mask(self.hidden_size, len(keys)), b_hh, mx.zeros((), b_hh.dtype))
-            b = joined(2) + b_hh
+        b = self._input_bias(joined(2), joined(3), len(keys)) if self.bias else None
         return project(layer_in, joined(0), b)
 
     @property
