@@ -155,7 +155,7 @@ def test_slstm_large_inputs_stay_finite_and_nan_propagates():
 @pytest.mark.parametrize("batch,length,hidden,heads", [
     (4, 24, 64, 4), (2, 40, 128, 2),
     (2, 12, 1024, 4),  # heads of 256 as 4 problems of the tiled class (the dense 1024 fits no float32 plan)
-    (1, 5, 4096, 16),  # 16 heads of 256: no whole-sequence kernel; per-step, one batched matmul (not GRU: bhn)
+    (1, 5, 4096, 16),  # 16 heads of 256: no grid holds them all; two launches of 8 problems
 ])
 def test_gpu_matches_cpu(kind, batch, length, hidden, heads):
     layer = _layer(kind, 32, hidden, heads)
@@ -180,6 +180,59 @@ def test_gpu_matches_cpu(kind, batch, length, hidden, heads):
     for a, b in zip(got, want):
         scale = max(1.0, mx.abs(b).max().item())
         assert mx.abs(a - b).max().item() <= 1e-4 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "slstm"])
+def test_gpu_heads_on_the_per_step_loop_match_cpu(kind, monkeypatch):
+    """Without the whole-sequence kernels (``MLX_FASTRNN_PERSISTENT=0``) the heads run
+    the per-step cells as problems, one batched matmul per step: against the CPU."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT", "0")
+    test_gpu_matches_cpu(kind, 2, 6, 256, 4)
+
+
+@pytest.mark.parametrize("cell_name,heads", [("lstm", 4), ("slstm", 3), ("rnn_tanh", 5)])
+def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads):
+    """Where one launch cannot take all heads but each half can (``ops.heads._launches``;
+    here a stand-in ``accepts`` that takes at most ceil(N/2) problems), the heads run as
+    two recurrences whose outputs are joined: the same state sequences and every
+    gradient (xp, R, the initial states) as the dense block-diagonal W_h."""
+    import dataclasses
+
+    from mlx_fastrnn.cells import LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
+    from mlx_fastrnn.ops import heads as H
+
+    cell = {"lstm": LSTM_CELL, "slstm": SLSTM_CELL, "rnn_tanh": RNN_TANH_CELL}[cell_name]
+    half = (heads + 1) // 2
+
+    def takes_half(xp, w_h, varlen=False, kind="directions"):
+        return w_h.ndim == 3 and w_h.shape[0] <= half and kind == "heads"
+
+    split = dataclasses.replace(cell.reference_steps, accepts=takes_half)
+    g, d, length, batch = cell.num_gates, 4, 5, 3
+    ks = mx.random.split(mx.random.key(11), 4)
+    r = mx.random.normal((g, heads, d, d), key=ks[0]) / d ** 0.5
+    xp = mx.random.normal((length, batch, g * heads * d), key=ks[1])
+    s0 = [mx.random.normal((batch, heads * d), key=k) * 0.5 for k in mx.random.split(ks[2], cell.num_states)]
+    if cell_name == "slstm":
+        s0[2] = 1 + mx.abs(s0[2])
+    given = (True,) * cell.num_states
+    cot = [mx.random.normal((length, batch, heads * d), key=k) for k in mx.random.split(ks[3], cell.num_states)]
+    assert H._launches(split, xp, g, heads, d) == [(0, half), (half, heads)]
+    assert H._launches(dataclasses.replace(split, accepts=lambda *a, **k: False), xp, g, heads, d) is None
+
+    def loss(steps):
+        def f(xp, r, *s0):
+            seqs = H.head_recurrence(cell, steps, xp, r, list(s0), (), given)
+            return sum((a * c).sum() for a, c in zip(seqs, cot)), list(seqs)
+        return mx.value_and_grad(f, argnums=tuple(range(2 + cell.num_states)))(xp, r, *s0)
+
+    (_, got), g_got = loss(split)
+    (_, want), g_want = loss(cell.reference_steps)  # accepts None: the dense block-diagonal W_h
+    for a, b in zip(got, want):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-6).item()
+    for i, (a, b) in enumerate(zip(g_got, g_want)):
+        assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
 
 
 @pytest.mark.parametrize("cell_name,h0_given", [("lstm", False), ("slstm", True), ("rnn_tanh", True)])

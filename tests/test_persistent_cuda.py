@@ -116,19 +116,21 @@ def test_parity_bf16_weight_slices(cell):
 @pytest.mark.parametrize("cell,H", [("lstm", 1024), ("gru", 1536), ("rnn_tanh", 2048)])
 def test_parity_streamed_weights(cell, H):
     """W_h streamed from global memory every step (``weights="global"``): shapes no
-    shared-memory slice holds (``MLX_FASTRNN_PERSISTENT_STREAMED=1`` lets the
-    layers use it)."""
+    shared-memory slice holds (the layers use it where ``persistent.STREAMED_MAX_CYCLES``
+    says it pays)."""
     _check_sequence(cell, 6, 4, H, mx.float32, h0_zero=False, weights="global")
 
 
-def test_streamed_weights_only_when_asked(monkeypatch):
-    """A W_h no slice holds runs on the per-step cells unless MLX_FASTRNN_PERSISTENT_STREAMED=1."""
+def test_streamed_weights_by_default_where_measured_faster(monkeypatch):
+    """A W_h no slice holds streams by default where the plan's cost is within the
+    measured bound (LSTM H=1024, 2 rows), never with MLX_FASTRNN_PERSISTENT_STREAMED=0
+    (parity: ``test_parity_streamed_weights``)."""
     xp, w_h, s0, params = ref.problem("lstm", 3, 2, 1024)
     monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_STREAMED", raising=False)
-    assert P.select("forward", "lstm", xp, w_h) is None
-    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_STREAMED", "1")
     p = P.select("forward", "lstm", xp, w_h)
     assert p is not None and p.w_global
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_STREAMED", "0")
+    assert P.select("forward", "lstm", xp, w_h) is None
 
 
 def test_parity_float16_input():

@@ -524,19 +524,40 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     if limits is None:
         limits = device_limits()
     p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights=weights, problems=NP)
-    if p is None and weights == "auto" and streamed_enabled():
-        p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights="global", problems=NP)
+    if p is None and weights == "auto":
+        mode = streamed_mode()
+        g = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights="global",
+                 problems=NP) if mode != "off" else None
+        if g is not None and (mode == "on" or g.cost <= STREAMED_MAX_CYCLES):
+            p = g
     if p is None or p.nblocks > limits.num_sms or p.NU * (L + 1) >= 2**31:
         return None
     return p
 
 
-def streamed_enabled():
-    """Whether a W_h no shared-memory plan holds may run with W_h streamed from
-    global memory every step (``Plan.w_global``) instead of on the per-step
-    cells: ``MLX_FASTRNN_PERSISTENT_STREAMED=1``. Off by default until it is
-    timed on a GPU (checked in the CPU emulator and compiled by NVRTC only)."""
-    return os.environ.get("MLX_FASTRNN_PERSISTENT_STREAMED", "").strip().lower() in ("1", "true", "on", "yes")
+# A streamed W_h (``Plan.w_global``) re-reads the whole W_h every step, so it beats the
+# per-step cells (one cuBLAS matmul + one kernel per step) only while the planner's
+# per-step cost stays small. Measured on the H200 (2026-12-04, benchmarks/RESULTS.md
+# "Capacity": GRU/LSTM/RNN at 1x100x1024, 4x50x2048, 8x128x2048, 16x256x1024, 64x50x1536,
+# 128x50x1024, float32 and bfloat16, streamed against the per-step cells in one run): every
+# plan costed <= 50,268 cycles per step was faster streamed (0.15-0.88x the per-step time,
+# e.g. LSTM 16x256x1024 float32 4.7 ms against 11.3), every plan costed >= 65,284 slower
+# (LSTM 8x128x2048 1.1-1.6x, B >= 64 at H >= 1024 1.3-4.3x: there cuBLAS's GEMM per step
+# wins). The bound sits between the two.
+STREAMED_MAX_CYCLES = 56_000
+
+
+def streamed_mode():
+    """``MLX_FASTRNN_PERSISTENT_STREAMED``: ``"on"`` (1/true/on/yes: every W_h no
+    shared-memory plan holds streams), ``"off"`` (0/false/off/no: never), else
+    ``"auto"`` (the default: where the plan's cost is within
+    :data:`STREAMED_MAX_CYCLES`)."""
+    value = os.environ.get("MLX_FASTRNN_PERSISTENT_STREAMED", "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return "on"
+    if value in ("0", "false", "off", "no"):
+        return "off"
+    return "auto"
 
 
 # Whether the tiled class may run several problems in one launch (``classes.accepts``),
