@@ -53,7 +53,8 @@ def test_plan_invariants(cell, direction, B, H, limits):
     assert p.EPT * p.TPB >= p.BB * p.U
     assert p.K == (H if direction == "forward" else G * H)
     assert p.N == (G * p.U if direction == "forward" else p.U)
-    assert p.RB * p.N <= max(32, p.N) and p.N <= P.MAX_N
+    assert p.N % p.NCS == 0 and p.N <= P.MAX_N
+    assert p.RB * p.N <= max(32, p.N) if p.NCS == 1 else p.RB * (p.N // p.NCS) <= 32
     assert 1 <= p.KCH <= p.K and (p.KCH == p.K or p.KCH % 32 == 0)
     assert p.smem == P.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, 2 if p.w_bf16 else 4)
     assert p.sync_words * 4 >= 16  # never MLX's scalar pool
@@ -256,19 +257,20 @@ def test_emulated_forward_backward(case):
     assert [int(v) for v in sync_b.tolist()[:: P.SYNC_STRIDE]] == [pb.NU * (L - 1 + need)] * pb.NBB
 
 
-def _hand_plan(direction, cell, H, B, U, RB, KS, KCH, tpb=64, BB=None):
+def _hand_plan(direction, cell, H, B, U, RB, KS, KCH, tpb=64, BB=None, NCS=1):
     """A plan with the given split (batch groups of ``BB`` rows, default one
-    group), bypassing the planner."""
+    group; warp tasks of ``RB`` rows and ``N / NCS`` columns), bypassing the planner."""
     G = P.CELLS[cell].num_gates
     K, N = (H, G * U) if direction == "forward" else (G * H, U)
     BB = BB or B
     BBP = -(-BB // RB) * RB
     return P.Plan(direction, cell, G, H, B, U, -(-H // U), BB, -(-B // BB), BBP, RB, KS, KCH, tpb,
-                  -(-(BB * U) // tpb), False, P.smem_bytes(K, N, BBP, KCH, KS, 4), 0.0)
+                  -(-(BB * U) // tpb), False, P.smem_bytes(K, N, BBP, KCH, KS, 4), 0.0, NCS=NCS)
 
 
-# (direction, U, RB, KS, KCH): RB*N sums per warp task of 2, 8, 24, 32, 48 (two
-# groups of 32, the second half empty) and 128 (four full groups).
+# (direction, U, RB, KS, KCH[, NCS]): RB*N/NCS sums per warp task of 2, 8, 24, 32, 48
+# (two groups of 32, the second half empty) and 128 (four full groups); column splits
+# (NCS > 1) write their sums at their own columns of part.
 REDUCTION_PLANS = [
     ("forward", 16, 1, 2, 64),   # N=48, 48 sums
     ("forward", 2, 4, 1, 32),    # N=6, 24 sums, K in two chunks
@@ -276,19 +278,25 @@ REDUCTION_PLANS = [
     ("backward", 64, 2, 1, 96),  # N=64, 128 sums, K in two chunks
     ("backward", 2, 1, 4, 192),  # 2 sums
     ("backward", 4, 2, 3, 192),  # 8 sums
+    ("forward", 16, 4, 1, 64, 8),  # N=48 in 8 splits of 6 columns, 24 sums
+    ("forward", 2, 4, 2, 32, 2),   # N=6 in 2 splits of 3, K in two chunks
+    ("backward", 32, 4, 2, 96, 4),  # N=32 in 4 splits of 8, 32 sums, K in two chunks
+    ("backward", 64, 2, 1, 192, 2),  # N=64 in 2 splits of 32, 64 sums
 ]
 
 
 @needs_cxx
 @pytest.mark.parametrize("switches", ["", "per_value_reduction"])
-@pytest.mark.parametrize("case", REDUCTION_PLANS, ids=lambda c: f"{c[0]}-U{c[1]}-RB{c[2]}")
+@pytest.mark.parametrize("case", REDUCTION_PLANS,
+                         ids=lambda c: f"{c[0]}-U{c[1]}-RB{c[2]}" + (f"-NCS{c[5]}" if len(c) > 5 else ""))
 def test_emulated_reduction_widths(case, switches, monkeypatch):
     """The projection's warp reduction (halving butterfly, or one warp sum per
-    value) for every width of a warp task, through hand-made GRU splits."""
+    value) for every width of a warp task, through hand-made GRU splits, with and
+    without column splits."""
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", switches)
-    direction, U, RB, KS, KCH = case
+    direction, U, RB, KS, KCH, *ncs = case
     cell, L, B, H = "gru", 3, 4, 64
-    p = _hand_plan(direction, cell, H, B, U, RB, KS, KCH)
+    p = _hand_plan(direction, cell, H, B, U, RB, KS, KCH, NCS=ncs[0] if ncs else 1)
     xp, w_h, s0, params = ref.problem(cell, L, B, H)
     expected = ref.forward(cell, xp, w_h, s0, params, False)
     if direction == "forward":
@@ -299,11 +307,12 @@ def test_emulated_reduction_widths(case, switches, monkeypatch):
     _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, plan=p)
 
 
-STREAMED_CASES = [  # (cell, L, B, H, x dtype, zero initial state)
-    ("lstm", 4, 3, 24, mx.float32, False),
-    ("gru", 3, 5, 20, mx.bfloat16, True),
-    ("rnn_tanh", 5, 2, 36, mx.float32, False),
-    ("slstm", 3, 2, 32, mx.float32, False),
+STREAMED_CASES = [  # (cell, L, B, H, x dtype, zero initial state, SMs, shared memory per block)
+    ("lstm", 4, 3, 24, mx.float32, False, 6, 2816),
+    ("gru", 3, 5, 20, mx.bfloat16, True, 6, 2816),
+    ("rnn_tanh", 5, 2, 36, mx.float32, False, 6, 2816),
+    ("slstm", 3, 2, 32, mx.float32, False, 8, 2816),
+    ("lstm", 4, 2, 30, mx.float32, False, 6, 3072),  # K % 4 != 0: the forward stages W by scalars
 ]
 
 
@@ -311,17 +320,17 @@ STREAMED_CASES = [  # (cell, L, B, H, x dtype, zero initial state)
 @pytest.mark.parametrize("case", STREAMED_CASES, ids=lambda c: f"{c[0]}-H{c[3]}-{str(c[4]).split('.')[-1]}")
 def test_emulated_streamed_weights(case):
     """W_h streamed from global memory every step (``weights="global"``, template
-    ``WG``: forward W_h's rows in gate groups, backward W_h^T's rows), K in several
-    chunks, several blocks per batch group; shared memory holds no W_h."""
-    cell, L, B, H, xdt, zero = case
-    limits = P.Limits(num_sms=6, smem_per_block=512, smem_per_sm=3072)
-    assert P.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64) is None  # no W slice fits
+    ``WG``: forward W_h's rows in gate groups, backward W_h^T's rows, each K-chunk of
+    the block's rows staged in shared memory), K in several chunks, several blocks
+    per batch group; shared memory holds no W_h slice."""
+    cell, L, B, H, xdt, zero, sms, smem = case
+    limits = P.Limits(num_sms=sms, smem_per_block=smem, smem_per_sm=2 * smem + 2048)
     problem = ref.problem(cell, L, B, H, xdt)
     xp, w_h, s0, params = problem
     for direction in ("forward", "backward"):
         p = P.plan(direction, cell, H, B, limits, x_dtype=xdt, tpb=64, weights="global")
         assert p is not None and p.w_global and H % p.U == 0 and p.NU > 1
-        assert p.smem == P.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, 0)
+        assert p.smem == P.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, 0, True)
         if direction == "backward" and cell != "rnn_tanh":
             assert p.KCH < p.K  # K = G*H in several chunks
     got, _ = emu.forward(cell, xp, w_h, s0, params, zero, limits, weights="global")
@@ -359,8 +368,9 @@ def test_streamed_weights_where_no_slice_fits_by_the_measured_bound(monkeypatch)
 @needs_cxx
 def test_emulated_streamed_weights_with_lengths_and_directions():
     """The varlen bodies with a streamed W_h: two problems (their own W_h), the
-    second reversed, per-row lengths, x and out problem-interleaved."""
-    limits = P.Limits(num_sms=6, smem_per_block=512, smem_per_sm=3072)
+    second reversed, per-row lengths, x and out problem-interleaved (K in one chunk:
+    chunks are ``test_emulated_streamed_weights``'s)."""
+    limits = P.Limits(num_sms=6, smem_per_block=2560, smem_per_sm=2 * 2560 + 2048)
     cell, L, B, H = "lstm", 4, 2, 12
 
     def forward(*args, lens, rev, interleaved):
@@ -436,8 +446,8 @@ def _assert_compiles(p, xdt, lens=False, rev=0, interleaved=False):
     assert ok, log[-4000:]
     assert regs is not None and regs <= 128, log
     allowed = 32 if p.NP > 1 and (lens or rev) else 0  # measured: 8-24 bytes (NVRTC 13.0)
-    if p.w_global:  # streamed W_h: the N rows' global loads in flight; measured 16-52 bytes at N = 32-64
-        allowed = 64
+    if p.w_global:  # streamed W_h (its K-chunk staged in shared memory): measured up to 72 bytes
+        allowed = 80  # (the two-problem varlen bfloat16 LSTM forward, N = 64; NVRTC 13.0)
     if interleaved and p.cell == "slstm":  # 32 stored / 64 loaded (no layer runs it: only bidirectional
         allowed = 64                        # LSTM / GRU / RNN layers read x and write out interleaved)
     assert spill_st <= allowed and spill_ld <= allowed and stack <= allowed, log

@@ -264,6 +264,10 @@ class Plan:
     # W_h streamed from global memory (L2) every step instead of held in shared
     # memory (template WG): for W_h slices no shared memory holds
     w_global: bool = False
+    # Column splits of the projection's warp tasks (template NCS): a task takes RB rows
+    # of N / NCS columns, so each W_h load feeds RB rows' FMAs (RB * N / NCS <= 32
+    # accumulators a lane)
+    NCS: int = 1
 
     @property
     def K(self):
@@ -282,9 +286,10 @@ class Plan:
         return self.NBB * self.NP * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
 
 
-def smem_bytes(K, N, BBP, KCH, KS, w_bytes):
-    """Shared memory of one block (``frnn::carve``'s layout)."""
-    return 4 * (BBP * KCH + KS * BBP * N) + N * K * w_bytes
+def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False):
+    """Shared memory of one block (``frnn::carve``'s layout); ``w_global``: a
+    streamed W_h, whose rows' K-chunk ([N][KCH] float) is staged instead of a slice."""
+    return 4 * (BBP * KCH + KS * BBP * N) + (4 * N * KCH if w_global else N * K * w_bytes)
 
 
 def _weight_options(weights, x_dtype):
@@ -302,16 +307,18 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes, w_global=False):
+def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes, w_global=False, NCS=1):
     """A rough cycles-per-step model of one block (to rank candidates; tune on
     the device): a fixed barrier + latency term, staging from L2 (~32 B/clk),
     shared-memory loads and shuffles at one warp instruction per clock, FMAs at
     four, and the cell's elementwise work; a streamed W_h adds its slice read
-    from L2 (~32 B/clk) every step."""
+    from L2 (~32 B/clk) every step. A task of NCS column splits loads RB rows and
+    N / NCS columns per k-iteration."""
     chunks = _cdiv(K, KCH)
-    tasks = (BBP // RB) * KS
+    tasks = (BBP // RB) * KS * NCS
+    nc = N // NCS
     iters = _cdiv(_cdiv(KCH, 32), KS)  # k-iterations of one lane per task and chunk
-    per_task = iters * (RB + N + RB * N / 4.0) + RB * N * 5
+    per_task = iters * (RB + nc + RB * nc / 4.0) + RB * nc * 5
     matvec = tasks * chunks * per_task
     stage = BBP * K * 4 / 32.0 + chunks * 600.0
     cell = EPT * (G * 40 + 60) * (2 if direction == "backward" else 1)
@@ -334,11 +341,18 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     # Cached (the search took ~20 us, twice per training call); the env
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
-                 _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"))
+                 _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
+                 column_splits_enabled())
+
+
+def column_splits_enabled():
+    """Whether the planner may split the projection's warp tasks by columns (``Plan.NCS``);
+    ``MLX_FASTRNN_PERSISTENT_COLSPLIT=0`` keeps whole-column tasks (the kernels before)."""
+    return os.environ.get("MLX_FASTRNN_PERSISTENT_COLSPLIT", "").strip().lower() not in ("0", "false", "off", "no")
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env):
+def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -370,31 +384,49 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         N = G * U if direction == "forward" else U
         if N > MAX_N:
             continue
-        RB = next((rb for rb in (4, 2) if rb * N <= 32 and rb <= BB), 1)
-        BBP = -(-BB // RB) * RB
-        rg = BBP // RB
         EPT = -(-(BB * U) // tpb)
         if EPT > CELLS[cell].max_ept:
             continue
-        for w_bf16 in _weight_options(weights, x_dtype):
-            w_bytes = 0 if weights == "global" else 2 if w_bf16 else 4
-            KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
-            room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes)
-            if room < 4 * BBP * 32:
-                continue
-            KCH = K if 4 * BBP * K <= room else (room // (4 * BBP)) // 32 * 32
-            KS = max(1, min(KS, -(-KCH // 32)))
-            smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes)
-            if smem > budget:
-                continue
-            cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes, weights == "global")
-            p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
-                     w_bf16, smem, cost, problems, weights == "global")
-            key = (cost, p.nblocks, w_bf16)
-            if best is None or key < (best.cost, best.nblocks, best.w_bf16):
-                best = p
-            break  # float32 fits: no need for bfloat16
+        glob = weights == "global"
+        for RB, NCS in _task_shapes(N, BB, colsplit):
+            BBP = -(-BB // RB) * RB
+            rg = BBP // RB * NCS  # warp tasks of one K-split
+            for w_bf16 in _weight_options(weights, x_dtype):
+                w_bytes = 0 if glob else 2 if w_bf16 else 4
+                KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
+                room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes, glob)
+                per_k = 4 * (BBP + (N if glob else 0))  # staged bytes per k of a chunk
+                if room < per_k * 32:
+                    continue
+                KCH = K if per_k * K <= room else (room // per_k) // 32 * 32
+                KS = max(1, min(KS, -(-KCH // 32)))
+                smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob)
+                if smem > budget:
+                    continue
+                cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes, glob, NCS)
+                p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
+                         w_bf16, smem, cost, problems, glob, NCS)
+                key = (cost, p.nblocks, w_bf16, NCS)
+                if best is None or key < (best.cost, best.nblocks, best.w_bf16, best.NCS):
+                    best = p
+                break  # float32 fits: no need for bfloat16
     return best
+
+
+def _task_shapes(N, BB, colsplit=True):
+    """(rows RB, column splits NCS) of the projection's warp tasks to try: the
+    whole N columns with the most rows that keep RB * N <= 32 accumulators (one
+    row at N > 32); with ``colsplit`` also, per split of N into 2, 4 or 8, the most
+    rows (up to 8, at most BB) with RB * N / NCS <= 32."""
+    shapes = [(next((rb for rb in (4, 2) if rb * N <= 32 and rb <= BB), 1), 1)]
+    if colsplit:
+        for ncs in (2, 4, 8):
+            if N % ncs:
+                continue
+            rb = next((r for r in (8, 4, 2) if r * (N // ncs) <= 32 and r <= BB), None)
+            if rb is not None and (rb, ncs) not in shapes and rb > shapes[0][0]:
+                shapes.append((rb, ncs))
+    return shapes
 
 
 # --------------------------------------------------------------------------- sources
@@ -434,6 +466,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
         ("BB", p.BB),
         ("BBP", p.BBP),
         ("RB", p.RB),
+        ("NCS", p.NCS),
         ("KS", p.KS),
         ("KCH", p.KCH),
         ("TPB", p.TPB),

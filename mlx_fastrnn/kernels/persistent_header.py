@@ -15,7 +15,8 @@ of this header and every cell body run unchanged on the host under test.
 Layout of the dynamic shared memory of one block (``carve``), in this order:
   hs   float [BBP][KCH]       the block's rows of the projected operand (one K-chunk)
   part float [KS][BBP][N]     per-K-split partial sums of the projection
-  Ws   WT    [N][K]           the block's slice of W_h (rows, or transposed columns)
+  Ws   WT    [N][K]           the block's slice of W_h (rows, or transposed columns);
+                              a streamed W_h (WG): float [N][KCH], the rows' current K-chunk
 Python's ``smem_bytes`` computes the same total.
 
 Switches, defined before this header (none by default), each undoing one
@@ -325,29 +326,37 @@ struct pow2_at_least {  // smallest power of two >= V, at most 32 (= 32 >> shift
 // part[(ks*BBP + r)*N + n] (+)= sum_{k in split ks of the chunk} hs[r][k] * W[n][k0 + k],
 // row n of W at Ws + (n / RU) * GS + (n % RU) * K: the shared-memory slice's rows are
 // consecutive (RU = N), a streamed W_h's rows (WG) gate groups of U rows GS apart.
-// A warp takes a task (row group of RB rows, K-split ks); its lanes stride over
-// k, so hs and Ws reads are consecutive words (no bank conflicts), then a
-// butterfly reduction. The same lane owns the same part element in every
-// chunk, so accumulation across chunks needs no synchronisation.
-template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT, int RU = N, int GS = 0>
+// A warp takes a task (row group of RB rows, K-split ks, column split cs: NC = N / NCS
+// columns from cs * NC); its lanes stride over k, so hs and Ws reads are consecutive
+// words (no bank conflicts), then a butterfly reduction. Column splits let a task take
+// more rows (RB * NC accumulators a lane): each W load then feeds RB rows' FMAs. The
+// same lane owns the same part element in every chunk, so accumulation across chunks
+// needs no synchronisation.
+template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, typename WT, int RU = N, int GS = 0,
+          int NCS = 1>
 __device__ __forceinline__ void matvec_chunk(
     const float* hs, const WT* Ws, int k0, int klen, float* part, bool accumulate) {
 #if defined(FRNN_DIAG_NO_MATVEC)
   return;
 #endif
+  static_assert(N % NCS == 0, "column splits of equal width");
+  constexpr int NC = N / NCS;
   constexpr int RG = BBP / RB;
   constexpr int NW = TPB / 32;
   constexpr int KC = (((KCH + 31) / 32 + KS - 1) / KS) * 32;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  for (int task = warp; task < RG * KS; task += NW) {
-    const int rg = task / KS;
-    const int ks = task - rg * KS;
-    float acc[RB][N];
+  for (int task = warp; task < RG * KS * NCS; task += NW) {
+    const int cs = task % NCS;
+    const int rk = task / NCS;
+    const int rg = rk / KS;
+    const int ks = rk - rg * KS;
+    const int n0 = cs * NC;
+    float acc[RB][NC];
 #pragma unroll
     for (int rr = 0; rr < RB; ++rr) {
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
+      for (int n = 0; n < NC; ++n) {
         acc[rr][n] = 0.0f;
       }
     }
@@ -369,8 +378,9 @@ __device__ __forceinline__ void matvec_chunk(
           hv[rr] = *reinterpret_cast<const float4*>(hrow + rr * KCH + k);
         }
 #pragma unroll
-        for (int n = 0; n < N; ++n) {
-          const float4 wv = ld4(wk + (n / RU) * GS + (n % RU) * K + k);
+        for (int n = 0; n < NC; ++n) {
+          const int nn = n0 + n;
+          const float4 wv = ld4(wk + (nn / RU) * GS + (nn % RU) * K + k);
 #pragma unroll
           for (int rr = 0; rr < RB; ++rr) {
             float a = acc[rr][n];
@@ -390,8 +400,9 @@ __device__ __forceinline__ void matvec_chunk(
         hv[rr] = hrow[rr * KCH + k];
       }
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
-        const float wv = to_f(wk[(n / RU) * GS + (n % RU) * K + k]);
+      for (int n = 0; n < NC; ++n) {
+        const int nn = n0 + n;
+        const float wv = to_f(wk[(nn / RU) * GS + (nn % RU) * K + k]);
 #pragma unroll
         for (int rr = 0; rr < RB; ++rr) {
           acc[rr][n] = fmaf(hv[rr], wv, acc[rr][n]);
@@ -402,49 +413,93 @@ __device__ __forceinline__ void matvec_chunk(
 #pragma unroll
     for (int rr = 0; rr < RB; ++rr) {
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
+      for (int n = 0; n < NC; ++n) {
         const float v = warp_sum(acc[rr][n]);
-        if (lane == ((rr * N + n) & 31)) {
-          float* p = part + (ks * BBP + rg * RB + rr) * N + n;
+        if (lane == ((rr * NC + n) & 31)) {
+          float* p = part + (ks * BBP + rg * RB + rr) * N + n0 + n;
           *p = accumulate ? *p + v : v;
         }
       }
     }
 #else
-    // The task's RB*N sums in groups of up to 32; value i is row i / N, column
-    // i % N, i.e. part's row-major order from this task's first row.
-    constexpr int V = RB * N;
+    // The task's RB*NC sums in groups of up to 32; value i is row i / NC, column
+    // n0 + i % NC of part (row-major from this task's first row).
+    constexpr int V = RB * NC;
     constexpr int P = pow2_at_least<V>::value;
     constexpr int SH = pow2_at_least<V>::shift;
-    float* prow = part + (ks * BBP + rg * RB) * N;
+    float* prow = part + (ks * BBP + rg * RB) * N + n0;
 #pragma unroll
     for (int g0 = 0; g0 < V; g0 += P) {
       float v[P];
 #pragma unroll
       for (int i = 0; i < P; ++i) {
         const int q = g0 + i < V ? g0 + i : 0;
-        v[i] = g0 + i < V ? acc[q / N][q % N] : 0.0f;
+        v[i] = g0 + i < V ? acc[q / NC][q % NC] : 0.0f;
       }
       const float sum = warp_sum_many<P>(v, lane);
       const int idx = g0 + (lane >> SH);
       if ((lane & ((1 << SH) - 1)) == 0 && idx < V) {
-        prow[idx] = accumulate ? prow[idx] + sum : sum;
+        float* p = prow + (idx / NC) * N + idx % NC;
+        *p = accumulate ? *p + sum : sum;
       }
     }
 #endif
   }
 }
 
+// Wc[n * KCH + k] = W's row n (at W + (n / RU) * GS + (n % RU) * K) at column k0 + k,
+// k < klen: a streamed W_h's current K-chunk of the block's rows, read from global
+// memory (L2) once per block and step; every warp task then reads it from shared
+// memory (reading global memory per task re-read the rows once per row group:
+// BBP / RB times the bytes).
+template <int K, int KCH, int N, int TPB, int RU, int GS, typename WT>
+__device__ __forceinline__ void stage_w(float* Wc, const WT* W, int k0, int klen) {
+  if ((KCH % 4) == 0 && (K % 4) == 0 && (GS % 4) == 0 && (k0 % 4) == 0 &&
+      (reinterpret_cast<unsigned long long>(W) % 16) == 0 &&
+      (reinterpret_cast<unsigned long long>(Wc) % 16) == 0) {
+    // K % 4 == 0 and KCH % 4 == 0: klen is a multiple of 4, k < klen covers k + 3
+    constexpr int KQ = KCH / 4;
+    float4* wc4 = reinterpret_cast<float4*>(Wc);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < N * KQ; i += TPB) {
+      const int n = i / KQ;
+      const int k = 4 * (i - n * KQ);
+      if (k < klen) {
+        wc4[i] = ld4(W + (n / RU) * GS + (n % RU) * K + k0 + k);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < N * KCH; i += TPB) {
+      const int n = i / KCH;
+      const int k = i - n * KCH;
+      if (k < klen) {
+        Wc[i] = to_f(W[(n / RU) * GS + (n % RU) * K + k0 + k]);
+      }
+    }
+  }
+}
+
 // part <- the block's rows of src (rows r0.., row stride ld, K columns) times
 // Ws^T, K-chunk by K-chunk. Ends with __syncthreads: part is ready to read.
-template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, int RU = N, int GS = 0, typename WT>
+// STREAM_W: Ws is W_h in global memory (rows as matvec_chunk's RU / GS say), each
+// K-chunk staged into Wc (shared, [N][KCH]) with the rows' chunk.
+template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, int RU = N, int GS = 0,
+          bool STREAM_W = false, int NCS = 1, typename WT>
 __device__ __forceinline__ void project(
-    const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part) {
+    const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part, float* Wc = nullptr) {
   for (int k0 = 0; k0 < K; k0 += KCH) {
     const int klen = imin(KCH, K - k0);
     stage_rows<BBP, KCH, TPB>(hs, src, ld, nrows, k0, klen);
+    if (STREAM_W) {
+      stage_w<K, KCH, N, TPB, RU, GS>(Wc, Ws, k0, klen);
+    }
     __syncthreads();
-    matvec_chunk<K, KCH, BBP, N, RB, KS, TPB, WT, RU, GS>(hs, Ws, k0, klen, part, k0 > 0);
+    if (STREAM_W) {
+      matvec_chunk<KCH, KCH, BBP, N, RB, KS, TPB, float, N, 0, NCS>(hs, Wc, 0, klen, part, k0 > 0);
+    } else {
+      matvec_chunk<K, KCH, BBP, N, RB, KS, TPB, WT, RU, GS, NCS>(hs, Ws, k0, klen, part, k0 > 0);
+    }
     __syncthreads();
   }
 }
@@ -473,6 +528,7 @@ __device__ __forceinline__ float part_sum(const float* part, int r, int n) {
 #   TPB   threads per block                               EPT  cell elements per thread (ceil(BB*U / TPB))
 #   NBB   batch groups per problem                        NP   independent problems (own W_h, own rows)
 #   WG    W_h streamed from global memory every step (no shared-memory slice; U divides H)
+#   NCS   column splits of the projection's warp tasks (N / NCS columns, RB rows each)
 #   H0Z   forward: the initial state is zero (step 0 skips the projection)
 #   NEED_D0  backward: also produce the initial states' cotangents
 #   RELU  RNN: relu instead of tanh
@@ -489,7 +545,8 @@ def block_prologue(direction, gates):
     per-unit parameters, rows problem-major), j0, r0, nrows, counter, the shared-memory carve (hs, part, Ws) with this block's W_h
     slice loaded (rows for the forward, transposed columns for the backward),
     ``Wsrc`` the rows the projection reads (``Ws``, or under ``WG`` W_h's own rows in
-    global memory: forward W_h, backward the W_h^T the launch passes), and the
+    global memory: forward W_h, backward the W_h^T the launch passes; ``Ws`` is then
+    the shared [N][KCH] buffer their K-chunks are staged in), and the
     per-thread element slots ok/er/eu (filled by ``ELEMENT_SLOT``).
     ``gates`` is the C++ expression for the number of gates (``"G"`` or ``"1"``).
     """
