@@ -343,22 +343,22 @@ def test_emulated_streamed_weights(case):
 def test_streamed_weights_where_no_slice_fits_by_the_measured_bound(monkeypatch):
     """``select`` streams W_h only where no shared-memory plan fits, by default only
     where the plan's cost is within ``STREAMED_MAX_CYCLES`` (B=16 H=1024 LSTM: yes;
-    B=128: no, the per-step GEMM wins), always with MLX_FASTRNN_PERSISTENT_STREAMED=1,
+    B=64 H=1536: no, the per-step GEMM wins), always with MLX_FASTRNN_PERSISTENT_STREAMED=1,
     never with =0; the streamed plans keep the grid within the SMs."""
     monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_STREAMED", raising=False)
     big, small = mx.zeros((3, 16, 4 * 1024)), mx.zeros((3, 16, 4 * 256))
-    wide = mx.zeros((3, 128, 4 * 1024))
+    wide, w_wide = mx.zeros((3, 64, 4 * 1536)), mx.zeros((4 * 1536, 1536))
     w_big, w_small = mx.zeros((4 * 1024, 1024)), mx.zeros((4 * 256, 256))
     for direction in ("forward", "backward"):
         p = P.select(direction, "lstm", big, w_big, H100)
         assert p is not None and p.w_global and p.nblocks <= H100.num_sms and 1024 % p.U == 0
         assert p.cost <= P.STREAMED_MAX_CYCLES
         assert not P.select(direction, "lstm", small, w_small, H100).w_global
-        assert P.plan(direction, "lstm", 1024, 128, H100, weights="global").cost > P.STREAMED_MAX_CYCLES
-        assert P.select(direction, "lstm", wide, w_big, H100) is None
+        assert P.plan(direction, "lstm", 1536, 64, H100, weights="global").cost > P.STREAMED_MAX_CYCLES
+        assert P.select(direction, "lstm", wide, w_wide, H100) is None
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_STREAMED", "1")
     for direction in ("forward", "backward"):
-        assert P.select(direction, "lstm", wide, w_big, H100).w_global
+        assert P.select(direction, "lstm", wide, w_wide, H100).w_global
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_STREAMED", "0")
     for direction in ("forward", "backward"):
         assert P.select(direction, "lstm", big, w_big, H100) is None

@@ -206,15 +206,19 @@ def test_device_limits_and_grid():
                     assert p.smem <= limits.smem_per_block
 
 
-def test_selector_falls_back():
+def test_selector_falls_back(monkeypatch):
     xp, w_h, s0, params = ref.problem("lstm", 3, 2, 64)
     tiny = P.Limits(num_sms=1, smem_per_block=1024, smem_per_sm=4096)
     assert P.persistent_sequence("lstm", xp, w_h, s0, params, False, limits=tiny) is None
-    # W_h slice too large for shared memory (LSTM H=2048 on 132 SMs: 512 KiB per block).
+    # W_h slice too large for shared memory (LSTM H=2048 on 132 SMs: 512 KiB per block):
+    # streamed by default, the per-step cells without streaming
     big_x = mx.zeros((2, 1, 4 * 2048))
     big_w = mx.zeros((4 * 2048, 2048))
     states = (mx.zeros((1, 2048)), mx.zeros((1, 2048)))
+    assert P.select("forward", "lstm", big_x, big_w).w_global
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_STREAMED", "0")
     assert P.persistent_sequence("lstm", big_x, big_w, states, (), False) is None
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_STREAMED")
     # wrong state shapes / params
     assert P.persistent_sequence("lstm", xp, w_h, s0[:1], params, False) is None
     assert P.persistent_sequence("gru", *ref.problem("gru", 2, 2, 8)[:3], (), False) is None

@@ -568,16 +568,16 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     return p
 
 
-# A streamed W_h (``Plan.w_global``) re-reads the whole W_h every step, so it beats the
-# per-step cells (one cuBLAS matmul + one kernel per step) only while the planner's
-# per-step cost stays small. Measured on the H200 (2026-12-04, benchmarks/RESULTS.md
-# "Capacity": GRU/LSTM/RNN at 1x100x1024, 4x50x2048, 8x128x2048, 16x256x1024, 64x50x1536,
-# 128x50x1024, float32 and bfloat16, streamed against the per-step cells in one run): every
-# plan costed <= 50,268 cycles per step was faster streamed (0.15-0.88x the per-step time,
-# e.g. LSTM 16x256x1024 float32 4.7 ms against 11.3), every plan costed >= 65,284 slower
-# (LSTM 8x128x2048 1.1-1.6x, B >= 64 at H >= 1024 1.3-4.3x: there cuBLAS's GEMM per step
-# wins). The bound sits between the two.
-STREAMED_MAX_CYCLES = 56_000
+# A streamed W_h (``Plan.w_global``) re-reads the whole W_h from L2 (or memory) every
+# step, so it beats the per-step cells (one cuBLAS matmul + one kernel per step) only
+# while the planner's per-step cost stays moderate. Measured on the H200 (2026-12-04,
+# benchmarks/RESULTS.md "Capacity", the kernel that stages each K-chunk of W_h in shared
+# memory, in alternating rounds against MLX_FASTRNN_PERSISTENT_STREAMED=0): faster at
+# every plan costed up to 168,536 cycles per step (LSTM 16x256x1024 0.31-0.36x the
+# per-step time, LSTM 4x50x2048 0.51-0.64x, GRU 8x128x2048 0.61-0.68x, LSTM 8x128x2048
+# 0.65-0.67x, GRU 128x50x1024 0.66-0.82x), slower at LSTM 64x50x1536 (plans of 203,888
+# and 236,236: 1.58-1.72x, where cuBLAS's GEMM per step wins). The bound sits between.
+STREAMED_MAX_CYCLES = 186_000
 
 
 def streamed_mode():
