@@ -152,16 +152,24 @@ for s in $STAGES; do
     flashrnn) stage flashrnn "$T_F32" python3 benchmarks/flashrnn_bench.py $FLASHRNN_GRID \
              --budget "$BUDGET" --json "$OUT/flashrnn.json" ;;
     # FlashRNN itself on the same grid (its wheel carried as .device-mlx/flashrnn-*.whl): its
-    # kernels built in 8 parallel processes first (nvcc / Triton, ~25-30 s each), then timed
+    # kernels built in one process per core first (nvcc / Triton, ~25-35 s each; the whole grid's
+    # 108 `cuda` kernels took ~4 min in 16 processes on 2026-12-04), then timed: `cuda` on the grid,
+    # `triton_fused` only at FLASHRNN_TRITON_DIMS (default 64: the only D it built there)
     flashrnn_torch) install_flashrnn
-             stage flashrnn_builds "$T_FLASHRNN_BUILD" bash -c 'for i in 1 2 3 4 5 6 7 8; do
-               PYTHONPATH="'"$TORCH_PYTHONPATH"'" python3 benchmarks/flashrnn_torch.py --build-only --part $i/8 \
+             NB=$(nproc)
+             stage flashrnn_builds "$T_FLASHRNN_BUILD" bash -c 'for i in $(seq 1 '"$NB"'); do
+               PYTHONPATH="'"$TORCH_PYTHONPATH"'" python3 benchmarks/flashrnn_torch.py --build-only --part $i/'"$NB"' \
                  '"$FLASHRNN_GRID"' --json /tmp/frnn_build.$i.json > /tmp/frnn_build.$i.log 2>&1 & done; wait
                grep -h "s  \[\|error" /tmp/frnn_build.*.log'
              ls /tmp/frnn_build.*.json >/dev/null 2>&1 &&  # build times and errors
                python3 -c "$CONCAT_JSON" "$OUT/flashrnn_builds.json" /tmp/frnn_build.*.json
              stage flashrnn_torch "$T_FLASHRNN" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/flashrnn_torch.py \
-             $FLASHRNN_GRID --budget "$BUDGET" --json "$OUT/flashrnn_torch.json" ;;
+             $FLASHRNN_GRID --backends cuda --budget "$BUDGET" --json /tmp/frnn_cuda.json
+             stage flashrnn_triton "$T_FLASHRNN" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/flashrnn_torch.py \
+             $FLASHRNN_GRID --backends triton_fused --dims "${FLASHRNN_TRITON_DIMS:-64}" --budget "$BUDGET" \
+             --json /tmp/frnn_triton.json
+             FRNN_JSON=$(ls /tmp/frnn_cuda.json /tmp/frnn_triton.json 2>/dev/null)
+             [[ -n $FRNN_JSON ]] && python3 -c "$CONCAT_JSON" "$OUT/flashrnn_torch.json" $FRNN_JSON ;;
     # kernel classes: tiled vs resident per (cell, dtype, B, H), one tuning process per cell and
     # dtype building its kernels in parallel (NVRTC), timing them in turns (--lock)
     classes) stage classes "$T_CLASSES" bash -c "$CLASSES" ; classes_table ;;
