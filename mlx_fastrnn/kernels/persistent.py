@@ -202,6 +202,13 @@ def enabled():
     return os.environ.get("MLX_FASTRNN_PERSISTENT", "1").strip() not in ("0", "false", "off", "no")
 
 
+def _env_switch(name):
+    """An on/off environment switch: True (1/true/on/yes), False (0/false/off/no),
+    None (unset or anything else: the default applies)."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
+
+
 # Kernel variants that MLX_FASTRNN_PERSISTENT_SWITCHES (comma-separated) turns
 # on, to bisect a wrong result or a slowdown on a device without editing code.
 SWITCHES = {
@@ -348,7 +355,7 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
 def column_splits_enabled():
     """Whether the planner may split the projection's warp tasks by columns (``Plan.NCS``);
     ``MLX_FASTRNN_PERSISTENT_COLSPLIT=0`` keeps whole-column tasks (the kernels before)."""
-    return os.environ.get("MLX_FASTRNN_PERSISTENT_COLSPLIT", "").strip().lower() not in ("0", "false", "off", "no")
+    return _env_switch("MLX_FASTRNN_PERSISTENT_COLSPLIT") is not False
 
 
 @functools.lru_cache(maxsize=256)
@@ -424,7 +431,7 @@ def _task_shapes(N, BB, colsplit=True):
             if N % ncs:
                 continue
             rb = next((r for r in (8, 4, 2) if r * (N // ncs) <= 32 and r <= BB), None)
-            if rb is not None and (rb, ncs) not in shapes and rb > shapes[0][0]:
+            if rb is not None and rb > shapes[0][0]:
                 shapes.append((rb, ncs))
     return shapes
 
@@ -585,12 +592,7 @@ def streamed_mode():
     shared-memory plan holds streams), ``"off"`` (0/false/off/no: never), else
     ``"auto"`` (the default: where the plan's cost is within
     :data:`STREAMED_MAX_CYCLES`)."""
-    value = os.environ.get("MLX_FASTRNN_PERSISTENT_STREAMED", "").strip().lower()
-    if value in ("1", "true", "on", "yes"):
-        return "on"
-    if value in ("0", "false", "off", "no"):
-        return "off"
-    return "auto"
+    return {True: "on", False: "off", None: "auto"}[_env_switch("MLX_FASTRNN_PERSISTENT_STREAMED")]
 
 
 # Whether the tiled class may run several problems in one launch (``classes.accepts``),
@@ -617,10 +619,7 @@ MULTI_PROBLEM_KINDS = ("heads", "directions")
 def multi_problem_enabled(kind="directions"):
     if kind not in MULTI_PROBLEM_KINDS:
         raise ValueError(f"kind must be one of {MULTI_PROBLEM_KINDS}, not {kind!r}")
-    value = os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip().lower()
-    if value == "":
-        return True
-    return value not in ("0", "false", "off", "no")
+    return _env_switch("MLX_FASTRNN_PERSISTENT_PROBLEMS") is not False
 
 
 def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, weights):
