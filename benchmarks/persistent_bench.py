@@ -122,7 +122,8 @@ def rel_diff(a_list, b_list):
 def plan_text(p):
     if p is None:
         return "-"
-    return f"U{p.U} NU{p.NU} BB{p.BB}x{p.NBB} KS{p.KS} {p.smem // 1024}K{' bf16W' if p.w_bf16 else ''}"
+    return (f"U{p.U} NU{p.NU} BB{p.BB}x{p.NBB} RB{p.RB}/{p.NCS} KS{p.KS} {p.smem // 1024}K"
+            f"{' bf16W' if p.w_bf16 else ''}{' WG' if p.w_global else ''}")
 
 
 def main(argv=None):

@@ -20,7 +20,8 @@ alone, on the forward's saved tensors):
   cells), the kernel alone and the input projection alone, to see what the
   layer adds around the kernel (``--layer-repeats`` calls each).
 * ``plans``: other splits of the same problem (batch groups ``nbb``, a cap on
-  the blocks, threads per block), each checked against the selected plan's
+  the blocks, threads per block, column splits of the projection's warp tasks on
+  and off), each checked against the selected plan's
   results (max abs difference) and with the planner's model cost, to calibrate
   ``plan``.
 
@@ -90,17 +91,27 @@ class Problem:
 
 
 def candidate_plans(direction, cell, H, B, limits, x_dtype):
-    """Distinct feasible splits: batch groups x block caps x threads per block."""
+    """Distinct feasible splits: batch groups x block caps x threads per block x the
+    projection's warp tasks with and without column splits (``Plan.NCS``)."""
     out = {}
-    for tpb in (128, 256, 512):
-        for cap in (limits.num_sms, 96, 64, 32, 16):
-            capped = P.Limits(**{**limits.__dict__, "num_sms": cap})
-            nbb = 1
-            while nbb <= min(B, cap):
-                p = P.plan(direction, cell, H, B, capped, x_dtype=x_dtype, tpb=tpb, nbb=nbb)
-                if p is not None:
-                    out.setdefault((p.U, p.NU, p.BB, p.NBB, p.KS, p.KCH, p.TPB, p.w_bf16), p)
-                nbb *= 2
+    saved = os.environ.get("MLX_FASTRNN_PERSISTENT_COLSPLIT")
+    try:
+        for colsplit in ("1", "0"):
+            os.environ["MLX_FASTRNN_PERSISTENT_COLSPLIT"] = colsplit
+            for tpb in (128, 256, 512):
+                for cap in (limits.num_sms, 96, 64, 32, 16):
+                    capped = P.Limits(**{**limits.__dict__, "num_sms": cap})
+                    nbb = 1
+                    while nbb <= min(B, cap):
+                        p = P.plan(direction, cell, H, B, capped, x_dtype=x_dtype, tpb=tpb, nbb=nbb)
+                        if p is not None:
+                            out.setdefault((p.U, p.NU, p.BB, p.NBB, p.RB, p.NCS, p.KS, p.KCH, p.TPB, p.w_bf16), p)
+                        nbb *= 2
+    finally:
+        if saved is None:
+            os.environ.pop("MLX_FASTRNN_PERSISTENT_COLSPLIT", None)
+        else:
+            os.environ["MLX_FASTRNN_PERSISTENT_COLSPLIT"] = saved
     return list(out.values())
 
 

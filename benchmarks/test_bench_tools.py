@@ -89,3 +89,19 @@ def test_class_table_keeps_the_fastest_split(tmp_path):
     exec(path.read_text(), scope)
     assert scope["SELECTION"] == {("lstm", "forward", "float32"): [(8, 32, "resident", 1, 1),
                                                                   (8, 64, "resident", 4, 1, 4)]}
+
+
+def test_tuning_candidates_cover_column_splits_and_restore_the_env(monkeypatch):
+    """persistent_tune's candidate splits include warp tasks with and without column
+    splits (to time the planner's choice), and leave MLX_FASTRNN_PERSISTENT_COLSPLIT as
+    they found it."""
+    import mlx.core as mx
+    import persistent_tune
+    from mlx_fastrnn.kernels import persistent as P
+
+    h100 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_COLSPLIT", "keep")
+    plans = persistent_tune.candidate_plans("forward", "lstm", 256, 64, h100, mx.float32)
+    assert {p.NCS for p in plans} >= {1, 8} and all(p.nblocks <= 132 for p in plans)
+    assert os.environ["MLX_FASTRNN_PERSISTENT_COLSPLIT"] == "keep"
+    assert "RB4/8" in persistent_tune.plan_text(next(p for p in plans if p.NCS == 8))
