@@ -235,19 +235,24 @@ def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads):
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
 
 
+@pytest.mark.parametrize("steps_kind", ["reference", "compiled"])
 @pytest.mark.parametrize("cell_name,h0_given", [("lstm", False), ("slstm", True), ("rnn_tanh", True)])
-def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_given):
-    """Heads as problems on the per-step path (``ops.sequence.recurrence`` with a
-    stacked [N, G*D, D] W_h: one batched matmul per step, what the CUDA per-step
-    cells run when no whole-sequence kernel takes the heads): the same state
-    sequences and every gradient (xp, each head's W_h, the initial states) as the
-    dense block-diagonal W_h on the same steps."""
+def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_given, steps_kind):
+    """Heads as problems on the step loop (``ops.sequence.recurrence`` with a
+    stacked [N, G*D, D] W_h: one batched matmul per step, what the per-step cells
+    run when no whole-sequence kernel takes the heads, and the CPU's compiled steps
+    with their whole-sequence backward): the same state sequences and every
+    gradient (xp, each head's W_h, the initial states) as the dense block-diagonal
+    W_h on the same steps."""
     from mlx_fastrnn.cells import LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
     from mlx_fastrnn.ops.heads import block_diagonal as dense
     from mlx_fastrnn.ops.sequence import recurrence
 
     cell = {"lstm": LSTM_CELL, "slstm": SLSTM_CELL, "rnn_tanh": RNN_TANH_CELL}[cell_name]
-    steps = cell.reference_steps  # forward and backward steps, no whole-sequence kernels
+    # reference: forward and backward steps; compiled: a forward step and the
+    # whole-sequence backward (the CPU's); neither has whole-sequence kernels
+    steps = cell.reference_steps if steps_kind == "reference" else cell.compiled_steps
+    assert (steps.backward_step is None) == (steps_kind == "compiled")
     g, n, d, length, batch = cell.num_gates, 3, 5, 6, 2
     ks = mx.random.split(mx.random.key(7), 4)
     r = mx.random.normal((g, n, d, d), key=ks[0]) / d ** 0.5
@@ -285,9 +290,12 @@ def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_gi
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
 
 
-def test_per_problem_step_loop_refuses_params_and_compiled_steps():
-    """Per-problem params (GRU's bhn: the step kernels read one [H] vector) and the
-    CPU's compiled steps (no per-step backward) have no per-problem step loop."""
+def test_per_problem_step_loop_refuses_params_and_steps_without_a_backward():
+    """Per-problem params (GRU's bhn: the step kernels and the CPU backward read one
+    [H] vector) and steps with neither a per-step nor a whole-sequence backward have
+    no per-problem step loop."""
+    import dataclasses
+
     from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL
     from mlx_fastrnn.ops.sequence import recurrence
 
@@ -295,6 +303,7 @@ def test_per_problem_step_loop_refuses_params_and_compiled_steps():
     with pytest.raises(RuntimeError, match="multi-problem"):
         mx.eval(recurrence(GRU_CELL, GRU_CELL.reference_steps, xp, w, [mx.zeros((4, 4))], (mx.zeros((2, 4)),),
                            (False,)))
+    forward_only = dataclasses.replace(LSTM_CELL.compiled_steps, backward_sequence=None)
     with pytest.raises(RuntimeError, match="multi-problem"):
-        mx.eval(recurrence(LSTM_CELL, LSTM_CELL.compiled_steps, mx.zeros((2, 4, 16)), mx.zeros((2, 16, 4)),
+        mx.eval(recurrence(LSTM_CELL, forward_only, mx.zeros((2, 4, 16)), mx.zeros((2, 16, 4)),
                            [mx.zeros((4, 4))] * 2, (), (False, False)))

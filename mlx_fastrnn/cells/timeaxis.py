@@ -15,3 +15,11 @@ def split_time(a):
 def f32(a):
     """``a`` as float32, without an op when it already is (ops cost time on the CPU)."""
     return a if a.dtype == mx.float32 else a.astype(mx.float32)
+
+
+def per_problem_matmul(a, w):
+    """``a @ w``; with ``w`` [NP, K, N] each problem's rows of ``a`` [NP*B, K]
+    (problem-major) by its own ``w[p]``: one batched matmul."""
+    if w.ndim == 2:
+        return a @ w
+    return (a.reshape(w.shape[0], -1, a.shape[-1]) @ w).reshape(a.shape[0], w.shape[-1])

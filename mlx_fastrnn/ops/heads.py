@@ -7,12 +7,12 @@ all heads in one launch or, where one grid cannot hold them all, the two
 halves of the heads in two launches (at most two: the shared-memory budget
 lets exactly two persistent grids be co-resident, as for the two directions of
 a bidirectional layer); else as the dense block-diagonal ``W_h`` where a
-whole-sequence kernel takes that, else on the per-step cells with one batched
-matmul per step (each head's rows by its own block: 1/N of the dense
-product's work and weight bytes), and only for a cell with per-unit params
-(GRU's ``bhn``, which the step kernels read as one [H] vector) or without
-per-step backward kernels (the CPU) the dense block-diagonal ``W_h`` on the
-per-step path (N times the recurrent work, the same numbers).
+whole-sequence kernel takes that, else (and on Metal and the CPU) on the step
+loop with one batched matmul per step (each head's rows by its own block: 1/N
+of the dense product's work and weight bytes), and only for a cell with
+per-unit params (GRU's ``bhn``, which the step kernels and the CPU's backward
+read as one [H] vector) the dense block-diagonal ``W_h`` on the step loop (N
+times the recurrent work, the same numbers).
 """
 
 from typing import NamedTuple
@@ -79,12 +79,15 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
     """
     gates, heads, dim, _ = r.shape
     length, batch, _ = xp.shape
-    if heads > 1 and steps.accepts is not None:
-        launches = _launches(steps, xp, gates, heads, dim)
-        # else the per-step loop of problems, unless the dense W_h takes a kernel (its
+    if heads > 1:
+        launches = _launches(steps, xp, gates, heads, dim) if steps.accepts is not None else None
+        # else the step loop of problems (one batched matmul per step; a per-step or the
+        # CPU's whole-sequence backward), unless the dense W_h takes a kernel (its
         # stand-in: shapes are all the planner reads)
-        if launches is None and not params and steps.backward_step is not None and not steps.accepts(
-                xp, _Shape((gates * heads * dim, heads * dim), mx.float32, 2)):
+        if launches is None and not params and (
+                steps.backward_step is not None or steps.backward_sequence is not None) and not (
+                steps.accepts is not None
+                and steps.accepts(xp, _Shape((gates * heads * dim, heads * dim), mx.float32, 2))):
             launches = [(0, heads)]
         if launches is not None:
             xg = xp.reshape(length, batch, gates, heads, dim)

@@ -15,11 +15,13 @@ MIN_ROWS = 4
 
 
 def transposed(w, rows):
-    """``w.T``, made contiguous when ``rows`` rows will be multiplied by it on
-    the CPU (GPU matmuls take the transposed view as it is)."""
+    """``w.T`` (each problem's, for a stacked [NP, K, N] ``w``), made contiguous when
+    ``rows`` rows will be multiplied by it on the CPU (GPU matmuls take the
+    transposed view as it is)."""
+    wt = w.T if w.ndim == 2 else w.swapaxes(-1, -2)
     if rows >= MIN_ROWS and mx.default_device().type == mx.cpu:
-        return mx.contiguous(w.T)
-    return w.T
+        return mx.contiguous(wt)
+    return wt
 
 
 @mx.custom_function

@@ -12,7 +12,7 @@ dominates on the CPU); the gates are recomputed elementwise.
 
 import mlx.core as mx
 
-from ..cells.timeaxis import split_time
+from ..cells.timeaxis import per_problem_matmul, split_time
 from .projection import transposed
 
 _FUNCTIONS = {}
@@ -88,12 +88,11 @@ def _make_function(cell, steps, given, n_params, varlen):
             out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
             if out is not None:
                 return out
-        if w_h.ndim == 3 and (params or steps.backward_step is None):
+        if w_h.ndim == 3 and (params or (steps.backward_step is None and steps.backward_sequence is None)):
             raise RuntimeError("mlx_fastrnn: a multi-problem recurrence with per-problem params, or without "
-                               "per-step backward kernels, needs the whole-sequence kernels")
+                               "a backward, needs the whole-sequence kernels")
         length, batch = xp.shape[0], xp.shape[1]
-        # reused by every step; per problem: [NP, H, G*H]
-        w_h_t = transposed(w_h, length * batch) if w_h.ndim == 2 else w_h.swapaxes(1, 2)
+        w_h_t = transposed(w_h, length * batch)  # reused by every step; per problem: [NP, H, G*H]
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
         for t, x_t in enumerate(split_time(xp)):
             if t == 0 and h0_is_zero:
@@ -146,7 +145,7 @@ def _make_function(cell, steps, given, n_params, varlen):
             )
         if whole is not None:
             dx, dhp, d_states0 = whole
-        elif w_h.ndim == 3:  # the forward checked: no params, a backward step
+        elif w_h.ndim == 3 and steps.backward_step is not None:  # the forward checked: no params
             dx, dhp, d_states0 = _backward_by_steps(
                 steps.backward_step, d_outs, xp, hp, prevs, params, w_h, need_d_states0
             )
@@ -257,14 +256,6 @@ def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, need_d
     dx = _concat_time(dxs, length, batch)
     dhp = dx if dhps[0] is dxs[0] else _concat_time(dhps, length, batch)
     return dx, dhp, d_rec
-
-
-def per_problem_matmul(a, w):
-    """``a @ w``; with ``w`` [NP, K, N] each problem's rows of ``a`` [NP*B, K]
-    (problem-major) by its own ``w[p]``: one batched matmul."""
-    if w.ndim == 2:
-        return a @ w
-    return (a.reshape(w.shape[0], -1, a.shape[-1]) @ w).reshape(a.shape[0], w.shape[-1])
 
 
 def _concat_time(pieces, length, batch):

@@ -11,7 +11,7 @@ Shapes (any leading batch axes ``...``; ``H`` hidden size):
 
 import mlx.core as mx
 
-from ..timeaxis import f32, split_time
+from ..timeaxis import f32, per_problem_matmul, split_time
 
 
 def _gates(x, hp):
@@ -80,7 +80,7 @@ def backward_sequence(d_outs, x, hp, prevs, params, w_h, need_d_state0):
         dpre = mx.concatenate(
             [(gc[:, None, :] * cs[t]).reshape(batch, 3 * hidden), gh * os_[t]], axis=-1
         )
-        rec_h, rec_c = dpre @ w_h, gc * fs[t]
+        rec_h, rec_c = per_problem_matmul(dpre, w_h), gc * fs[t]
         gh = rec_h if t == 0 else d_hs[t - 1] + rec_h
     gh = mx.concatenate(ghs, axis=0).reshape(length, batch, hidden)
     gc = mx.concatenate(gcs, axis=0).reshape(length, batch, 1, hidden)

@@ -8,7 +8,7 @@ hp [..., H] recurrent projection ``h W_hh^T`` (float32), h [..., H] (float32).
 
 import mlx.core as mx
 
-from ..timeaxis import f32, split_time
+from ..timeaxis import f32, per_problem_matmul, split_time
 
 
 def forward_step(x, hp, states, params, relu=False):
@@ -47,7 +47,7 @@ def backward_sequence(d_outs, x, hp, prevs, params, w_h, need_d_state0, relu=Fal
         dpres[t] = g * derivs[t]
         if t == 0 and not need_d_state0:
             break
-        rec = dpres[t] @ w_h
+        rec = per_problem_matmul(dpres[t], w_h)
         g = rec if t == 0 else d_hs[t - 1] + rec
     dpre = mx.concatenate(dpres, axis=0).reshape(pre.shape)
     return dpre, dpre, ((rec,) if need_d_state0 else None)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ..timeaxis import f32, split_time
+from ..timeaxis import f32, per_problem_matmul, split_time
 
 EXP_CAP = 88.0
 
@@ -190,6 +190,6 @@ def backward_sequence(d_outs, x, hp, prevs, params, w_h, need_d_state0):
         dgs[t] = dgates
         if t == 0 and not need_d_state0:
             break
-        rec = (dgates @ w_h, dc, dn, dm)
+        rec = (per_problem_matmul(dgates, w_h), dc, dn, dm)
     dgates = mx.concatenate(dgs, axis=0).reshape(length, x.shape[1], -1) if length > 1 else dgs[0][None]
     return dgates, dgates, (rec if need_d_state0 else None)
