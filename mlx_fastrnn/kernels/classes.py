@@ -49,8 +49,9 @@ def table_point(cell, direction, dtype, B, H):
     return min(points, key=lambda q: (math.log2(q[0]) - lb) ** 2 + (math.log2(q[1]) - lh) ** 2)
 
 
-class _Operand(NamedTuple):
-    """What planning reads of an array: its shape, dtype and rank."""
+class Operand(NamedTuple):
+    """What planning reads of an array: its shape, dtype and rank (also a stand-in
+    for an array not built yet, e.g. ``ops.heads`` asking about a launch)."""
 
     shape: tuple
     dtype: object
@@ -67,8 +68,8 @@ def choose(direction, cell_name, xp, w_h, varlen=False):
     with per-row lengths or reversed problems. Cached per shapes, dtypes, device
     and environment: a layer call pays a dictionary lookup, not the planning
     (which took ~60 us of Python per launch)."""
-    return _choose(direction, cell_name, _Operand(tuple(xp.shape), xp.dtype, xp.ndim),
-                   _Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), P.device_limits(),
+    return _choose(direction, cell_name, Operand(tuple(xp.shape), xp.dtype, xp.ndim),
+                   Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), P.device_limits(),
                    id(SELECTION), tuple(os.environ.get(k) for k in _ENV))
 
 
@@ -163,8 +164,8 @@ def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
     with ``varlen`` per-row lengths / reversed problems. Cached as ``choose``."""
     if not P.cuda_available():
         return False
-    return _accepts(cell_name, _Operand(tuple(xp.shape), xp.dtype, xp.ndim),
-                    _Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), kind, P.device_limits(),
+    return _accepts(cell_name, Operand(tuple(xp.shape), xp.dtype, xp.ndim),
+                    Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), kind, P.device_limits(),
                     id(SELECTION), tuple(os.environ.get(k) for k in _ENV),
                     os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip())
 

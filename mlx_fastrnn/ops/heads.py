@@ -15,20 +15,11 @@ read as one [H] vector) the dense block-diagonal ``W_h`` on the step loop (N
 times the recurrent work, the same numbers).
 """
 
-from typing import NamedTuple
-
 import mlx.core as mx
 
 from ..cells.timeaxis import f32
+from ..kernels.classes import Operand
 from .sequence import recurrence
-
-
-class _Shape(NamedTuple):
-    """A stand-in operand for ``steps.accepts``, which reads only these."""
-
-    shape: tuple
-    dtype: object
-    ndim: int
 
 
 def block_diagonal(r):
@@ -45,8 +36,8 @@ def _launches(steps, xp, gates, heads, dim):
     length, batch, _ = xp.shape
 
     def takes(n):
-        return steps.accepts(_Shape((length, n * batch, gates * dim), xp.dtype, 3),
-                             _Shape((n, gates * dim, dim), mx.float32, 3), kind="heads")
+        return steps.accepts(Operand((length, n * batch, gates * dim), xp.dtype, 3),
+                             Operand((n, gates * dim, dim), mx.float32, 3), kind="heads")
 
     if takes(heads):
         return [(0, heads)]
@@ -87,7 +78,7 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
         if launches is None and not params and (
                 steps.backward_step is not None or steps.backward_sequence is not None) and not (
                 steps.accepts is not None
-                and steps.accepts(xp, _Shape((gates * heads * dim, heads * dim), mx.float32, 2))):
+                and steps.accepts(xp, Operand((gates * heads * dim, heads * dim), mx.float32, 2))):
             launches = [(0, heads)]
         if launches is not None:
             xg = xp.reshape(length, batch, gates, heads, dim)
