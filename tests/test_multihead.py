@@ -236,25 +236,26 @@ def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads):
 
 
 @pytest.mark.parametrize("steps_kind", ["reference", "compiled"])
-@pytest.mark.parametrize("cell_name,h0_given", [("lstm", False), ("slstm", True), ("rnn_tanh", True)])
+@pytest.mark.parametrize("cell_name,h0_given", [("lstm", False), ("slstm", True), ("rnn_tanh", True),
+                                                ("gru", True)])
 def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_given, steps_kind):
     """Heads as problems on the step loop (``ops.sequence.recurrence`` with a
     stacked [N, G*D, D] W_h: one batched matmul per step, what the per-step cells
     run when no whole-sequence kernel takes the heads, and the CPU's compiled steps
-    with their whole-sequence backward): the same state sequences and every
-    gradient (xp, each head's W_h, the initial states) as the dense block-diagonal
-    W_h on the same steps."""
-    from mlx_fastrnn.cells import LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
+    with their whole-sequence backward; GRU's per-problem bhn as one row each of the
+    problem's rows): the same state sequences and every gradient (xp, each head's
+    W_h, the initial states, bhn) as the dense block-diagonal W_h on the same steps."""
+    from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
     from mlx_fastrnn.ops.heads import block_diagonal as dense
     from mlx_fastrnn.ops.sequence import recurrence
 
-    cell = {"lstm": LSTM_CELL, "slstm": SLSTM_CELL, "rnn_tanh": RNN_TANH_CELL}[cell_name]
+    cell = {"lstm": LSTM_CELL, "slstm": SLSTM_CELL, "rnn_tanh": RNN_TANH_CELL, "gru": GRU_CELL}[cell_name]
     # reference: forward and backward steps; compiled: a forward step and the
     # whole-sequence backward (the CPU's); neither has whole-sequence kernels
     steps = cell.reference_steps if steps_kind == "reference" else cell.compiled_steps
-    assert (steps.backward_step is None) == (steps_kind == "compiled")
+    assert (steps.backward_step is None) == (steps_kind == "compiled") and steps.row_params
     g, n, d, length, batch = cell.num_gates, 3, 5, 6, 2
-    ks = mx.random.split(mx.random.key(7), 4)
+    ks = mx.random.split(mx.random.key(7), 5)
     r = mx.random.normal((g, n, d, d), key=ks[0]) / d ** 0.5
     xp = mx.random.normal((length, batch, g * n * d), key=ks[1])
     s0 = [mx.random.normal((batch, n * d), key=k) * 0.5 for k in mx.random.split(ks[2], cell.num_states)]
@@ -262,6 +263,7 @@ def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_gi
         s0[2] = 1 + mx.abs(s0[2])
     given = (h0_given,) + (True,) * (cell.num_states - 1)
     s0 = [s if gv else mx.zeros_like(s) for s, gv in zip(s0, given)]
+    prm = (mx.random.normal((n * d,), key=ks[4]),) if cell_name == "gru" else ()  # bhn, head-major
     cot = [mx.random.normal((length, batch, n * d), key=k) for k in mx.random.split(ks[3], cell.num_states)]
 
     def heads_major(a):  # [..., B, G*N*D] or [B, N*D] -> rows head-major [..., N*B, G*D]
@@ -269,40 +271,44 @@ def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_gi
         a = a.reshape(*lead, batch, gates, n, d)
         return mx.moveaxis(a, -2, -4).reshape(*lead, n * batch, gates * d)
 
-    def by_problems(xp, r, *s0):
+    def by_problems(xp, r, *rest):
+        s0, prm = rest[:cell.num_states], rest[cell.num_states:]
         wh = r.transpose(1, 0, 2, 3).reshape(n, g * d, d)
-        seqs = recurrence(cell, steps, heads_major(xp), wh, [heads_major(s) for s in s0], (), given)
+        seqs = recurrence(cell, steps, heads_major(xp), wh, [heads_major(s) for s in s0],
+                          tuple(p.reshape(n, d) for p in prm), given)
         back = [s.reshape(length, n, batch, d).swapaxes(1, 2).reshape(length, batch, n * d) for s in seqs]
         return sum((a * c).sum() for a, c in zip(back, cot)), back
 
-    def by_dense(xp, r, *s0):
-        seqs = recurrence(cell, steps, xp, dense(r), list(s0), (), given)
+    def by_dense(xp, r, *rest):
+        s0, prm = rest[:cell.num_states], rest[cell.num_states:]
+        seqs = recurrence(cell, steps, xp, dense(r), list(s0), tuple(prm), given)
         return sum((a * c).sum() for a, c in zip(seqs, cot)), list(seqs)
 
-    argnums = tuple(range(2 + cell.num_states))
-    (_, got), g_got = mx.value_and_grad(by_problems, argnums=argnums)(xp, r, *s0)
-    (_, want), g_want = mx.value_and_grad(by_dense, argnums=argnums)(xp, r, *s0)
+    argnums = tuple(range(2 + cell.num_states + len(prm)))
+    (_, got), g_got = mx.value_and_grad(by_problems, argnums=argnums)(xp, r, *s0, *prm)
+    (_, want), g_want = mx.value_and_grad(by_dense, argnums=argnums)(xp, r, *s0, *prm)
     for a, b in zip(got, want):
         assert mx.allclose(a, b, rtol=1e-5, atol=1e-6).item()
+    assert len(g_got) == len(g_want) == len(argnums)
     for i, (a, b) in enumerate(zip(g_got, g_want)):
-        if i >= 2 and not given[i - 2]:
+        if 2 <= i < 2 + cell.num_states and not given[i - 2]:
             continue
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
 
 
 def test_per_problem_step_loop_refuses_params_and_steps_without_a_backward():
-    """Per-problem params (GRU's bhn: the step kernels and the CPU backward read one
-    [H] vector) and steps with neither a per-step nor a whole-sequence backward have
-    no per-problem step loop."""
+    """Per-problem params (GRU's bhn) on steps that read them per unit (the fused
+    step kernels: ``row_params`` False) and steps with neither a per-step nor a
+    whole-sequence backward have no per-problem step loop."""
     import dataclasses
 
     from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL
     from mlx_fastrnn.ops.sequence import recurrence
 
     xp, w = mx.zeros((2, 4, 12)), mx.zeros((2, 12, 4))
+    per_unit = dataclasses.replace(GRU_CELL.reference_steps, row_params=False)
     with pytest.raises(RuntimeError, match="multi-problem"):
-        mx.eval(recurrence(GRU_CELL, GRU_CELL.reference_steps, xp, w, [mx.zeros((4, 4))], (mx.zeros((2, 4)),),
-                           (False,)))
+        mx.eval(recurrence(GRU_CELL, per_unit, xp, w, [mx.zeros((4, 4))], (mx.zeros((2, 4)),), (False,)))
     forward_only = dataclasses.replace(LSTM_CELL.compiled_steps, backward_sequence=None)
     with pytest.raises(RuntimeError, match="multi-problem"):
         mx.eval(recurrence(LSTM_CELL, forward_only, mx.zeros((2, 4, 16)), mx.zeros((2, 16, 4)),

@@ -44,7 +44,7 @@ class Cell:
         transformation, hence a backward built from few, large ops.)"""
         fwd = functools.partial(self.forward_step, **self.step_kwargs)
         bwd = functools.partial(self.backward_sequence, **self.step_kwargs)
-        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd)
+        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd, row_params=True)
 
     @functools.cached_property
     def reference_steps(self):
@@ -55,6 +55,7 @@ class Cell:
             "reference",
             functools.partial(self.forward_step, **kw),
             backward_step=functools.partial(self.backward_step, **kw),
+            row_params=True,
         )
 
     @functools.lru_cache(maxsize=None)
@@ -103,6 +104,10 @@ class Steps:
     # problems inside the kernels; only then may a caller pass lens / rev to
     # ``ops.sequence.recurrence`` (they have no per-step form).
     accepts: Callable = None
+    # The steps take params per row ([rows, ...], broadcast like the states) as well as
+    # per unit: MLX ops do (the reference and compiled steps), the fused kernels read
+    # one [H] vector. A multi-problem step loop with per-problem params needs it.
+    row_params: bool = False
 
 
 from .gru import GRU_CELL  # noqa: E402

@@ -10,9 +10,9 @@ a bidirectional layer); else as the dense block-diagonal ``W_h`` where a
 whole-sequence kernel takes that, else (and on Metal and the CPU) on the step
 loop with one batched matmul per step (each head's rows by its own block: 1/N
 of the dense product's work and weight bytes), and only for a cell with
-per-unit params (GRU's ``bhn``, which the step kernels and the CPU's backward
-read as one [H] vector) the dense block-diagonal ``W_h`` on the step loop (N
-times the recurrent work, the same numbers).
+per-unit params (GRU's ``bhn``) on the fused step kernels, which read them as
+one [H] vector, the dense block-diagonal ``W_h`` on the step loop (N times the
+recurrent work, the same numbers).
 """
 
 import mlx.core as mx
@@ -75,7 +75,7 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
         # else the step loop of problems (one batched matmul per step; a per-step or the
         # CPU's whole-sequence backward), unless the dense W_h takes a kernel (its
         # stand-in: shapes are all the planner reads)
-        if launches is None and not params and (
+        if launches is None and (not params or steps.row_params) and (
                 steps.backward_step is not None or steps.backward_sequence is not None) and not (
                 steps.accepts is not None
                 and steps.accepts(xp, Operand((gates * heads * dim, heads * dim), mx.float32, 2))):

@@ -88,11 +88,14 @@ def _make_function(cell, steps, given, n_params, varlen):
             out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
             if out is not None:
                 return out
-        if w_h.ndim == 3 and (params or (steps.backward_step is None and steps.backward_sequence is None)):
-            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence with per-problem params, or without "
-                               "a backward, needs the whole-sequence kernels")
+        if w_h.ndim == 3 and ((params and not steps.row_params)
+                              or (steps.backward_step is None and steps.backward_sequence is None)):
+            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence with per-problem params (on steps "
+                               "that read them per unit), or without a backward, needs the whole-sequence "
+                               "kernels")
         length, batch = xp.shape[0], xp.shape[1]
         w_h_t = transposed(w_h, length * batch)  # reused by every step; per problem: [NP, H, G*H]
+        params = _per_row(params, w_h, batch)
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
         for t, x_t in enumerate(split_time(xp)):
             if t == 0 and h0_is_zero:
@@ -145,13 +148,14 @@ def _make_function(cell, steps, given, n_params, varlen):
             )
         if whole is not None:
             dx, dhp, d_states0 = whole
-        elif w_h.ndim == 3 and steps.backward_step is not None:  # the forward checked: no params
+        elif w_h.ndim == 3 and steps.backward_step is not None:  # the forward checked the params
             dx, dhp, d_states0 = _backward_by_steps(
-                steps.backward_step, d_outs, xp, hp, prevs, params, w_h, need_d_states0
+                steps.backward_step, d_outs, xp, hp, prevs, _per_row(params, w_h, xp.shape[1]), w_h,
+                need_d_states0
             )
         elif steps.backward_sequence is not None:
             dx, dhp, d_states0 = steps.backward_sequence(
-                d_outs, xp, hp, prevs, params, w_h, need_d_states0
+                d_outs, xp, hp, prevs, _per_row(params, w_h, xp.shape[1]), w_h, need_d_states0
             )
         else:
             dx, dhp, d_states0 = _backward_by_steps(
@@ -224,6 +228,15 @@ def _make_function(cell, steps, given, n_params, varlen):
         return tuple(o.reshape(length, size, batch, o.shape[-1]) for o in outs), (1,) * len(outs)
 
     return run
+
+
+def _per_row(params, w_h, rows):
+    """Per-problem params ([NP, ...], a stacked ``w_h`` [NP, G*H, H]) as one row each of
+    the problem's rows ([rows, ...], problem-major), for steps that broadcast params
+    like states (``Steps.row_params``); other params as they are."""
+    if w_h.ndim != 3 or not params:
+        return params
+    return tuple(mx.repeat(p, rows // w_h.shape[0], axis=0) for p in params)
 
 
 def _backward_by_steps(backward_step, d_outs, xp, hp, prevs, params, w_h, need_d_states0):

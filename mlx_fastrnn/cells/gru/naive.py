@@ -12,7 +12,7 @@ Shapes (any leading batch axes ``...``; ``H`` hidden size):
 
 import mlx.core as mx
 
-from ..timeaxis import f32, split_time
+from ..timeaxis import f32, per_problem_matmul, split_time
 
 
 def _gates(x, hp, bhn):
@@ -76,7 +76,8 @@ def backward_sequence(d_outs, x, hp, prevs, params, w_h, need_d_state0):
         if t == 0 and not need_d_state0:
             break
         dhp_t = (g[:, None, :] * coefs[t]).reshape(batch, 3 * hidden)
-        rec = mx.addmm(g * zs[t], dhp_t, w_h)
+        # a stacked [NP, 3H, H] W_h (problems): each problem's rows by its own
+        rec = mx.addmm(g * zs[t], dhp_t, w_h) if w_h.ndim == 2 else g * zs[t] + per_problem_matmul(dhp_t, w_h)
         g = rec if t == 0 else d_hs[t - 1] + rec
     g = mx.concatenate(gs, axis=0).reshape(length, batch, 1, hidden)
     dhp = (g * coef).reshape(length, batch, 3 * hidden)
