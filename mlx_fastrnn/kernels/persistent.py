@@ -23,190 +23,36 @@ Entry points (the driver contract of ``ops/sequence.py``):
 
 ``None`` means "not here": no CUDA device, a shape or dtype this path does not
 take, or a problem whose W_h slice does not fit in shared memory; the caller
-then runs the per-step path. :func:`plan` is pure Python (unit-tested on the
-CPU), as is :func:`kernel_spec` (its source: ``cuda_source.generate_source``,
-the exact translation unit MLX builds, run by the CPU emulator and compiled by
-the NVRTC check in the tests).
+then runs the per-step path. The planning (:mod:`.tiled_plan`) and the GPU's
+limits (:mod:`.gpu`) are pure Python (unit-tested on the CPU), as is
+:func:`kernel_spec` (its source: ``cuda_source.generate_source``, the exact
+translation unit MLX builds, run by the CPU emulator and compiled by the NVRTC
+check in the tests).
 """
 
-import ctypes
 import functools
-import importlib
 import os
-import re
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from .cuda_source import KernelSpec, launch, source_digest
+from .gpu import (  # noqa: F401 - the kernels' names stay importable from here
+    CELLS,
+    Limits,
+    _env_switch,
+    cell_module,
+    cuda_available,
+    device_limits,
+    enabled,
+    query_cuda_limits,
+    register_cell,
+    smem_budget,
+)
 from .persistent_header import HEADER
-
-# --------------------------------------------------------------------------- cells
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    module: str  # the cell folder's persistent.py: constants and point functions
-    num_gates: int
-    num_states: int
-    num_params: int
-    max_ept: int  # most cell elements per thread (the cell's register budget)
-
-
-# Filled by the cells (``Cell(persistent=...)`` registers its module): a new
-# cell brings its persistent kernels in its own folder, nothing here changes.
-CELLS = {}
-
-
-def register_cell(cell_name, module):
-    """Make ``module`` (a cell folder's ``persistent.py``, by name) the
-    whole-sequence kernels of ``cell_name``."""
-    mod = importlib.import_module(module)
-    CELLS[cell_name] = CellSpec(module, mod.NUM_GATES, mod.NUM_STATES, mod.NUM_PARAMS,
-                                getattr(mod, "MAX_EPT", MAX_EPT))
+from .tiled_plan import MAX_N, SYNC_STRIDE, Plan, plan, smem_bytes  # noqa: F401
 
 X_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-SYNC_STRIDE = 32  # uint32 words between the barrier counters of two batch groups (FRNN_SYNC_STRIDE)
-MAX_N = 64  # most projection columns per block (accumulators per lane = RB * N)
-MAX_EPT = 4  # most cell elements per thread (a cell may declare fewer)
 INDEX_LIMIT = 2**31 - 1
-
-
-def cell_module(cell_name):
-    return importlib.import_module(CELLS[cell_name].module)
-
-
-# --------------------------------------------------------------------------- device limits
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the planner needs to know about the GPU."""
-
-    num_sms: int
-    smem_per_block: int  # opt-in maximum of dynamic shared memory per block
-    smem_per_sm: int = 0  # 0: unknown (then smem_per_block + reserved is assumed)
-    reserved_smem_per_block: int = 1024
-    threads_per_sm: int = 2048
-    regs_per_sm: int = 65536
-
-    @property
-    def max_blocks(self):
-        env = _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS")
-        return min(self.num_sms, env) if env else self.num_sms
-
-
-def smem_budget(limits):
-    """Largest dynamic shared memory one persistent block may take.
-
-    Half an SM (less the per-block reservation), so that a second persistent
-    grid launched concurrently (MLX's CUDA graphs run independent nodes in
-    parallel, e.g. the two directions of a bidirectional layer) still fits
-    beside this one and neither can wait on blocks that never start.
-    ``MLX_FASTRNN_PERSISTENT_SMEM`` (bytes) overrides it, capped by the opt-in
-    maximum.
-    """
-    env = _env_int("MLX_FASTRNN_PERSISTENT_SMEM")
-    if env:
-        return min(env, limits.smem_per_block)
-    per_sm = limits.smem_per_sm or (limits.smem_per_block + limits.reserved_smem_per_block)
-    return min(limits.smem_per_block, per_sm // 2 - limits.reserved_smem_per_block)
-
-
-def _env_int(name):
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return 0
-    try:
-        return max(0, int(value))
-    except ValueError:
-        return 0
-
-
-# CUdevice_attribute values (cuda.h)
-_CU_ATTR = {
-    "num_sms": 16,  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
-    "threads_per_sm": 39,  # CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR
-    "smem_per_sm": 81,  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
-    "regs_per_sm": 82,  # CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR
-    "smem_per_block": 97,  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-    "reserved_smem_per_block": 111,  # CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK
-}
-_LIMITS_CACHE = {}
-
-
-def query_cuda_limits(ordinal=0, libname="libcuda.so.1"):
-    """Read the SM count and shared-memory sizes through the driver API
-    (ctypes on libcuda). ``None`` if the driver or the device is not there."""
-    try:
-        lib = ctypes.CDLL(libname)
-    except OSError:
-        return None
-    try:
-        lib.cuInit.argtypes = [ctypes.c_uint]
-        lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-        lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
-        if lib.cuInit(0) != 0:
-            return None
-        dev = ctypes.c_int(0)
-        if lib.cuDeviceGet(ctypes.byref(dev), int(ordinal)) != 0:
-            return None
-        values = {}
-        for key, attr in _CU_ATTR.items():
-            v = ctypes.c_int(0)
-            if lib.cuDeviceGetAttribute(ctypes.byref(v), attr, dev) == 0 and v.value > 0:
-                values[key] = v.value
-    except (AttributeError, OSError):
-        return None
-    if "num_sms" not in values or "smem_per_block" not in values:
-        return None
-    return Limits(**values)
-
-
-def _gpu_ordinal():
-    match = re.search(r"gpu,\s*(\d+)", repr(mx.default_device()))
-    return int(match.group(1)) if match else 0
-
-
-def device_limits():
-    """The current CUDA device's limits (cached), or ``None`` off CUDA.
-
-    ``mx.device_info()`` is consulted first (a later MLX may report the SM
-    count); the driver API gives the rest.
-    """
-    if not cuda_available():
-        return None
-    ordinal = _gpu_ordinal()
-    if ordinal in _LIMITS_CACHE:
-        return _LIMITS_CACHE[ordinal]
-    limits = query_cuda_limits(ordinal)
-    try:
-        info = mx.device_info()
-        sms = next((int(info[k]) for k in ("multiprocessor_count", "num_sms", "sm_count") if k in info), 0)
-        if sms and limits is not None and sms != limits.num_sms:
-            limits = None  # two sources disagree: take neither
-    except Exception:  # noqa: BLE001 - device_info is best effort
-        pass
-    _LIMITS_CACHE[ordinal] = limits
-    return limits
-
-
-def cuda_available():
-    try:
-        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.gpu
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def enabled():
-    return os.environ.get("MLX_FASTRNN_PERSISTENT", "1").strip() not in ("0", "false", "off", "no")
-
-
-def _env_switch(name):
-    """An on/off environment switch: True (1/true/on/yes), False (0/false/off/no),
-    None (unset or anything else: the default applies)."""
-    value = os.environ.get(name, "").strip().lower()
-    return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
 
 
 # Kernel variants that MLX_FASTRNN_PERSISTENT_SWITCHES (comma-separated) turns
@@ -237,203 +83,6 @@ def _with_switches(value, header):
     # The same string object per (switches, header) on every call: a fresh
     # 17 KB concatenation would be rehashed by _source_digest's cache each time.
     return switch_defines(value) + header
-
-
-# --------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How one persistent launch splits the work (all ints are template constants)."""
-
-    direction: str  # "forward" | "backward"
-    cell: str
-    G: int
-    H: int
-    B: int
-    U: int  # hidden units per block
-    NU: int  # blocks per batch group
-    BB: int  # batch rows per group
-    NBB: int  # batch groups
-    BBP: int  # BB rounded up to RB
-    RB: int  # rows per warp task
-    KS: int  # K-splits
-    KCH: int  # K-chunk staged at once
-    TPB: int  # threads per block
-    EPT: int  # cell elements per thread
-    w_bf16: bool  # W_h slice held as bfloat16
-    smem: int  # dynamic shared memory bytes
-    cost: float = field(default=0.0, compare=False)  # model cycles per step
-    # Independent problems in one launch (the directions of a bidirectional
-    # layer): each has B rows and its own W_h and per-unit parameters; its NBB
-    # batch groups never meet another problem's at a barrier.
-    NP: int = 1
-    # W_h streamed from global memory (L2) every step instead of held in shared
-    # memory (template WG): for W_h slices no shared memory holds
-    w_global: bool = False
-    # Column splits of the projection's warp tasks (template NCS): a task takes RB rows
-    # of N / NCS columns, so each W_h load feeds RB rows' FMAs (RB * N / NCS <= 32
-    # accumulators a lane)
-    NCS: int = 1
-
-    @property
-    def K(self):
-        return self.H if self.direction == "forward" else self.G * self.H
-
-    @property
-    def N(self):
-        return self.G * self.U if self.direction == "forward" else self.U
-
-    @property
-    def nblocks(self):
-        return self.NU * self.NBB * self.NP
-
-    @property
-    def sync_words(self):
-        return self.NBB * self.NP * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
-
-
-def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False):
-    """Shared memory of one block (``frnn::carve``'s layout); ``w_global``: a
-    streamed W_h, whose rows' K-chunk ([N][KCH] float) is staged instead of a slice."""
-    return 4 * (BBP * KCH + KS * BBP * N) + (4 * N * KCH if w_global else N * K * w_bytes)
-
-
-def _weight_options(weights, x_dtype):
-    if weights in ("float32", "global"):
-        return (False,)
-    if weights == "bfloat16":
-        return (True,)
-    if weights != "auto":
-        raise ValueError(f"weights must be 'auto', 'float32', 'bfloat16' or 'global', not {weights!r}")
-    # bfloat16 W only when float32 does not fit and the input is already half.
-    return (False, True) if x_dtype in (mx.float16, mx.bfloat16) else (False,)
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes, w_global=False, NCS=1):
-    """A rough cycles-per-step model of one block (to rank candidates; tune on
-    the device): a fixed barrier + latency term, staging from L2 (~32 B/clk),
-    shared-memory loads and shuffles at one warp instruction per clock, FMAs at
-    four, and the cell's elementwise work; a streamed W_h adds its slice read
-    from L2 (~32 B/clk) every step. A task of NCS column splits loads RB rows and
-    N / NCS columns per k-iteration."""
-    chunks = _cdiv(K, KCH)
-    tasks = (BBP // RB) * KS * NCS
-    nc = N // NCS
-    iters = _cdiv(_cdiv(KCH, 32), KS)  # k-iterations of one lane per task and chunk
-    per_task = iters * (RB + nc + RB * nc / 4.0) + RB * nc * 5
-    matvec = tasks * chunks * per_task
-    stage = BBP * K * 4 / 32.0 + chunks * 600.0
-    cell = EPT * (G * 40 + 60) * (2 if direction == "backward" else 1)
-    stream = N * K * 4 / 32.0 if w_global else 0.0
-    return 2000.0 + stage + matvec + cell + stream
-
-
-def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None,
-         problems=1):
-    """The cheapest feasible split for one launch, or ``None``.
-
-    ``None`` when nothing fits: the W_h slice of the smallest unit split (or
-    the accumulators) exceeds the shared-memory / register budget.
-    ``nbb`` restricts the candidates to that many batch groups (for tuning).
-    ``problems`` independent problems of ``B`` rows each share the launch: each
-    gets ``1/problems`` of the blocks. ``weights="global"``: W_h streamed from
-    global memory every step (``Plan.w_global``; hidden units per block a divisor
-    of H), shared memory only for the staged rows and partial sums.
-    """
-    # Cached (the search took ~20 us, twice per training call); the env
-    # overrides the search reads are part of the key.
-    return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
-                 _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
-                 column_splits_enabled())
-
-
-def column_splits_enabled():
-    """Whether the planner may split the projection's warp tasks by columns (``Plan.NCS``);
-    ``MLX_FASTRNN_PERSISTENT_COLSPLIT=0`` keeps whole-column tasks (the kernels before)."""
-    return _env_switch("MLX_FASTRNN_PERSISTENT_COLSPLIT") is not False
-
-
-@functools.lru_cache(maxsize=256)
-def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit):
-    if direction not in ("forward", "backward") or cell not in CELLS:
-        raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
-    if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
-        return None
-    G = CELLS[cell].num_gates
-    K = H if direction == "forward" else G * H
-    budget = smem_budget(limits)
-    max_blocks = limits.max_blocks // max(1, problems)
-    if max_blocks < 1 or budget <= 0:
-        return None
-    nw = tpb // 32
-    best = None
-    seen = set()
-    nbb_try = 1
-    while nbb_try <= min(B, max_blocks):
-        BB = -(-B // nbb_try)
-        NBB = -(-B // BB)
-        nbb_try *= 2
-        if (BB, NBB) in seen or (nbb is not None and NBB != nbb):
-            continue
-        seen.add((BB, NBB))
-        max_nu = max_blocks // NBB
-        if max_nu < 1:
-            continue
-        U = -(-H // max_nu)
-        while weights == "global" and H % U:  # a streamed W_h: no block with rows past H
-            U += 1
-        NU = -(-H // U)
-        N = G * U if direction == "forward" else U
-        if N > MAX_N:
-            continue
-        EPT = -(-(BB * U) // tpb)
-        if EPT > CELLS[cell].max_ept:
-            continue
-        glob = weights == "global"
-        for RB, NCS in _task_shapes(N, BB, colsplit):
-            BBP = -(-BB // RB) * RB
-            rg = BBP // RB * NCS  # warp tasks of one K-split
-            for w_bf16 in _weight_options(weights, x_dtype):
-                w_bytes = 0 if glob else 2 if w_bf16 else 4
-                KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
-                room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes, glob)
-                per_k = 4 * (BBP + (N if glob else 0))  # staged bytes per k of a chunk
-                if room < per_k * 32:
-                    continue
-                KCH = K if per_k * K <= room else (room // per_k) // 32 * 32
-                KS = max(1, min(KS, -(-KCH // 32)))
-                smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob)
-                if smem > budget:
-                    continue
-                cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes, glob, NCS)
-                p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
-                         w_bf16, smem, cost, problems, glob, NCS)
-                key = (cost, p.nblocks, w_bf16, NCS)
-                if best is None or key < (best.cost, best.nblocks, best.w_bf16, best.NCS):
-                    best = p
-                break  # float32 fits: no need for bfloat16
-    return best
-
-
-def _task_shapes(N, BB, colsplit=True):
-    """(rows RB, column splits NCS) of the projection's warp tasks to try: the
-    whole N columns with the most rows that keep RB * N <= 32 accumulators (one
-    row at N > 32); with ``colsplit`` also, per split of N into 2, 4 or 8, the most
-    rows (up to 8, at most BB) with RB * N / NCS <= 32."""
-    shapes = [(next((rb for rb in (4, 2) if rb * N <= 32 and rb <= BB), 1), 1)]
-    if colsplit:
-        for ncs in (2, 4, 8):
-            if N % ncs:
-                continue
-            rb = next((r for r in (8, 4, 2) if r * (N // ncs) <= 32 and r <= BB), None)
-            if rb is not None and rb > shapes[0][0]:
-                shapes.append((rb, ncs))
-    return shapes
 
 
 # --------------------------------------------------------------------------- sources

@@ -1,0 +1,179 @@
+"""What the whole-sequence CUDA kernels are planned for: the cells that registered
+kernels, the GPU's limits (queried once through the driver API) and the
+environment switches the planners read.
+
+Pure Python, no kernel code: :mod:`.tiled_plan` and :mod:`.resident` plan from
+it, :mod:`.persistent` launches.
+"""
+
+import ctypes
+import importlib
+import os
+import re
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    module: str  # the cell folder's persistent.py: constants and point functions
+    num_gates: int
+    num_states: int
+    num_params: int
+    max_ept: int  # most cell elements per thread (the cell's register budget)
+
+
+# Filled by the cells (``Cell(persistent=...)`` registers its module): a new
+# cell brings its persistent kernels in its own folder, nothing here changes.
+CELLS = {}
+
+
+def register_cell(cell_name, module):
+    """Make ``module`` (a cell folder's ``persistent.py``, by name) the
+    whole-sequence kernels of ``cell_name``."""
+    mod = importlib.import_module(module)
+    CELLS[cell_name] = CellSpec(module, mod.NUM_GATES, mod.NUM_STATES, mod.NUM_PARAMS,
+                                getattr(mod, "MAX_EPT", MAX_EPT))
+
+MAX_EPT = 4  # most cell elements per thread (a cell may declare fewer)
+
+
+def cell_module(cell_name):
+    return importlib.import_module(CELLS[cell_name].module)
+
+
+# --------------------------------------------------------------------------- device limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the planner needs to know about the GPU."""
+
+    num_sms: int
+    smem_per_block: int  # opt-in maximum of dynamic shared memory per block
+    smem_per_sm: int = 0  # 0: unknown (then smem_per_block + reserved is assumed)
+    reserved_smem_per_block: int = 1024
+    threads_per_sm: int = 2048
+    regs_per_sm: int = 65536
+
+    @property
+    def max_blocks(self):
+        env = _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS")
+        return min(self.num_sms, env) if env else self.num_sms
+
+
+def smem_budget(limits):
+    """Largest dynamic shared memory one persistent block may take.
+
+    Half an SM (less the per-block reservation), so that a second persistent
+    grid launched concurrently (MLX's CUDA graphs run independent nodes in
+    parallel, e.g. the two directions of a bidirectional layer) still fits
+    beside this one and neither can wait on blocks that never start.
+    ``MLX_FASTRNN_PERSISTENT_SMEM`` (bytes) overrides it, capped by the opt-in
+    maximum.
+    """
+    env = _env_int("MLX_FASTRNN_PERSISTENT_SMEM")
+    if env:
+        return min(env, limits.smem_per_block)
+    per_sm = limits.smem_per_sm or (limits.smem_per_block + limits.reserved_smem_per_block)
+    return min(limits.smem_per_block, per_sm // 2 - limits.reserved_smem_per_block)
+
+
+def _env_int(name):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 0
+
+
+# CUdevice_attribute values (cuda.h)
+_CU_ATTR = {
+    "num_sms": 16,  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    "threads_per_sm": 39,  # CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR
+    "smem_per_sm": 81,  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+    "regs_per_sm": 82,  # CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR
+    "smem_per_block": 97,  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    "reserved_smem_per_block": 111,  # CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK
+}
+_LIMITS_CACHE = {}
+
+
+def query_cuda_limits(ordinal=0, libname="libcuda.so.1"):
+    """Read the SM count and shared-memory sizes through the driver API
+    (ctypes on libcuda). ``None`` if the driver or the device is not there."""
+    try:
+        lib = ctypes.CDLL(libname)
+    except OSError:
+        return None
+    try:
+        lib.cuInit.argtypes = [ctypes.c_uint]
+        lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
+        if lib.cuInit(0) != 0:
+            return None
+        dev = ctypes.c_int(0)
+        if lib.cuDeviceGet(ctypes.byref(dev), int(ordinal)) != 0:
+            return None
+        values = {}
+        for key, attr in _CU_ATTR.items():
+            v = ctypes.c_int(0)
+            if lib.cuDeviceGetAttribute(ctypes.byref(v), attr, dev) == 0 and v.value > 0:
+                values[key] = v.value
+    except (AttributeError, OSError):
+        return None
+    if "num_sms" not in values or "smem_per_block" not in values:
+        return None
+    return Limits(**values)
+
+
+def _gpu_ordinal():
+    match = re.search(r"gpu,\s*(\d+)", repr(mx.default_device()))
+    return int(match.group(1)) if match else 0
+
+
+def device_limits():
+    """The current CUDA device's limits (cached), or ``None`` off CUDA.
+
+    ``mx.device_info()`` is consulted first (a later MLX may report the SM
+    count); the driver API gives the rest.
+    """
+    if not cuda_available():
+        return None
+    ordinal = _gpu_ordinal()
+    if ordinal in _LIMITS_CACHE:
+        return _LIMITS_CACHE[ordinal]
+    limits = query_cuda_limits(ordinal)
+    try:
+        info = mx.device_info()
+        sms = next((int(info[k]) for k in ("multiprocessor_count", "num_sms", "sm_count") if k in info), 0)
+        if sms and limits is not None and sms != limits.num_sms:
+            limits = None  # two sources disagree: take neither
+    except Exception:  # noqa: BLE001 - device_info is best effort
+        pass
+    _LIMITS_CACHE[ordinal] = limits
+    return limits
+
+
+def cuda_available():
+    try:
+        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.gpu
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def enabled():
+    return os.environ.get("MLX_FASTRNN_PERSISTENT", "1").strip() not in ("0", "false", "off", "no")
+
+
+def _env_switch(name):
+    """An on/off environment switch: True (1/true/on/yes), False (0/false/off/no),
+    None (unset or anything else: the default applies)."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
