@@ -144,6 +144,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
     if max_blocks < 1 or budget <= 0:
         return None
     nw = tpb // 32
+    glob = weights == "global"
     best = None
     seen = set()
     nbb_try = 1
@@ -158,7 +159,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         if max_nu < 1:
             continue
         U = -(-H // max_nu)
-        while weights == "global" and H % U:  # a streamed W_h: no block with rows past H
+        while glob and H % U:  # a streamed W_h: no block with rows past H
             U += 1
         NU = -(-H // U)
         N = G * U if direction == "forward" else U
@@ -167,7 +168,6 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         EPT = -(-(BB * U) // tpb)
         if EPT > CELLS[cell].max_ept:
             continue
-        glob = weights == "global"
         for RB, NCS in _task_shapes(N, BB, colsplit):
             BBP = -(-BB // RB) * RB
             rg = BBP // RB * NCS  # warp tasks of one K-split

@@ -75,8 +75,9 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
         # else the step loop of problems (one batched matmul per step; a per-step or the
         # CPU's whole-sequence backward), unless the dense W_h takes a kernel (its
         # stand-in: shapes are all the planner reads)
-        if launches is None and (not params or steps.row_params) and (
-                steps.backward_step is not None or steps.backward_sequence is not None) and not (
+        loop_takes = (not params or steps.row_params) and (
+            steps.backward_step is not None or steps.backward_sequence is not None)
+        if launches is None and loop_takes and not (
                 steps.accepts is not None
                 and steps.accepts(xp, Operand((gates * heads * dim, heads * dim), mx.float32, 2))):
             launches = [(0, heads)]

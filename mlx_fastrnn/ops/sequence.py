@@ -148,19 +148,16 @@ def _make_function(cell, steps, given, n_params, varlen):
             )
         if whole is not None:
             dx, dhp, d_states0 = whole
-        elif w_h.ndim == 3 and steps.backward_step is not None:  # the forward checked the params
-            dx, dhp, d_states0 = _backward_by_steps(
-                steps.backward_step, d_outs, xp, hp, prevs, _per_row(params, w_h, xp.shape[1]), w_h,
-                need_d_states0
-            )
-        elif steps.backward_sequence is not None:
-            dx, dhp, d_states0 = steps.backward_sequence(
-                d_outs, xp, hp, prevs, _per_row(params, w_h, xp.shape[1]), w_h, need_d_states0
-            )
-        else:
-            dx, dhp, d_states0 = _backward_by_steps(
-                steps.backward_step, d_outs, xp, hp, prevs, params, w_h, need_d_states0
-            )
+        else:  # a whole-sequence backward (the CPU's) or one per step; per-problem params per row
+            step_params = _per_row(params, w_h, xp.shape[1])
+            if steps.backward_sequence is not None:
+                dx, dhp, d_states0 = steps.backward_sequence(
+                    d_outs, xp, hp, prevs, step_params, w_h, need_d_states0
+                )
+            else:
+                dx, dhp, d_states0 = _backward_by_steps(
+                    steps.backward_step, d_outs, xp, hp, prevs, step_params, w_h, need_d_states0
+                )
         d_states0 = tuple(
             d if g else mx.zeros_like(s) for d, g, s in zip(d_states0 or states0, given, states0)
         )
