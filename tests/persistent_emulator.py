@@ -77,12 +77,14 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   return __nv_bfloat16{uint16_t(u >> 16)};
 }
 inline float __half2float(__half v) { _Float16 h; std::memcpy(&h, &v.bits, 2); return (float)h; }
+inline __half __float2half(float f) { _Float16 h = (_Float16)f; __half v; std::memcpy(&v.bits, &h, 2); return v; }
 
 namespace frnn_emu {
 struct Block {
   std::barrier<>* bar = nullptr;
   std::vector<std::barrier<>*> warp_bars;
   float* shfl = nullptr;
+  unsigned* frag = nullptr;  // mma_tile's exchange: 6 words a lane
   unsigned char* smem = nullptr;
 };
 inline thread_local Block* cur = nullptr;
@@ -107,6 +109,64 @@ inline void check_cp_async_source(const void* p) {
   }
   std::fprintf(stderr, "cp.async source out of bounds: %p (block %u thread %u)\n", p, blockIdx.x, threadIdx.x);
   std::abort();
+}
+} // namespace frnn_emu
+
+// Tensor-core emulation: the fragments of mma.sync .row.col as PTX lays them out
+// (lane = 4 g + t; A[16][K], B[K][8], C[16][8]), exchanged through the warp's buffer.
+namespace frnn_emu {
+inline unsigned pack_bf16x2(float lo, float hi) {
+  return unsigned(__float2bfloat16(lo).bits) | (unsigned(__float2bfloat16(hi).bits) << 16);
+}
+inline unsigned pack_f16x2(float lo, float hi) {
+  return unsigned(__float2half(lo).bits) | (unsigned(__float2half(hi).bits) << 16);
+}
+inline unsigned tf32_bits(float f) {  // cvt.rna.tf32.f32: to nearest, ties away, 10 mantissa bits
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  return u;
+}
+inline float half_of(unsigned word, int hi, int kind) {
+  const uint16_t h = hi ? uint16_t(word >> 16) : uint16_t(word & 0xffffu);
+  if (kind == 1) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+  _Float16 x; std::memcpy(&x, &h, 2); return (float)x;
+}
+inline float tf32_of(unsigned word) {  // the tensor core reads 19 bits: the low 13 ignored
+  const uint32_t u = word & 0xffffe000u; float f; std::memcpy(&f, &u, 4); return f;
+}
+inline void mma_tile(float* c, const unsigned* a, const unsigned* b, int kind) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  unsigned* buf = cur->frag + w * 32 * 6;
+  for (int i = 0; i < 4; ++i) buf[l * 6 + i] = a[i];
+  buf[l * 6 + 4] = b[0];
+  buf[l * 6 + 5] = b[1];
+  cur->warp_bars[w]->arrive_and_wait();
+  float A[16][16] = {}, B[16][8] = {};
+  const int K = kind == 3 ? 8 : 16;
+  for (int L = 0; L < 32; ++L) {
+    const int g = L >> 2, t = L & 3;
+    const unsigned* f = buf + L * 6;
+    if (kind == 3) {
+      A[g][t] = tf32_of(f[0]); A[g + 8][t] = tf32_of(f[1]);
+      A[g][t + 4] = tf32_of(f[2]); A[g + 8][t + 4] = tf32_of(f[3]);
+      B[t][g] = tf32_of(f[4]); B[t + 4][g] = tf32_of(f[5]);
+    } else {
+      for (int h = 0; h < 2; ++h) {
+        A[g][2 * t + h] = half_of(f[0], h, kind); A[g + 8][2 * t + h] = half_of(f[1], h, kind);
+        A[g][2 * t + 8 + h] = half_of(f[2], h, kind); A[g + 8][2 * t + 8 + h] = half_of(f[3], h, kind);
+        B[2 * t + h][g] = half_of(f[4], h, kind); B[2 * t + 8 + h][g] = half_of(f[5], h, kind);
+      }
+    }
+  }
+  cur->warp_bars[w]->arrive_and_wait();
+  const int g = l >> 2, t = l & 3;
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + (q >> 1) * 8, col = 2 * t + (q & 1);
+    float s = 0.0f;
+    for (int k = 0; k < K; ++k) s += A[row][k] * B[k][col];
+    c[q] += s;
+  }
 }
 } // namespace frnn_emu
 
@@ -182,12 +242,15 @@ def _main(fname, spec, inputs, out_specs):
         "  std::vector<frnn_emu::Block> blocks(nblocks);",
         "  std::vector<std::vector<unsigned char>> smems(nblocks);",
         "  std::vector<std::vector<float>> shfls(nblocks);",
+        "  std::vector<std::vector<unsigned>> frags(nblocks);",
         "  for (int b = 0; b < nblocks; ++b) {",
         f"    smems[b].assign({spec.shared_memory} + 64, 0xFF);  // NaN bytes",
         "    shfls[b].assign(nwarps * 32, 0.0f);",
+        "    frags[b].assign(nwarps * 32 * 6, 0u);",
         "    blocks[b].bar = new std::barrier<>(tpb);",
         "    for (int w = 0; w < nwarps; ++w) blocks[b].warp_bars.push_back(new std::barrier<>(32));",
         "    blocks[b].shfl = shfls[b].data();",
+        "    blocks[b].frag = frags[b].data();",
         "    blocks[b].smem = smems[b].data();",
         "  }",
         "  std::vector<std::thread> threads;",
@@ -422,7 +485,9 @@ def compile_spec(spec, x_dtype, w_bf16):
             return x_dtype
         if n == "lens":
             return mx.int32
-        return mx.bfloat16 if n == "w" and w_bf16 else mx.float32
+        if n == "w" and w_bf16 in (mx.float32, mx.float16, mx.bfloat16):
+            return w_bf16  # the W operand's dtype itself (Plan.w_dtype)
+        return mx.bfloat16 if n == "w" and w_bf16 is True else mx.float32
 
     def rank(n):
         if n == "lens" or n.startswith("prm"):

@@ -41,9 +41,23 @@ def cotangents(cell_name, L, B, H, seed=1):
     return tuple(mx.random.normal((L, B, H), key=ks[i]) for i in range(cell.num_states))
 
 
-def forward(cell_name, xp, w_h, states0, params, h0_is_zero):
-    """(seqs..., hp), each stacked over time."""
+def mma_rounding(kind):
+    """The rounding a tensor-core plan (``Plan.mma``: 1 bfloat16, 2 float16, 3 tf32)
+    applies to both operands of its projection, as a function of a float32 array."""
+    if kind == 1:
+        return lambda a: a.astype(mx.bfloat16).astype(mx.float32)
+    if kind == 2:
+        return lambda a: a.astype(mx.float16).astype(mx.float32)
+    if kind == 3:  # cvt.rna.tf32.f32: to nearest (ties away) at 10 mantissa bits
+        return lambda a: ((a.view(mx.uint32) + 0x1000) & 0xFFFFE000).view(mx.float32)
+    return lambda a: a
+
+
+def forward(cell_name, xp, w_h, states0, params, h0_is_zero, mma=0):
+    """(seqs..., hp), each stacked over time; ``mma``: both operands of every
+    projection rounded as that tensor-core plan rounds them (``mma_rounding``)."""
     cell = CELLS[cell_name]
+    rnd = mma_rounding(mma)
     step = functools.partial(cell.forward_step, **cell.step_kwargs)
     states = tuple(states0)
     seqs = [[] for _ in range(cell.num_states + 1)]
@@ -51,7 +65,7 @@ def forward(cell_name, xp, w_h, states0, params, h0_is_zero):
         if t == 0 and h0_is_zero:
             hp = mx.zeros((xp.shape[1], xp.shape[2]), mx.float32)
         else:
-            hp = states[0] @ w_h.T
+            hp = rnd(states[0]) @ rnd(w_h).T
         states = step(xp[t], hp, states, params)
         for s, a in zip(seqs, (*states, hp)):
             s.append(a)
@@ -62,9 +76,11 @@ def prevs_of(states0, seqs):
     return tuple(mx.concatenate([s0[None], seq[:-1]], axis=0) for s0, seq in zip(states0, seqs))
 
 
-def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
-    """(dx, dhp, d_states0 or None), one reference backward step at a time."""
+def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, mma=0):
+    """(dx, dhp, d_states0 or None), one reference backward step at a time (``mma``:
+    as in :func:`forward`, for the projection dhp W_h)."""
     cell = CELLS[cell_name]
+    rnd = mma_rounding(mma)
     step = functools.partial(cell.backward_step, **cell.step_kwargs)
     L = xp.shape[0]
     d_rec = tuple(mx.zeros_like(p[0]) for p in prevs)
@@ -75,7 +91,7 @@ def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0):
         dxs[t], dhps[t] = dx, dhp
         if t == 0 and not need_d_state0:
             break
-        dh = dhp @ w_h if direct[0] is None else direct[0] + dhp @ w_h
+        dh = rnd(dhp) @ rnd(w_h) if direct[0] is None else direct[0] + rnd(dhp) @ rnd(w_h)
         d_rec = (dh,) + tuple(direct[1:])
     return mx.stack(dxs), mx.stack(dhps), (d_rec if need_d_state0 else None)
 
@@ -145,11 +161,13 @@ def step_positions(lens, rev, L):
     return pos, active
 
 
-def varlen_forward(cell_name, xp, w_h, states0, params, h0_is_zero, lens, rev):
+def varlen_forward(cell_name, xp, w_h, states0, params, h0_is_zero, lens, rev, mma=0):
     """(seqs..., hp, out) of the varlen kernels, as masked MLX ops (differentiable):
     per row ``lens[b]`` valid steps, ``rev[b]`` = the row runs from its end; states
-    frozen past the length; ``out`` in position order, zero past the length."""
+    frozen past the length; ``out`` in position order, zero past the length
+    (``mma``: the projection's operands rounded as in :func:`forward`)."""
     cell = CELLS[cell_name]
+    rnd = mma_rounding(mma)
     step = functools.partial(cell.forward_step, **cell.step_kwargs)
     L = xp.shape[0]
     pos, active = step_positions(lens, rev, L)
@@ -160,7 +178,7 @@ def varlen_forward(cell_name, xp, w_h, states0, params, h0_is_zero, lens, rev):
         if t == 0 and h0_is_zero:
             hp = mx.zeros((xp.shape[1], xp.shape[2]), mx.float32)
         else:
-            hp = states[0] @ w_h.T
+            hp = rnd(states[0]) @ rnd(w_h).T
         new = step(xs[t], hp, states, params)
         on = active[t][:, None]
         states = tuple(mx.where(on, a, b) for a, b in zip(new, states))
@@ -215,7 +233,7 @@ def deinterleave(a, problems):
 
 
 def check_varlen(cell_name, L, B, H, x_dtype, zero, lens, rev, problems, forward, backward, on=None,
-                 tol=(2e-6, 1e-5), interleaved=False):
+                 tol=(2e-6, 1e-5), interleaved=False, mma=0):
     """One varlen launch pair against the masked reference: ``forward(xp, w_h,
     states0, params, h0_is_zero, lens=, rev=) -> (seqs..., hp, out)`` and
     ``backward(d_outs, xp, hp, prevs, params, w_h, need, lens=, rev=, d_out=) ->
@@ -227,7 +245,9 @@ def check_varlen(cell_name, L, B, H, x_dtype, zero, lens, rev, problems, forward
     :func:`on_cpu` for a GPU test). ``lens`` may also be the full list of lengths
     for the rows, with ``B`` rows per problem. ``interleaved``: the kernels get
     ``xp`` and ``d_out`` problem-interleaved and return ``out`` and ``dx`` so
-    (``forward`` / ``backward`` are passed ``interleaved=True``)."""
+    (``forward`` / ``backward`` are passed ``interleaved=True``). ``mma``: the
+    forward reference rounds the projection's operands as that tensor-core plan
+    (the vjp passes the rounding straight through: ``tol[1]`` must allow for it)."""
     run = on or (lambda fn, *args: fn(*args))
     parts, (xp, w, s0, params) = stacked_problems(cell_name, problems, L, B, H, x_dtype, zero)
     rows = problems * B
@@ -254,7 +274,7 @@ def check_varlen(cell_name, L, B, H, x_dtype, zero, lens, rev, problems, forward
     for k, (pxp, pw, ps0, pprm) in enumerate(parts):
         sl = slice(k * B, (k + 1) * B)
         pxp = pxp.astype(mx.float32)
-        expected = run(varlen_forward, cell_name, pxp, pw, ps0, pprm, zero, row_lens[sl], row_rev[sl])
+        expected = run(varlen_forward, cell_name, pxp, pw, ps0, pprm, zero, row_lens[sl], row_rev[sl], mma)
         for i, (a, e) in enumerate(zip(got, expected)):
             assert max_rel_err(a[:, sl], e) < tol[0], f"forward output {i} of problem {k}"
         rdx, rdw, rd0 = run(varlen_grads, cell_name, pxp, pw, ps0, pprm, zero, row_lens[sl], row_rev[sl],

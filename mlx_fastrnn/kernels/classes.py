@@ -60,7 +60,8 @@ class Operand(NamedTuple):
 
 # Everything besides the operands' shapes and dtypes that a class choice depends on.
 _ENV = ("MLX_FASTRNN_KERNEL_CLASS", "MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM",
-        "MLX_FASTRNN_PERSISTENT_BLOCKS", "MLX_FASTRNN_PERSISTENT_STREAMED", "MLX_FASTRNN_PERSISTENT_COLSPLIT")
+        "MLX_FASTRNN_PERSISTENT_BLOCKS", "MLX_FASTRNN_PERSISTENT_STREAMED", "MLX_FASTRNN_PERSISTENT_COLSPLIT",
+        "MLX_FASTRNN_PERSISTENT_MMA", "MLX_ENABLE_TF32")
 
 
 def choose(direction, cell_name, xp, w_h, varlen=False):

@@ -177,3 +177,35 @@ def _env_switch(name):
     None (unset or anything else: the default applies)."""
     value = os.environ.get(name, "").strip().lower()
     return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
+
+
+def tf32_enabled():
+    """Whether MLX runs float32 matmuls in TF32 (``MLX_ENABLE_TF32``, MLX's own switch
+    and default: an integer, nonzero = on, default 1; MLX reads it once per process,
+    this on every call). A float32 layer's tensor-core plans use TF32 exactly then."""
+    value = os.environ.get("MLX_ENABLE_TF32", "").strip()
+    if not value:
+        return True
+    try:
+        return int(value) != 0
+    except ValueError:
+        return True
+
+
+# The tensor-core projection's operand types (``Plan.mma``): per layer dtype, the MMA
+# its W_h slice and staged rows are rounded to (float32 accumulation either way).
+MMA_NONE, MMA_BF16, MMA_F16, MMA_TF32 = 0, 1, 2, 3
+
+
+def mma_kind(x_dtype):
+    """The tensor-core operand type of a layer of ``x_dtype`` (``MMA_*``), or
+    ``MMA_NONE``: bfloat16 / float16 layers use their own type; float32 layers TF32
+    where :func:`tf32_enabled`, else none (full float32 stays on the FMA projection).
+    ``MLX_FASTRNN_PERSISTENT_MMA=0`` turns the tensor-core plans off."""
+    if _env_switch("MLX_FASTRNN_PERSISTENT_MMA") is False:
+        return MMA_NONE
+    if x_dtype == mx.bfloat16:
+        return MMA_BF16
+    if x_dtype == mx.float16:
+        return MMA_F16
+    return MMA_TF32 if tf32_enabled() else MMA_NONE

@@ -112,10 +112,9 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
     varlen = bool(lens or rev or interleaved)
     body = tiled.forward_body(p.cell, varlen) if fwd else tiled.backward_body(p.cell, varlen)
     inputs, outputs = tiled.forward_io(p.cell, varlen) if fwd else tiled.backward_io(p.cell, varlen)
-    w_dtype = mx.bfloat16 if p.w_bf16 else mx.float32
     template = (
         ("T", x_dtype),
-        ("WT", w_dtype),
+        ("WT", p.w_dtype),
         ("H", p.H),
         ("U", p.U),
         ("NU", p.NU),
@@ -130,6 +129,9 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
         ("NBB", p.NBB),
         ("NP", p.NP),
         ("WG", p.w_global),
+        ("MMA", p.mma),
+        ("WLD", p.wld),
+        ("HLD", p.hld),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *mod.template_extras(p.cell),
@@ -306,7 +308,7 @@ def forward_operands(p, cell_name, xp, w_h, states0, params):
     params = _problem_params(params, p, H)
     if params is None:
         return None
-    return states0, params, (w_h.astype(mx.bfloat16) if p.w_bf16 else w_h)
+    return states0, params, _w_operand(p, w_h)
 
 
 def backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h):
@@ -327,7 +329,12 @@ def backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h):
     d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
     if p.w_global:  # the backward streams W_h's columns: as the rows of W_h^T
         return d_outs, prevs, params, mx.contiguous(w_h.swapaxes(-1, -2))
-    return d_outs, prevs, params, (w_h.astype(mx.bfloat16) if p.w_bf16 else w_h)
+    return d_outs, prevs, params, _w_operand(p, w_h)
+
+
+def _w_operand(p, w_h):
+    """W_h as plan ``p``'s kernel reads it (its ``w_dtype``)."""
+    return w_h if p.w_dtype == mx.float32 else w_h.astype(p.w_dtype)
 
 
 # The directions of a launch are the bits of one int template argument (bit p:

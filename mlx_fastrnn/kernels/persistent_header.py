@@ -56,6 +56,7 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float
 template <typename WT> __device__ __forceinline__ WT zero();
 template <> __device__ __forceinline__ float zero<float>() { return 0.0f; }
 template <> __device__ __forceinline__ __nv_bfloat16 zero<__nv_bfloat16>() { return __float2bfloat16(0.0f); }
+template <> __device__ __forceinline__ __half zero<__half>() { return __float2half(0.0f); }
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
@@ -96,6 +97,42 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 #endif
 __device__ __forceinline__ void fail() { __trap(); }
 __device__ __forceinline__ void spin_pause() {}
+// Tensor-core primitives of the tiled class's MMA plans (template MMA: 1 bfloat16,
+// 2 float16 m16n8k16, 3 tf32 m16n8k8, float32 accumulators). The fragment layouts
+// are PTX's for mma.sync .row.col (checked on the H200 by a one-warp probe); the
+// emulator's mma_tile implements the same layouts.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+__device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+__device__ __forceinline__ unsigned tf32_bits(float x) {
+  unsigned u;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
+  return u;
+}
+template <int MMA>
+__device__ __forceinline__ void mma_tile(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  if (MMA == 3) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else if (MMA == 2) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
 #else
 // CPU emulation (tests/persistent_emulator.py provides frnn_emu).
 __device__ __forceinline__ unsigned char* dyn_smem() { return frnn_emu::smem(); }
@@ -128,6 +165,13 @@ __device__ __forceinline__ void red_release(unsigned* p, unsigned v) { __atomic_
 __device__ __forceinline__ unsigned long long now_ns() { return frnn_emu::now_ns(); }
 __device__ __forceinline__ void fail() { frnn_emu::fail(); }
 __device__ __forceinline__ void spin_pause() { frnn_emu::spin_pause(); }
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) { return frnn_emu::pack_bf16x2(lo, hi); }
+__device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) { return frnn_emu::pack_f16x2(lo, hi); }
+__device__ __forceinline__ unsigned tf32_bits(float x) { return frnn_emu::tf32_bits(x); }
+template <int MMA>
+__device__ __forceinline__ void mma_tile(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  frnn_emu::mma_tile(c, a, b, MMA);
+}
 #endif
 
 // Grid-wide (batch-group-wide) barrier on a monotone counter: every block of
@@ -172,55 +216,56 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target)
   __syncthreads();
 }
 
-template <int BBP, int KCH, int KS, int N, typename WT>
+// HLD: the row stride of hs (KCH; a tensor-core plan pads it against bank conflicts)
+template <int BBP, int HLD, int KS, int N, typename WT>
 __device__ __forceinline__ void carve(float*& hs, float*& part, WT*& Ws) {
   unsigned char* base = dyn_smem();
   hs = reinterpret_cast<float*>(base);
-  part = hs + BBP * KCH;
+  part = hs + BBP * HLD;
   Ws = reinterpret_cast<WT*>(part + KS * BBP * N);
 }
 
-// Ws[(g*U + u)*H + k] = w[(g*H + j0 + u)*H + k]: the block's G*U rows of W_h
-// (forward: hp = h W_h^T). Units past H are zero rows.
-template <int G, int U, int H, int TPB, typename WT>
+// Ws[(g*U + u)*WLD + k] = w[(g*H + j0 + u)*H + k]: the block's G*U rows of W_h
+// (forward: hp = h W_h^T). Units past H are zero rows; a tensor-core plan pads the
+// slice to NR rows of WLD (zero rows and columns), so its fragments need no bounds checks.
+template <int G, int U, int H, int TPB, int WLD = H, int NR = G * U, typename WT>
 __device__ __forceinline__ void load_w_rows(WT* Ws, const WT* w, int j0) {
-  for (int i = threadIdx.x; i < G * U * H; i += TPB) {
-    const int n = i / H;
-    const int k = i - n * H;
+  for (int i = threadIdx.x; i < NR * WLD; i += TPB) {
+    const int n = i / WLD;
+    const int k = i - n * WLD;
     const int g = n / U;
     const int j = j0 + (n - g * U);
-    Ws[i] = j < H ? w[(long long)(g * H + j) * H + k] : zero<WT>();
+    Ws[i] = (n < G * U && k < H && j < H) ? w[(long long)(g * H + j) * H + k] : zero<WT>();
   }
   __syncthreads();
 }
 
-// Ws[u*(G*H) + m] = w[m*H + j0 + u]: the block's U columns of W_h, transposed
-// (backward: dh = dhp W_h). Units past H are zero rows.
-template <int G, int U, int H, int TPB, typename WT>
+// Ws[u*WLD + m] = w[m*H + j0 + u]: the block's U columns of W_h, transposed
+// (backward: dh = dhp W_h). Units past H are zero rows; padding as load_w_rows.
+template <int G, int U, int H, int TPB, int WLD = G * H, int NR = U, typename WT>
 __device__ __forceinline__ void load_w_cols(WT* Ws, const WT* w, int j0) {
   constexpr int GH = G * H;
-  for (int i = threadIdx.x; i < U * GH; i += TPB) {
-    const int m = i / U;
-    const int u = i - m * U;
+  for (int i = threadIdx.x; i < NR * WLD; i += TPB) {
+    const int m = i / NR;
+    const int u = i - m * NR;
     const int j = j0 + u;
-    Ws[u * GH + m] = j < H ? w[(long long)m * H + j] : zero<WT>();
+    Ws[u * WLD + m] = (u < U && m < GH && j < H) ? w[(long long)m * H + j] : zero<WT>();
   }
   __syncthreads();
 }
 
-// hs[r*KCH + k] = src[r*ld + k0 + k] for r < nrows, k < klen; 0 elsewhere.
-// 16-byte loads when every row start is 16-byte aligned (KCH, ld, k0 and the
+// hs[r*HLD + k] = src[r*ld + k0 + k] for r < nrows, k < klen; 0 elsewhere (k < KCH).
+// 16-byte loads when every row start is 16-byte aligned (KCH, HLD, ld, k0 and the
 // pointer multiples of 4 floats), else scalar loads.
-template <int BBP, int KCH, int TPB>
+template <int BBP, int KCH, int TPB, int HLD = KCH>
 __device__ __forceinline__ void stage_rows(
     float* hs, const float* src, int ld, int nrows, int k0, int klen) {
 #if defined(FRNN_DIAG_NO_STAGE)
   return;
 #endif
-  if ((KCH % 4) == 0 && (ld % 4) == 0 && (k0 % 4) == 0 &&
+  if ((KCH % 4) == 0 && (HLD % 4) == 0 && (ld % 4) == 0 && (k0 % 4) == 0 &&
       (reinterpret_cast<unsigned long long>(src) % 16) == 0) {
     constexpr int KQ = KCH / 4;
-    float4* hs4 = reinterpret_cast<float4*>(hs);
 #if defined(FRNN_CP_ASYNC)
     // Every copy of the thread in flight at once, no register round trip (on
     // the H100 as fast as ldcg for most plans, 1.5x for the LSTM H=512 backward).
@@ -234,7 +279,7 @@ __device__ __forceinline__ void stage_rows(
       // nothing point at the row's start.
       const int rc = r < nrows ? r : 0;
       const int kc = k < klen ? k : 0;
-      cp_async16(hs4 + i, src + (long long)rc * ld + k0 + kc, 4 * n);
+      cp_async16(hs + r * HLD + k, src + (long long)rc * ld + k0 + kc, 4 * n);
     }
     cp_async_wait_all();
 #else
@@ -252,7 +297,7 @@ __device__ __forceinline__ void stage_rows(
         v.z = (r < nrows && k + 2 < klen) ? ldcg(p + 2) : 0.0f;
         v.w = 0.0f;
       }
-      hs4[i] = v;
+      *reinterpret_cast<float4*>(hs + r * HLD + k) = v;
     }
 #endif
   } else {
@@ -260,13 +305,14 @@ __device__ __forceinline__ void stage_rows(
     for (int i = threadIdx.x; i < BBP * KCH; i += TPB) {
       const int r = i / KCH;
       const int k = i - r * KCH;
-      hs[i] = (r < nrows && k < klen) ? ldcg(src + (long long)r * ld + k0 + k) : 0.0f;
+      hs[r * HLD + k] = (r < nrows && k < klen) ? ldcg(src + (long long)r * ld + k0 + k) : 0.0f;
     }
   }
 }
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 ld4(const __nv_bfloat16* p) {
+template <typename HT>  // __nv_bfloat16 / __half
+__device__ __forceinline__ float4 ld4(const HT* p) {
   float4 v;
   v.x = to_f(p[0]);
   v.y = to_f(p[1]);
@@ -447,6 +493,101 @@ __device__ __forceinline__ void matvec_chunk(
   }
 }
 
+// n-tiles of 8 rows a tensor-core task takes: the largest divisor of NT up to 8
+// (4 accumulators each).
+__host__ __device__ constexpr int mma_tiles_per_task(int nt) {
+  return nt % 8 == 0 ? 8 : nt % 7 == 0 ? 7 : nt % 6 == 0 ? 6 : nt % 5 == 0 ? 5
+       : nt % 4 == 0 ? 4 : nt % 3 == 0 ? 3 : nt % 2 == 0 ? 2 : 1;
+}
+
+// Tensor-core form of matvec_chunk: part[(ks*BBP + r)*N + n] (+)= sum_k hs[r][k] W[n][k]
+// as D = W hs^T on mma.sync tiles: M = 16 rows of the W slice (Ws: rows at stride WLD,
+// padded with zero rows to a multiple of 16 and zero columns past K), N = 8 staged
+// rows (hs: stride HLD, BBP a multiple of 8, zero past the chunk's klen), K = KSTEP.
+// A warp task is (16-row tile mt, group of NTT row tiles, K-split ks): the W fragment
+// of a k-step is loaded once for its NTT tiles. The h operand is rounded to the MMA's
+// type at the fragment load (the state itself stays float32); tf32 rounds W there too.
+// Each lane owns the same part elements in every chunk, as in matvec_chunk.
+template <int KCH, int BBP, int N, int KS, int TPB, int MMA, int WLD, int HLD, typename WT>
+__device__ __forceinline__ void mma_chunk(
+    const float* hs, const WT* Ws, int k0, int klen, float* part, bool accumulate) {
+#if defined(FRNN_DIAG_NO_MATVEC)
+  return;
+#endif
+  static_assert(MMA == 0 || BBP % 8 == 0, "tensor-core plans stage whole 8-row tiles");
+  constexpr int KSTEP = MMA == 3 ? 8 : 16;
+  constexpr int MT = (N + 15) / 16;
+  constexpr int NT = BBP / 8;
+  constexpr int NTT = mma_tiles_per_task(NT);
+  constexpr int NG = NT / NTT;
+  constexpr int NW = TPB / 32;
+  constexpr int KC = (((KCH + KSTEP - 1) / KSTEP + KS - 1) / KS) * KSTEP;  // k of one split
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int kend = ((klen + KSTEP - 1) / KSTEP) * KSTEP;  // zero-padded in hs and Ws
+  for (int task = warp; task < MT * NG * KS; task += NW) {
+    const int mt = task % MT;
+    const int rest = task / MT;
+    const int ng = rest % NG;
+    const int ks = rest / NG;
+    float acc[NTT][4];
+#pragma unroll
+    for (int j = 0; j < NTT; ++j) {
+      acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    }
+    const int kb = ks * KC;
+    const int ke = imin(kend, kb + KC);
+    const WT* wa = Ws + (mt * 16 + g) * WLD + k0;  // fragment rows g and g + 8
+    const float* hb = hs + (ng * NTT * 8 + g) * HLD;  // tile j's row g at + j * 8 * HLD
+    for (int k = kb; k < ke; k += KSTEP) {
+      unsigned a[4];
+      if (MMA == 3) {
+        a[0] = tf32_bits(to_f(wa[k + t]));
+        a[1] = tf32_bits(to_f(wa[8 * WLD + k + t]));
+        a[2] = tf32_bits(to_f(wa[k + t + 4]));
+        a[3] = tf32_bits(to_f(wa[8 * WLD + k + t + 4]));
+      } else {
+        a[0] = *reinterpret_cast<const unsigned*>(wa + k + 2 * t);
+        a[1] = *reinterpret_cast<const unsigned*>(wa + 8 * WLD + k + 2 * t);
+        a[2] = *reinterpret_cast<const unsigned*>(wa + k + 2 * t + 8);
+        a[3] = *reinterpret_cast<const unsigned*>(wa + 8 * WLD + k + 2 * t + 8);
+      }
+#pragma unroll
+      for (int j = 0; j < NTT; ++j) {
+        const float* hr = hb + j * 8 * HLD + k;
+        unsigned b[2];
+        if (MMA == 3) {
+          b[0] = tf32_bits(hr[t]);
+          b[1] = tf32_bits(hr[t + 4]);
+        } else if (MMA == 2) {
+          b[0] = pack_f16x2(hr[2 * t], hr[2 * t + 1]);
+          b[1] = pack_f16x2(hr[2 * t + 8], hr[2 * t + 9]);
+        } else {
+          b[0] = pack_bf16x2(hr[2 * t], hr[2 * t + 1]);
+          b[1] = pack_bf16x2(hr[2 * t + 8], hr[2 * t + 9]);
+        }
+        mma_tile<MMA>(acc[j], a, b);
+      }
+    }
+    // D's element (row n of W, column r of hs^T) is part's [r][n]: c0 (g, 2t),
+    // c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1).
+#pragma unroll
+    for (int j = 0; j < NTT; ++j) {
+      const int r = (ng * NTT + j) * 8 + 2 * t;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int n = mt * 16 + g + (q >> 1) * 8;
+        if (n < N) {
+          float* p = part + (ks * BBP + r + (q & 1)) * N + n;
+          *p = accumulate ? *p + acc[j][q] : acc[j][q];
+        }
+      }
+    }
+  }
+}
+
 // Wc[n * KCH + k] = W's row n (at W + (n / RU) * GS + (n % RU) * K) at column k0 + k,
 // k < klen: a streamed W_h's current K-chunk of the block's rows, read from global
 // memory (L2) once per block and step; every warp task then reads it from shared
@@ -484,18 +625,22 @@ __device__ __forceinline__ void stage_w(float* Wc, const WT* W, int k0, int klen
 // Ws^T, K-chunk by K-chunk. Ends with __syncthreads: part is ready to read.
 // STREAM_W: Ws is W_h in global memory (rows as matvec_chunk's RU / GS say), each
 // K-chunk staged into Wc (shared, [N][KCH]) with the rows' chunk.
+// MMA (1-3): the tensor-core projection (mma_chunk) on the padded slice (WLD, HLD).
 template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, int RU = N, int GS = 0,
-          bool STREAM_W = false, int NCS = 1, typename WT>
+          bool STREAM_W = false, int NCS = 1, int MMA = 0, int WLD = K, int HLD = KCH, typename WT>
 __device__ __forceinline__ void project(
     const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part, float* Wc = nullptr) {
+  static_assert(MMA == 0 || (!STREAM_W && RU == N), "tensor-core plans keep the W_h slice in shared memory");
   for (int k0 = 0; k0 < K; k0 += KCH) {
     const int klen = imin(KCH, K - k0);
-    stage_rows<BBP, KCH, TPB>(hs, src, ld, nrows, k0, klen);
+    stage_rows<BBP, KCH, TPB, HLD>(hs, src, ld, nrows, k0, klen);
     if (STREAM_W) {
       stage_w<K, KCH, N, TPB, RU, GS>(Wc, Ws, k0, klen);
     }
     __syncthreads();
-    if (STREAM_W) {
+    if (MMA != 0) {
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, WT>(hs, Ws, k0, klen, part, k0 > 0);
+    } else if (STREAM_W) {
       matvec_chunk<KCH, KCH, BBP, N, RB, KS, TPB, float, N, 0, NCS>(hs, Wc, 0, klen, part, k0 > 0);
     } else {
       matvec_chunk<K, KCH, BBP, N, RB, KS, TPB, WT, RU, GS, NCS>(hs, Ws, k0, klen, part, k0 > 0);
@@ -529,6 +674,9 @@ __device__ __forceinline__ float part_sum(const float* part, int r, int n) {
 #   NBB   batch groups per problem                        NP   independent problems (own W_h, own rows)
 #   WG    W_h streamed from global memory every step (no shared-memory slice; U divides H)
 #   NCS   column splits of the projection's warp tasks (N / NCS columns, RB rows each)
+#   MMA   the projection on tensor cores (0: float32 FMA; 1 bfloat16, 2 float16, 3 tf32 mma.sync)
+#   WLD   row stride of the W_h slice in shared memory (K; MMA: padded against bank conflicts)
+#   HLD   row stride of the staged rows hs (KCH; MMA: padded)
 #   H0Z   forward: the initial state is zero (step 0 skips the projection)
 #   NEED_D0  backward: also produce the initial states' cotangents
 #   RELU  RNN: relu instead of tanh
@@ -566,14 +714,15 @@ def block_prologue(direction, gates):
   float* hs;
   float* part;
   WT* Ws;
-  frnn::carve<BBP, KCH, KS, {width}>(hs, part, Ws);
+  frnn::carve<BBP, HLD, KS, {width}>(hs, part, Ws);
+  constexpr int NR = MMA ? (({width} + 15) / 16) * 16 : {width};  // W_h slice rows (MMA: whole 16-row tiles)
   // WG: W_h streamed from global memory (L2) every step instead of a shared-memory slice
   static_assert(!WG || H % U == 0, "a streamed W_h needs U | H: no block has rows past H");
   const WT* Wsrc = Ws;
   if (WG) {{
     Wsrc = w + (long long)prob * ({gates}) * H * H + (long long)j0 * {row_len};
   }} else {{
-    frnn::load_w_{load}<{gates}, U, H, TPB>(Ws, w + (long long)prob * ({gates}) * H * H, j0);
+    frnn::load_w_{load}<{gates}, U, H, TPB, WLD, NR>(Ws, w + (long long)prob * ({gates}) * H * H, j0);
   }}
 
   bool ok[EPT];

@@ -65,6 +65,11 @@ class ResidentPlan:
         return self.NBB * self.NP
 
     @property
+    def w_dtype(self):
+        """The dtype of the W_h operand the kernel reads."""
+        return mx.bfloat16 if self.w_bf16 else mx.float32
+
+    @property
     def K(self):
         return self.H if self.direction == "forward" else self.G * self.H
 

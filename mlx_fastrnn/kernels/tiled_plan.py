@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .gpu import CELLS, _env_int, _env_switch, smem_budget
+from .gpu import CELLS, MMA_F16, MMA_NONE, MMA_TF32, _env_int, _env_switch, mma_kind, smem_budget
 
 SYNC_STRIDE = 32  # uint32 words between the barrier counters of two batch groups (FRNN_SYNC_STRIDE)
 MAX_N = 64  # most projection columns per block (accumulators per lane = RB * N)
@@ -48,6 +48,26 @@ class Plan:
     # of N / NCS columns, so each W_h load feeds RB rows' FMAs (RB * N / NCS <= 32
     # accumulators a lane)
     NCS: int = 1
+    # The projection on tensor cores (template MMA, ``gpu.MMA_*``; 0: float32 FMA):
+    # rows of 8 (RB = 8), the W_h slice in shared memory as the MMA's type (tf32: float32)
+    mma: int = 0
+
+    @property
+    def w_dtype(self):
+        """The dtype of the W_h operand the kernel reads."""
+        if self.mma == MMA_F16:
+            return mx.float16
+        return mx.bfloat16 if self.w_bf16 else mx.float32
+
+    @property
+    def wld(self):
+        """Row stride of the W_h slice in shared memory (template WLD)."""
+        return mma_strides(self.mma, self.K, self.KCH)[0]
+
+    @property
+    def hld(self):
+        """Row stride of the staged rows (template HLD)."""
+        return mma_strides(self.mma, self.K, self.KCH)[1]
 
     @property
     def K(self):
@@ -66,19 +86,38 @@ class Plan:
         return self.NBB * self.NP * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
 
 
-def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False):
+def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False, mma=0):
     """Shared memory of one block (``frnn::carve``'s layout); ``w_global``: a
-    streamed W_h, whose rows' K-chunk ([N][KCH] float) is staged instead of a slice."""
+    streamed W_h, whose rows' K-chunk ([N][KCH] float) is staged instead of a slice;
+    ``mma``: a tensor-core plan's padded slice (whole 16-row tiles, ``mma_strides``)."""
+    if mma:
+        wld, hld = mma_strides(mma, K, KCH)
+        return 4 * (BBP * hld + KS * BBP * N) + _cdiv(N, 16) * 16 * wld * w_bytes
     return 4 * (BBP * KCH + KS * BBP * N) + (4 * N * KCH if w_global else N * K * w_bytes)
 
 
+def mma_strides(mma, K, KCH):
+    """(WLD, HLD): the row strides of the W_h slice and of the staged rows. For the
+    FMA projection K and KCH. A tensor-core plan pads both so that a warp's fragment
+    loads hit 32 different banks: the 8 fragment rows (lanes g) of a 16-bit W row
+    pair start 4 words apart (WLD = 8 mod 64 elements), the rows' float pairs 8
+    words apart (HLD = 8 mod 32); tf32 reads single words, 4 apart (4 mod 32)."""
+    if not mma:
+        return K, KCH
+    if mma == MMA_TF32:
+        return _cdiv(K, 32) * 32 + 4, _cdiv(KCH, 32) * 32 + 4
+    return _cdiv(K, 64) * 64 + 8, _cdiv(KCH, 32) * 32 + 8
+
+
 def _weight_options(weights, x_dtype):
+    if weights == "mma":
+        return ()  # no FMA candidates
     if weights in ("float32", "global"):
         return (False,)
     if weights == "bfloat16":
         return (True,)
     if weights != "auto":
-        raise ValueError(f"weights must be 'auto', 'float32', 'bfloat16' or 'global', not {weights!r}")
+        raise ValueError(f"weights must be 'auto', 'float32', 'bfloat16', 'global' or 'mma', not {weights!r}")
     # bfloat16 W only when float32 does not fit and the input is already half.
     return (False, True) if x_dtype in (mx.float16, mx.bfloat16) else (False,)
 
@@ -107,7 +146,7 @@ def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes, w_glob
 
 
 def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None,
-         problems=1):
+         problems=1, mma=None):
     """The cheapest feasible split for one launch, or ``None``.
 
     ``None`` when nothing fits: the W_h slice of the smallest unit split (or
@@ -117,12 +156,19 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     gets ``1/problems`` of the blocks. ``weights="global"``: W_h streamed from
     global memory every step (``Plan.w_global``; hidden units per block a divisor
     of H), shared memory only for the staged rows and partial sums.
+    ``mma``: the tensor-core operand type the candidates may use (``gpu.MMA_*``;
+    default ``gpu.mma_kind(x_dtype)`` with ``weights="auto"``, else none); the
+    FMA candidates compete with them on the cost model. ``mma=0``: FMA only.
+    ``weights="mma"``: tensor-core candidates only (``mma`` or, by default,
+    ``gpu.mma_kind(x_dtype)``; None where that is none).
     """
+    if mma is None:
+        mma = mma_kind(x_dtype) if weights in ("auto", "mma") else MMA_NONE
     # Cached (the search took ~20 us, twice per training call); the env
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
                  _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
-                 column_splits_enabled())
+                 column_splits_enabled(), int(mma))
 
 
 def column_splits_enabled():
@@ -132,7 +178,8 @@ def column_splits_enabled():
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit):
+def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit,
+          mma=MMA_NONE):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -145,7 +192,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         return None
     nw = tpb // 32
     glob = weights == "global"
-    best = None
+    best = best_mma = None
     seen = set()
     nbb_try = 1
     while nbb_try <= min(B, max_blocks):
@@ -168,6 +215,10 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         EPT = -(-(BB * U) // tpb)
         if EPT > CELLS[cell].max_ept:
             continue
+        if mma and not glob:
+            p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma)
+            if p is not None and (best_mma is None or (p.cost, p.nblocks) < (best_mma.cost, best_mma.nblocks)):
+                best_mma = p
         for RB, NCS in _task_shapes(N, BB, colsplit):
             BBP = -(-BB // RB) * RB
             rg = BBP // RB * NCS  # warp tasks of one K-split
@@ -190,7 +241,64 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
                 if best is None or key < (best.cost, best.nblocks, best.w_bf16, best.NCS):
                     best = p
                 break  # float32 fits: no need for bfloat16
+    # The tensor-core plan where its model cost is clearly lower: at small shapes the two
+    # are within the model's error, and the FMA plan wastes no padding.
+    if weights == "mma":
+        return best_mma
+    if best_mma is not None and (best is None or best_mma.cost < MMA_MARGIN * best.cost):
+        return best_mma
     return best
+
+
+MMA_MARGIN = 0.9
+
+
+def mma_tiles_per_task(nt):
+    """Row tiles of 8 one tensor-core warp task takes: the largest divisor of ``nt``
+    up to 8 (``frnn::mma_tiles_per_task``)."""
+    return next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if nt % d == 0)
+
+
+def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma):
+    """The tensor-core plan of one (U, BB) split, or None where its padded W_h slice
+    (the MMA's type; tf32 as float32) and a K-chunk of at least 32 do not fit."""
+    nw = tpb // 32
+    kstep = 8 if mma == MMA_TF32 else 16
+    w_bytes = 4 if mma == MMA_TF32 else 2
+    BBP = _cdiv(BB, 8) * 8
+    MT = _cdiv(N, 16)
+    tiles = MT * (BBP // 8 // mma_tiles_per_task(BBP // 8))  # warp tasks of one K-split
+    KS = 1 if tiles >= nw else max(1, min(nw // tiles, _cdiv(K, kstep)))
+    KCH = _cdiv(K, 16) * 16
+    if smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma) > budget:
+        fixed = smem_bytes(K, N, BBP, 0, KS, w_bytes, mma=mma) - 4 * BBP * 8  # without the staged rows
+        KCH = ((budget - fixed) // (4 * BBP) - 8) // 32 * 32
+        if KCH < 32:
+            return None
+    KS = max(1, min(KS, _cdiv(KCH, kstep)))
+    smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma)
+    if smem > budget:
+        return None
+    cost = _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma)
+    return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32 and
+                mma != MMA_F16, smem, cost, problems, False, 1, mma)
+
+
+def _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma):
+    """``_cost`` for a tensor-core projection: per k-step of a task the W fragment
+    (4 loads; tf32 4 more conversions), then per row tile its fragment (2-4 loads and
+    2 conversions) and the mma (~2 issue slots); the same staging, cell and fixed terms."""
+    kstep = 8 if mma == MMA_TF32 else 16
+    MT = _cdiv(N, 16)
+    NT = BBP // 8
+    ntt = mma_tiles_per_task(NT)
+    chunks = _cdiv(K, KCH)
+    ksteps = _cdiv(K, kstep)  # over all chunks, per (row tile group, 16 W rows)
+    per_kstep = (8 if mma == MMA_TF32 else 4) + ntt * ((4 if mma == MMA_TF32 else 6) + 2)
+    matvec = MT * (NT // ntt) * ksteps * per_kstep + MT * NT * KS * chunks * 4 * 3
+    stage = BBP * K * 4 / 32.0 + chunks * 600.0
+    cell = EPT * (G * 40 + 60) * (2 if direction == "backward" else 1)
+    return 2000.0 + stage + matvec + cell
 
 
 def _task_shapes(N, BB, colsplit=True):

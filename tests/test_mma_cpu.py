@@ -1,0 +1,244 @@
+"""The tiled class's tensor-core projection (``Plan.mma``), checked without a GPU.
+
+* planning: which layers get tensor-core plans (their dtype, ``MLX_ENABLE_TF32``,
+  ``MLX_FASTRNN_PERSISTENT_MMA``), the padded shared-memory layout and its bank
+  spread;
+* the exact kernel sources in the CPU emulator, whose ``mma_tile`` implements
+  PTX's fragment layouts of mma.sync (the same layouts a one-warp probe checked on
+  the H200): against the reference loop with the projection's operands rounded as
+  the plan rounds them (``ref.forward(..., mma=)``), so a wrong fragment, row tile,
+  K-split, K-chunk or padding shows as an error far above float32 rounding;
+* NVRTC + ptxas of the tensor-core kernels (registers, no spills), where configured.
+"""
+
+import pytest
+
+import mlx.core as mx
+
+import persistent_emulator as emu
+import persistent_reference as ref
+from mlx_fastrnn.kernels import gpu
+from mlx_fastrnn.kernels import persistent as P
+from mlx_fastrnn.kernels import tiled_plan as TP
+
+H200 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
+LIM = P.Limits(num_sms=8, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
+CHUNKED = P.Limits(num_sms=8, smem_per_block=9 * 1024, smem_per_sm=20 * 1024)  # K in several chunks
+
+needs_cxx = pytest.mark.skipif(emu.host_compiler() is None, reason="no C++ compiler for the emulator")
+needs_nvrtc = pytest.mark.skipif(emu.nvrtc_paths() is None,
+                                 reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+KIND = {mx.bfloat16: gpu.MMA_BF16, mx.float16: gpu.MMA_F16, mx.float32: gpu.MMA_TF32}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_mma_kind_follows_the_dtype_and_mlx_tf32_switch(monkeypatch):
+    assert gpu.mma_kind(mx.bfloat16) == gpu.MMA_BF16
+    assert gpu.mma_kind(mx.float16) == gpu.MMA_F16
+    assert gpu.mma_kind(mx.float32) == gpu.MMA_TF32
+    monkeypatch.setenv("MLX_ENABLE_TF32", "0")  # MLX's own switch: full float32
+    assert gpu.mma_kind(mx.float32) == gpu.MMA_NONE
+    assert gpu.mma_kind(mx.bfloat16) == gpu.MMA_BF16
+    monkeypatch.delenv("MLX_ENABLE_TF32")  # MLX's default: on
+    assert gpu.mma_kind(mx.float32) == gpu.MMA_TF32
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_MMA", "0")
+    assert gpu.mma_kind(mx.bfloat16) == gpu.MMA_NONE
+
+
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+def test_default_plan_uses_tensor_cores_where_the_projection_dominates(xdt, monkeypatch):
+    # B=64 rows of a 4-head LSTM of 256 (FlashRNN's N=4 D=256): FMA 16-65 us a step
+    p = TP.plan("forward", "lstm", 256, 64, H200, x_dtype=xdt, problems=4)
+    assert p is not None and p.mma == KIND[xdt] and p.RB == 8 and p.BBP % 8 == 0
+    fma = TP.plan("forward", "lstm", 256, 64, H200, x_dtype=xdt, problems=4, mma=0)
+    assert fma.mma == 0 and p.cost < TP.MMA_MARGIN * fma.cost
+    # one row at H=64: nothing to gain, the FMA plan stays
+    assert TP.plan("forward", "lstm", 64, 1, H200, x_dtype=xdt).mma == 0
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_MMA", "0")
+    assert TP.plan("forward", "lstm", 256, 64, H200, x_dtype=xdt, problems=4).mma == 0
+    if xdt == mx.float32:
+        monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_MMA", "1")
+        monkeypatch.setenv("MLX_ENABLE_TF32", "0")
+        assert TP.plan("forward", "lstm", 256, 64, H200, x_dtype=xdt, problems=4).mma == 0
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("B,H", [(1, 1), (5, 200), (64, 256), (16, 512), (256, 128), (3, 1000)])
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16, mx.float16], ids=["tf32", "bf16", "f16"])
+def test_mma_plan_invariants(cell, direction, B, H, xdt):
+    p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights="mma")
+    if p is None:
+        return
+    kind = KIND[xdt]
+    assert p.mma == kind and not p.w_global and p.NCS == 1 and p.RB == 8
+    assert p.BBP % 8 == 0 and p.BB <= p.BBP < p.BB + 8
+    assert p.nblocks <= H200.num_sms and p.smem <= P.smem_budget(H200)
+    assert p.w_dtype == {gpu.MMA_BF16: mx.bfloat16, gpu.MMA_F16: mx.float16, gpu.MMA_TF32: mx.float32}[kind]
+    wb = 4 if kind == gpu.MMA_TF32 else 2
+    assert p.smem == TP.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, wb, mma=kind)
+    assert p.KCH % 16 == 0 and (p.KCH >= p.K or p.KCH % 32 == 0) and p.KCH >= 16
+    # the padded strides cover every k-step a chunk reads, and spread a fragment
+    # load's 32 lanes over 32 banks
+    k16 = -(-p.K // 16) * 16
+    assert p.wld >= k16 and p.hld >= p.KCH
+    g, t = [l >> 2 for l in range(32)], [l & 3 for l in range(32)]
+    if kind == gpu.MMA_TF32:
+        w_banks = {(gi * p.wld + ti) % 32 for gi, ti in zip(g, t)}
+        h_banks = {(gi * p.hld + ti) % 32 for gi, ti in zip(g, t)}
+        assert len(w_banks) == 32 and len(h_banks) == 32
+    else:
+        w_banks = {(gi * p.wld // 2 + ti) % 32 for gi, ti in zip(g, t)}  # 16-bit pairs: one word
+        assert len(w_banks) == 32
+        for half in (range(16), range(16, 32)):  # float pairs: two 16-lane phases of 64-bit loads
+            words = [(g[i] * p.hld + 2 * t[i] + e) % 32 for i in half for e in (0, 1)]
+            assert len(set(words)) == 32
+
+
+def test_mma_plans_only_where_the_padded_slice_fits():
+    # float32 LSTM H=1024: even 16 rows of tf32 W (16 x 1028 x 4 B) over 132 SMs do not fit
+    assert TP.plan("forward", "lstm", 1024, 16, H200, x_dtype=mx.float32, weights="mma") is None
+    p = TP.plan("forward", "lstm", 1024, 16, H200, x_dtype=mx.bfloat16, weights="mma")
+    assert p is None or p.smem <= P.smem_budget(H200)
+    with pytest.raises(ValueError):
+        TP.plan("forward", "gru", 64, 4, H200, weights="tensor")
+
+
+# --------------------------------------------------------------------------- emulated kernels
+
+# (cell, L, B, H, x dtype, zero initial state, limits, what the plans must show)
+EMU_CASES = [
+    ("lstm", 4, 10, 24, mx.float32, False, LIM, "two batch groups"),
+    ("gru", 3, 9, 20, mx.bfloat16, False, LIM, "K-splits"),
+    ("lstm", 3, 5, 40, mx.float16, True, LIM, "K % 16 != 0 (zero padding)"),
+    ("slstm", 3, 17, 16, mx.float32, False, LIM, "four states"),
+    ("rnn_relu", 3, 3, 50, mx.float32, False, LIM, "N % 16 != 0"),
+    ("rnn_tanh", 2, 72, 16, mx.float32, False, LIM, "row-tile groups"),  # one batch group: 9 row tiles
+    ("gru", 3, 4, 64, mx.bfloat16, False, CHUNKED, "K-chunks"),
+]
+
+
+def _emu_id(c):
+    return f"{c[0]}-L{c[1]}-B{c[2]}-H{c[3]}-{str(c[4]).split('.')[-1]}-{c[7].split()[0]}"
+
+
+def _assert_plan_shows(p, what):
+    NT = p.BBP // 8
+    if what == "two batch groups":
+        assert p.NBB >= 2
+    elif what == "K-splits":
+        assert p.KS >= 2
+    elif what.startswith("K % 16"):
+        assert p.K % 16 != 0
+    elif what == "N % 16 != 0":
+        assert p.N % 16 != 0
+    elif what == "row-tile groups":
+        assert NT // TP.mma_tiles_per_task(NT) >= 2
+    elif what == "K-chunks":
+        assert p.KCH < p.K
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", EMU_CASES, ids=_emu_id)
+def test_emulated_mma_forward_backward(case):
+    cell, L, B, H, xdt, zero, limits, what = case
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    if zero:
+        s0 = tuple(mx.zeros_like(s) for s in s0)
+    nbb = 1 if what == "row-tile groups" else None
+    pf = TP.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights="mma", nbb=nbb)
+    pb = TP.plan("backward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights="mma", nbb=nbb)
+    assert pf is not None and pb is not None and pf.mma == pb.mma == KIND[xdt]
+    assert any(_plan_shows(p, what) for p in (pf, pb)), (what, pf, pb)
+    got, (_, sync) = emu.forward(cell, xp, w_h, s0, params, zero, limits, plan=pf)
+    expected = ref.forward(cell, xp, w_h, s0, params, zero, mma=pf.mma)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert ref.max_rel_err(a, e) < 2e-6, f"forward output {i}"
+    assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [pf.NU * (L - 1)] * pf.NBB
+    # Without the rounding the reference is off by the MMA type's precision, not more.
+    plain = ref.forward(cell, xp, w_h, s0, params, zero)
+    assert ref.max_rel_err(got[0], plain[0]) < {1: 2e-2, 2: 3e-3, 3: 3e-3}[pf.mma]
+
+    need = not zero
+    seqs, hp = expected[:-1], expected[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, B, H)
+    (dx, dhp, d0), _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, need, limits, plan=pb)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, need, mma=pb.mma)
+    # The kernel rounds its own dhp of the step after, which differs from the
+    # reference's in the last float32 bits, so now and then to the other side of a
+    # rounding boundary (one MMA-type ulp of one product term; seen: 2.7e-6).
+    assert ref.max_rel_err(dx, rdx) < 1e-5
+    assert ref.max_rel_err(dhp, rdhp) < 1e-5
+    if need:
+        for a, e in zip(d0, rd0):
+            assert ref.max_rel_err(a, e) < 5e-5
+
+
+def _plan_shows(p, what):
+    try:
+        _assert_plan_shows(p, what)
+        return True
+    except AssertionError:
+        return False
+
+
+# (cell, L, B, H, x dtype, zero initial state, lengths or None, REV mask, problems, interleaved)
+VARLEN_CASES = [
+    ("lstm", 5, 9, 20, mx.bfloat16, False, [5, 2, 1, 5, 4, 3, 5, 1, 2], 0, 1, False),
+    ("gru", 4, 8, 24, mx.float32, False, None, 0b10, 2, False),
+    ("rnn_tanh", 3, 9, 16, mx.float16, True, [1, 3, 2] * 6, 0b01, 2, True),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{c[0]}-np{c[8]}-rev{c[7]}-xil{int(c[9])}")
+def test_emulated_mma_lengths_directions_problems(case):
+    """The tensor-core kernels with per-row lengths, reversed problems, two problems
+    in one launch and problem-interleaved I/O: forward against the masked reference
+    with rounded operands; the backward against its vjp, which passes the rounding
+    straight through (so within the MMA type's precision)."""
+    cell, L, B, H, xdt, zero, lens, rev, problems, xil = case
+    kind = KIND[xdt]
+
+    def forward(*args, lens, rev, **kw):
+        p = TP.plan("forward", cell, H, B, LIM, x_dtype=xdt, tpb=64, weights="mma", problems=problems)
+        assert p is not None and p.mma == kind
+        return emu.forward(cell, *args, LIM, plan=p, lens=lens, rev=rev, **kw)[0]
+
+    def backward(*args, lens, rev, d_out, **kw):
+        p = TP.plan("backward", cell, H, B, LIM, x_dtype=xdt, tpb=64, weights="mma", problems=problems)
+        assert p is not None and p.mma == kind
+        return emu.backward(cell, *args, LIM, plan=p, lens=lens, rev=rev, d_out=d_out, **kw)[0]
+
+    tol_bwd = {1: 3e-2, 2: 5e-3, 3: 5e-3}[kind]
+    ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward,
+                     tol=(2e-6, tol_bwd), interleaved=xil, mma=kind)
+
+
+# --------------------------------------------------------------------------- NVRTC
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_mma_without_spills(cell, direction):
+    from test_persistent_cpu import _assert_compiles
+
+    for (B, H, NP), xdt in (((64, 256, 4), mx.float32), ((64, 256, 4), mx.bfloat16), ((16, 128, 1), mx.float16),
+                            ((256, 128, 1), mx.bfloat16)):
+        p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights="mma", problems=NP)
+        assert p is not None and p.mma == KIND[xdt]
+        _assert_compiles(p, xdt)
+        if NP > 1:
+            _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)

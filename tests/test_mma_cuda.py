@@ -1,0 +1,111 @@
+"""The tiled class's tensor-core projection (``Plan.mma``) on a real GPU.
+
+Parity of outputs and gradients with the reference loop on the CPU stream whose
+projection rounds its operands as the plan does (``ref.forward(..., mma=)``): what
+is left is float32 accumulation order and, now and then, an operand the kernel
+rounds to the other side of a rounding boundary (its state differs from the
+reference's in the last float32 bits), one MMA-type ulp of one product. A wrong
+fragment, tile or padding is off by O(1). Skipped unless MLX's CUDA backend is
+available.
+"""
+
+import pytest
+
+import mlx.core as mx
+
+import persistent_reference as ref
+from mlx_fastrnn.kernels import gpu
+from mlx_fastrnn.kernels import persistent as P
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not ref.cuda_available(), reason="needs MLX's CUDA backend"),
+]
+
+KIND = {mx.bfloat16: gpu.MMA_BF16, mx.float16: gpu.MMA_F16, mx.float32: gpu.MMA_TF32}
+TOL = {gpu.MMA_BF16: 3e-3, gpu.MMA_F16: 1e-3, gpu.MMA_TF32: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")  # our planner reads it per call (MLX's own matmuls: once)
+
+
+def _stacked(cell, L, B, H, xdt, problems):
+    parts, (xp, w, s0, params) = ref.stacked_problems(cell, problems, L, B, H, xdt, False)
+    mx.eval(xp, w, s0, params)
+    return xp, w, s0, params
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16, mx.float16], ids=["tf32", "bf16", "f16"])
+@pytest.mark.parametrize("L,B,H,problems", [(9, 20, 96, 1), (6, 64, 64, 4), (5, 3, 200, 1)])
+def test_mma_parity(cell, xdt, L, B, H, problems):
+    kind = KIND[xdt]
+    xp, w, s0, params = _stacked(cell, L, B, H, xdt, problems)
+    pf = P.select("forward", cell, xp, w, weights="mma")
+    pb = P.select("backward", cell, xp, w, weights="mma")
+    if pf is None or pb is None:
+        pytest.skip("no tensor-core plan fits")
+    assert pf.mma == pb.mma == kind
+    got = P.persistent_sequence(cell, xp, w, s0, params, False, use_plan=pf)
+    mx.eval(got)
+    rows = xp.shape[1] // problems
+    seqs_ref, hp_ref = [], []
+    for k in range(problems):
+        sl = slice(k * rows, (k + 1) * rows)
+        wk = w if problems == 1 else w[k]
+        pk = params if problems == 1 else tuple(q[k] for q in params)
+        e = ref.on_cpu(ref.forward, cell, xp[:, sl], wk, tuple(s[sl] for s in s0), pk, False, kind)
+        for i, (a, b) in enumerate(zip(got, e)):
+            err = ref.max_rel_err(a[:, sl], b)
+            assert err < TOL[kind], f"forward output {i} of problem {k}: {err:.2e} ({pf})"
+        seqs_ref.append(e)
+    # backward on the kernel's own forward (its dhp / dh feed the next projections)
+    seqs, hp = got[:-1], got[-1]
+    prevs = ref.prevs_of(s0, seqs)
+    d_outs = ref.cotangents(cell, L, xp.shape[1], H)
+    mx.eval(prevs, d_outs)
+    dx, dhp, d0 = P.persistent_backward(cell, d_outs, xp, hp, prevs, params, w, True, use_plan=pb)
+    mx.eval(dx, dhp, d0)
+    for k in range(problems):
+        sl = slice(k * rows, (k + 1) * rows)
+        wk = w if problems == 1 else w[k]
+        pk = params if problems == 1 else tuple(q[k] for q in params)
+        rdx, rdhp, rd0 = ref.on_cpu(ref.backward, cell, tuple(d[:, sl] for d in d_outs), xp[:, sl], hp[:, sl],
+                                    tuple(p[:, sl] for p in prevs), pk, wk, True, kind)
+        assert ref.max_rel_err(dx[:, sl], rdx) < TOL[kind], pb
+        assert ref.max_rel_err(dhp[:, sl], rdhp) < TOL[kind], pb
+        for a, e in zip(d0, rd0):
+            assert ref.max_rel_err(a[sl], e) < TOL[kind], pb
+
+
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["tf32", "bf16"])
+def test_mma_lengths_and_directions(xdt):
+    """Two reversed / forward problems with per-row lengths, problem-interleaved I/O."""
+    kind = KIND[xdt]
+    cell, L, B, H, problems = "lstm", 7, 16, 64, 2
+    lens = [7, 3, 1, 5] * 8
+
+    def forward(*args, lens, rev, interleaved):
+        p = P.select("forward", cell, args[0], args[1], weights="mma")
+        assert p is not None and p.mma == kind
+        return P.persistent_sequence(cell, *args, use_plan=p, lens=lens, rev=rev, interleaved=interleaved)
+
+    def backward(*args, lens, rev, d_out, interleaved):
+        p = P.select("backward", cell, args[1], args[5], weights="mma")
+        assert p is not None and p.mma == kind
+        return P.persistent_backward(cell, *args, use_plan=p, lens=lens, rev=rev, d_out=d_out,
+                                     interleaved=interleaved)
+
+    ref.check_varlen(cell, L, B, H, xdt, False, lens, 0b10, problems, forward, backward, on=ref.on_cpu,
+                     tol=(TOL[kind], 10 * TOL[kind]), interleaved=True, mma=kind)
+
+
+def test_default_selection_takes_tensor_cores_for_a_wide_batch():
+    xp, w, s0, params = _stacked("lstm", 4, 64, 256, mx.bfloat16, 4)
+    p = P.select("forward", "lstm", xp, w)
+    assert p is not None and p.mma == gpu.MMA_BF16
