@@ -191,12 +191,15 @@ def test_gpu_heads_on_the_per_step_loop_match_cpu(kind, monkeypatch):
     test_gpu_matches_cpu(kind, 2, 6, 256, 4)
 
 
+@pytest.mark.parametrize("head_major", [False, True], ids=["gate_major", "head_major"])
 @pytest.mark.parametrize("cell_name,heads", [("lstm", 4), ("slstm", 3), ("rnn_tanh", 5)])
-def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads):
+def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads, head_major):
     """Where one launch cannot take all heads but each half can (``ops.heads._launches``;
     here a stand-in ``accepts`` that takes at most ceil(N/2) problems), the heads run as
     two recurrences whose outputs are joined: the same state sequences and every
-    gradient (xp, R, the initial states) as the dense block-diagonal W_h."""
+    gradient (xp, R, the initial states) as the dense block-diagonal W_h; also with
+    head-major inputs and outputs (``head_major=True``, what ``flashrnn`` passes), on
+    the two launches, on one launch (all heads: a view of the rows) and on the dense W_h."""
     import dataclasses
 
     from mlx_fastrnn.cells import LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
@@ -221,18 +224,27 @@ def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads):
     assert H._launches(split, xp, g, heads, d) == [(0, half), (half, heads)]
     assert H._launches(dataclasses.replace(split, accepts=lambda *a, **k: False), xp, g, heads, d) is None
 
-    def loss(steps):
+    def loss(steps, hm=False):
         def f(xp, r, *s0):
-            seqs = H.head_recurrence(cell, steps, xp, r, list(s0), (), given)
+            if hm:  # [L, B, G*N*D] -> [L, N, B, G*D]; sequences back from [L, N, B, D]
+                xh = xp.reshape(length, batch, g, heads, d).transpose(0, 3, 1, 2, 4).reshape(
+                    length, heads, batch, g * d)
+                seqs = H.head_recurrence(cell, steps, xh, r, list(s0), (), given, head_major=True)
+                assert all(tuple(q.shape) == (length, heads, batch, d) for q in seqs)
+                seqs = [q.swapaxes(1, 2).reshape(length, batch, heads * d) for q in seqs]
+            else:
+                seqs = H.head_recurrence(cell, steps, xp, r, list(s0), (), given)
             return sum((a * c).sum() for a, c in zip(seqs, cot)), list(seqs)
         return mx.value_and_grad(f, argnums=tuple(range(2 + cell.num_states)))(xp, r, *s0)
 
-    (_, got), g_got = loss(split)
     (_, want), g_want = loss(cell.reference_steps)  # accepts None: the dense block-diagonal W_h
-    for a, b in zip(got, want):
-        assert mx.allclose(a, b, rtol=1e-5, atol=1e-6).item()
-    for i, (a, b) in enumerate(zip(g_got, g_want)):
-        assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
+    one = dataclasses.replace(cell.reference_steps, accepts=lambda xp, w_h, varlen=False, kind="": kind == "heads")
+    for steps in ((split, one, cell.reference_steps) if head_major else (split,)):
+        (_, got), g_got = loss(steps, head_major)
+        for a, b in zip(got, want):
+            assert mx.allclose(a, b, rtol=1e-5, atol=1e-6).item()
+        for i, (a, b) in enumerate(zip(g_got, g_want)):
+            assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
 
 
 @pytest.mark.parametrize("steps_kind", ["reference", "compiled"])

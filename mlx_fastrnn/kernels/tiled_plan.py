@@ -241,8 +241,8 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
                 if best is None or key < (best.cost, best.nblocks, best.w_bf16, best.NCS):
                     best = p
                 break  # float32 fits: no need for bfloat16
-    # The tensor-core plan where its model cost is clearly lower: at small shapes the two
-    # are within the model's error, and the FMA plan wastes no padding.
+    # The tensor-core plan where its model cost is clearly lower (MMA_MARGIN): at small
+    # shapes the two are within the model's error, and the FMA plan wastes no padding.
     if weights == "mma":
         return best_mma
     if best_mma is not None and (best is None or best_mma.cost < MMA_MARGIN * best.cost):
@@ -250,7 +250,13 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
     return best
 
 
-MMA_MARGIN = 0.9
+# Measured on the H200 (2026-12-04, benchmarks/RESULTS.md "Tensor cores": alternating rounds
+# against MLX_FASTRNN_PERSISTENT_MMA=0, the whole layer / flashrnn call): where the model put
+# the tensor-core plan at <= 0.59 of the FMA plan's cost it was 2-25% faster (0.39: GRU
+# 256x50x256 0.81x, four heads of 256 at B=64 0.87x; 0.25: sixteen heads of 128 at B=64 0.76x);
+# at 0.73-0.74 it was not (LSTM 16x1024x512 forward 1.07x, LSTM 32x40x200 1.01x, four heads of
+# 128 at B=16 1.03x).
+MMA_MARGIN = 0.6
 
 
 def mma_tiles_per_task(nt):

@@ -154,9 +154,10 @@ def flashrnn(Wx, R, b, states=None, function="lstm", backend="fused"):
 
 
 def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
-    """flashrnn on the recurrence driver: pre-activations ``Wx + b`` time-major
-    [T, B, G*H] (FlashRNN's gate-major, head-major order is the cells' gate
-    blocks), the heads as independent problems (``ops/heads.py``)."""
+    """flashrnn on the recurrence driver: the heads as independent problems
+    (``ops/heads.py``), their pre-activations ``Wx + b`` head-major [T, N, B, G*D]
+    (the kernels' row order) in one pass over Wx, and each state sequence from the
+    kernels' [T, N, B, D] to FlashRNN's [B, T, N, D] in one more."""
     hidden = heads * dim
     f32 = mx.float32
     b = b.astype(f32)
@@ -165,10 +166,8 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
     if fn.r_order is not None:  # GRU: R (g, r, z) -> the cell's (r, z, n); b_g is the cell's bhn
         r = r[mx.array(fn.r_order)]
         params = (b[0].reshape(hidden),)
-    x_bias = b[fn.b_x].reshape(fn.gates_x * hidden)
     # float32 pre-activations (as the reference: the bias is added in float32)
-    xp = Wx.reshape(batch, length, fn.gates_x * hidden).astype(f32) + x_bias
-    xp = mx.contiguous(xp.swapaxes(0, 1))
+    xh = _head_major_preactivations(Wx, b[fn.b_x])
     if states is None:
         states0 = tuple(mx.zeros((batch, hidden), f32) for _ in range(fn.num_states))
         given = (False,) * fn.num_states
@@ -176,12 +175,36 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
         s = states.astype(f32).reshape(fn.num_states, batch, hidden)
         states0 = tuple(s[i] for i in range(fn.num_states))
         given = (True,) * fn.num_states
-    seqs = head_recurrence(fn.cell, default_steps(fn.cell), xp, r, states0, params, given)
-    seq = mx.stack(seqs).swapaxes(1, 2).reshape(fn.num_states, batch, length, heads, dim)
+    seqs = head_recurrence(fn.cell, default_steps(fn.cell), xh, r, states0, params, given, head_major=True)
+    seq = mx.stack([_flashrnn_layout(q, Wx.dtype) for q in seqs])  # [S, B, T, N, D]
     # An index, not the slice seq[:, :, -1:]: for T = 1 that slice IS seq (MLX
     # returns the array itself), and a VJP keeps one cotangent per array.
     last = mx.expand_dims(seq[:, :, -1], 2)
-    return seq.astype(Wx.dtype), last.astype(Wx.dtype)
+    return seq, last
+
+
+@mx.compile
+def _head_major_preactivations(Wx, x_bias):
+    """``Wx`` [B, T, G, N, D] + ``x_bias`` [G, N, D] in float32 as [T, N, B, G*D]: one
+    kernel reading Wx (compiled: the cast, the add and the transposed write fuse)."""
+    batch, length, gates, heads, dim = Wx.shape
+    xh = Wx.transpose(1, 3, 0, 2, 4).astype(mx.float32) + x_bias.transpose(1, 0, 2)[None, :, None]
+    return xh.reshape(length, heads, batch, gates * dim)
+
+
+def _flashrnn_layout(seq, dtype):
+    """A state sequence [T, N, B, D] (float32) as FlashRNN's [B, T, N, D] in ``dtype``
+    (one compiled kernel for the half types: the transposed read and the cast fuse)."""
+    if dtype == mx.float32:
+        return mx.contiguous(seq.transpose(2, 0, 1, 3))
+    cast = _TRANSPOSE_CAST.get(dtype)
+    return cast(seq) if cast is not None else seq.transpose(2, 0, 1, 3).astype(dtype)
+
+
+_TRANSPOSE_CAST = {
+    mx.bfloat16: mx.compile(lambda seq: seq.transpose(2, 0, 1, 3).astype(mx.bfloat16)),
+    mx.float16: mx.compile(lambda seq: seq.transpose(2, 0, 1, 3).astype(mx.float16)),
+}
 
 
 def _check_shapes(fn, function, Wx, R, b, states):

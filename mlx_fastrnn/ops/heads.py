@@ -47,31 +47,39 @@ def _launches(steps, xp, gates, heads, dim):
     return None
 
 
-def _problems(cell, steps, xp, r, states0, params, given, lo, hi):
-    """Heads ``lo:hi`` of ``xp`` [L, B, G, N, D] as problems of one ``recurrence``:
-    rows head-major ([L, n*B, G*D]), W_h [n, G*D, D]; returns [L, B, n*D] per state."""
+def _problems(cell, steps, xs, r, states0, params, given, lo, hi):
+    """Heads ``lo:hi`` as problems of one ``recurrence``: ``xs`` their rows head-major
+    [L, n*B, G*D], W_h [n, G*D, D]; returns [L, n, B, D] per state (a view of the
+    kernels' rows)."""
     gates, _, dim, _ = r.shape
-    length, batch = xp.shape[:2]
+    length = xs.shape[0]
     n = hi - lo
-    xh = mx.contiguous(xp[:, :, :, lo:hi].transpose(0, 3, 1, 2, 4).reshape(length, n * batch, gates * dim))
+    batch = xs.shape[1] // n
     wh = mx.contiguous(f32(r[:, lo:hi]).transpose(1, 0, 2, 3).reshape(n, gates * dim, dim))
     s0 = tuple(mx.contiguous(s[:, lo * dim:hi * dim].reshape(batch, n, dim).swapaxes(0, 1)
                              .reshape(n * batch, dim)) for s in states0)
     prm = tuple(p[lo * dim:hi * dim].reshape(n, dim) for p in params)
-    seqs = recurrence(cell, steps, xh, wh, s0, prm, given)
-    return tuple(s.reshape(length, n, batch, dim).swapaxes(1, 2).reshape(length, batch, n * dim) for s in seqs)
+    seqs = recurrence(cell, steps, xs, wh, s0, prm, given)
+    return tuple(s.reshape(length, n, batch, dim) for s in seqs)
 
 
-def head_recurrence(cell, steps, xp, r, states0, params, given):
+def head_recurrence(cell, steps, xp, r, states0, params, given, head_major=False):
     """``recurrence`` with ``W_h`` the block-diagonal form of ``r`` [G, N, D, D].
 
     ``xp`` [L, B, G*N*D] (gate-major, head-major), ``states0`` each [B, N*D],
     ``params`` each [N*D]; returns one [L, B, N*D] float32 sequence per state.
+    ``head_major``: ``xp`` is [L, N, B, G*D] instead and the sequences come back
+    [L, N, B, D] (the kernels' own row order: a caller that lays its data out so,
+    e.g. ``flashrnn``, saves a transposed copy of the inputs and of every output).
     """
     gates, heads, dim, _ = r.shape
-    length, batch, _ = xp.shape
+    if head_major:
+        length, _, batch, _ = xp.shape
+    else:
+        length, batch, _ = xp.shape
     if heads > 1:
-        launches = _launches(steps, xp, gates, heads, dim) if steps.accepts is not None else None
+        flat = _flat(xp, gates, heads, dim) if head_major else xp
+        launches = _launches(steps, flat, gates, heads, dim) if steps.accepts is not None else None
         # else the step loop of problems (one batched matmul per step; a per-step or the
         # CPU's whole-sequence backward), unless the dense W_h takes a kernel (its
         # stand-in: shapes are all the planner reads)
@@ -79,12 +87,36 @@ def head_recurrence(cell, steps, xp, r, states0, params, given):
             steps.backward_step is not None or steps.backward_sequence is not None)
         if launches is None and loop_takes and not (
                 steps.accepts is not None
-                and steps.accepts(xp, Operand((gates * heads * dim, heads * dim), mx.float32, 2))):
+                and steps.accepts(flat, Operand((gates * heads * dim, heads * dim), mx.float32, 2))):
             launches = [(0, heads)]
         if launches is not None:
-            xg = xp.reshape(length, batch, gates, heads, dim)
-            parts = [_problems(cell, steps, xg, r, states0, params, given, lo, hi) for lo, hi in launches]
-            if len(parts) == 1:
-                return parts[0]
-            return tuple(mx.concatenate(seqs, axis=-1) for seqs in zip(*parts))
-    return recurrence(cell, steps, xp, block_diagonal(f32(r)), states0, params, given)
+            if head_major:  # all heads: a view; a part: one copy of its rows
+                def rows(lo, hi):
+                    return (xp if hi - lo == heads else xp[:, lo:hi]).reshape(length, (hi - lo) * batch,
+                                                                              gates * dim)
+            else:
+                xg = xp.reshape(length, batch, gates, heads, dim)
+
+                def rows(lo, hi):
+                    return mx.contiguous(xg[:, :, :, lo:hi].transpose(0, 3, 1, 2, 4)).reshape(
+                        length, (hi - lo) * batch, gates * dim)
+            parts = [_problems(cell, steps, rows(lo, hi), r, states0, params, given, lo, hi)
+                     for lo, hi in launches]
+            seqs = parts[0] if len(parts) == 1 else tuple(mx.concatenate(q, axis=1) for q in zip(*parts))
+            if head_major:
+                return seqs
+            return tuple(s.swapaxes(1, 2).reshape(length, batch, heads * dim) for s in seqs)
+    if head_major:
+        xp = mx.contiguous(xp.reshape(length, heads, batch, gates, dim).transpose(0, 2, 3, 1, 4)).reshape(
+            length, batch, gates * heads * dim)
+    seqs = recurrence(cell, steps, xp, block_diagonal(f32(r)), states0, params, given)
+    if head_major:
+        return tuple(s.reshape(length, batch, heads, dim).swapaxes(1, 2) for s in seqs)
+    return seqs
+
+
+def _flat(xh, gates, heads, dim):
+    """A stand-in of the gate-major [L, B, G*N*D] operand of head-major ``xh`` (the
+    planner reads only shapes and the dtype)."""
+    length, _, batch, _ = xh.shape
+    return Operand((length, batch, gates * heads * dim), xh.dtype, 3)
