@@ -9,12 +9,14 @@ dealt round-robin in collection order, so the parametrized variants of one
 test spread over the shards. A test that leaves the CUDA context broken only
 takes its own shard's later tests with it. Prints each shard's summary, then
 one line per failed test; exits 1 if any shard failed, 5 if nothing was
-collected.
+collected. SIGTERM / SIGINT (e.g. ``timeout``) stop the shards too, exit 143 /
+130: a shard left running would keep the GPU busy under what is timed next.
 """
 
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,21 @@ def main(argv=None):
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         procs = []
+
+        def stop(signum, frame):
+            for proc, _, _ in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc, _, _ in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            print(f"run_sharded: stopped by signal {signum}; {len(procs)} shards stopped", flush=True)
+            sys.exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         for n, group in enumerate(groups):
             log = open(os.path.join(d, f"shard{n}.log"), "w+")
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *keep, *group]

@@ -37,3 +37,44 @@ def test_runs_shards_and_reports_failures(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "5 tests in 4 processes" in res.stdout and "FAILED" not in res.stdout
     assert res.stdout.count(" passed in ") == 4
+
+
+def test_sigterm_stops_the_shards(tmp_path):
+    """``timeout`` sends SIGTERM to the runner only: its shards must stop with it (a
+    shard left running kept the GPU and the CPUs busy under the timings that followed)."""
+    import signal
+    import time
+
+    (tmp_path / "test_slow.py").write_text(textwrap.dedent("""
+        import os, time
+
+        def test_slow_a():
+            open(os.path.join(os.path.dirname(__file__), f"pid{os.getpid()}"), "w").close()
+            time.sleep(120)
+
+        def test_slow_b():
+            open(os.path.join(os.path.dirname(__file__), f"pid{os.getpid()}"), "w").close()
+            time.sleep(120)
+    """))
+    runner = subprocess.Popen([sys.executable, os.path.join(HERE, "run_sharded.py"), "--shards", "2", "--",
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=tmp_path)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("pid*"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.name[3:]) for p in tmp_path.glob("pid*")]
+    assert len(pids) == 2, "the shards did not start"
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 128 + signal.SIGTERM, out
+    assert "2 shards stopped" in out
+    for pid in pids:
+        alive = True
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+                break
+            time.sleep(0.1)
+        assert not alive, f"shard {pid} still running"
