@@ -105,3 +105,23 @@ def test_tuning_candidates_cover_column_splits_and_restore_the_env(monkeypatch):
     assert {p.NCS for p in plans} >= {1, 8} and all(p.nblocks <= 132 for p in plans)
     assert os.environ["MLX_FASTRNN_PERSISTENT_COLSPLIT"] == "keep"
     assert "RB4/8" in persistent_tune.plan_text(next(p for p in plans if p.NCS == 8))
+
+
+def test_env_ab_alternates_the_setting_and_restores_it(tmp_path, monkeypatch):
+    import env_ab
+
+    monkeypatch.setenv("FRNN_AB_PROBE", "outer")
+    assert env_ab.with_env("FRNN_AB_PROBE", "", lambda: os.environ.get("FRNN_AB_PROBE")) is None
+    assert env_ab.with_env("FRNN_AB_PROBE", "7", lambda: os.environ.get("FRNN_AB_PROBE")) == "7"
+    assert os.environ["FRNN_AB_PROBE"] == "outer"
+    cases = env_ab.parse_cases("GRU:2x3x8:float32", "lstm:2x4:2x8:bfloat16")
+    assert [c[0] for c in cases] == ["GRU 2x3x8 float32", "flashrnn lstm B=2 T=4 N=2 D=8 bfloat16"]
+    out = tmp_path / "ab.json"
+    assert env_ab.main(["--env", "FRNN_AB_PROBE", "--values", ",1", "--layers", "GRU:2x3x8:float32",
+                        "--flashrnn", "lstm:2x4:2x8:bfloat16", "--modes", "fwd", "--rounds", "2",
+                        "--round-ms", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["case"], r["mode"], r["a"], r["b"]) for r in data["results"]] == [
+        ("GRU 2x3x8 float32", "fwd", "", "1"), ("flashrnn lstm B=2 T=4 N=2 D=8 bfloat16", "fwd", "", "1")]
+    assert all(r["a_ms"] > 0 and r["b_ms"] > 0 for r in data["results"])
+    assert os.environ["FRNN_AB_PROBE"] == "outer"
