@@ -11,7 +11,8 @@ One launch runs all L steps of a GRU / LSTM / RNN layer (FlashRNN-style):
   backward) in shared memory for the whole sequence, as float32 (bfloat16 only
   when float32 does not fit and the input is already half precision).
 * Per step it stages its rows of h_{t-1} (backward: of dhp_{t+1}) from L2,
-  projects them on the W_h slice (fp32 FMA, warp-per-task, lanes over K), applies
+  projects them on the W_h slice (fp32 FMA, warp-per-task, lanes over K; or on
+  tensor cores: ``Plan.mma``, mma.sync tiles), applies
   the cell, writes its slice of h_t (c_t, hp_t / dx_t, dhp_t), then waits on a
   barrier shared by the NU blocks of its batch group (monotone counter in an
   output buffer of >= 128 bytes: never MLX's scalar pool).

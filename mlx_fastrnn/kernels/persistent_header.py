@@ -13,11 +13,14 @@ the ``#else`` branch is what the CPU emulator in the tests provides, so the rest
 of this header and every cell body run unchanged on the host under test.
 
 Layout of the dynamic shared memory of one block (``carve``), in this order:
-  hs   float [BBP][KCH]       the block's rows of the projected operand (one K-chunk)
+  hs   float [BBP][HLD]       the block's rows of the projected operand (one K-chunk, KCH
+                              of each row's HLD: HLD = KCH, padded for a tensor-core plan)
   part float [KS][BBP][N]     per-K-split partial sums of the projection
-  Ws   WT    [N][K]           the block's slice of W_h (rows, or transposed columns);
+  Ws   WT    [NR][WLD]        the block's slice of W_h (rows, or transposed columns; NR = N,
+                              WLD = K, a tensor-core plan pads both with zeros);
                               a streamed W_h (WG): float [N][KCH], the rows' current K-chunk
-Python's ``smem_bytes`` computes the same total.
+Python's ``smem_bytes`` computes the same total. The projection runs on CUDA cores
+(``matvec_chunk``, float32 FMA) or on tensor cores (``mma_chunk``, MMA > 0).
 
 Switches, defined before this header (none by default), each undoing one
 choice of the default kernel: ``FRNN_BARRIER_FENCE`` (the older fence +
