@@ -92,7 +92,8 @@ class Problem:
 
 def candidate_plans(direction, cell, H, B, limits, x_dtype):
     """Distinct feasible splits: batch groups x block caps x threads per block x the
-    projection's warp tasks with and without column splits (``Plan.NCS``)."""
+    projection's warp tasks with and without column splits (``Plan.NCS``), on CUDA
+    cores and on tensor cores (``Plan.mma``, where the dtype and MLX_ENABLE_TF32 allow)."""
     out = {}
     saved = os.environ.get("MLX_FASTRNN_PERSISTENT_COLSPLIT")
     try:
@@ -103,9 +104,12 @@ def candidate_plans(direction, cell, H, B, limits, x_dtype):
                     capped = P.Limits(**{**limits.__dict__, "num_sms": cap})
                     nbb = 1
                     while nbb <= min(B, cap):
-                        p = P.plan(direction, cell, H, B, capped, x_dtype=x_dtype, tpb=tpb, nbb=nbb)
-                        if p is not None:
-                            out.setdefault((p.U, p.NU, p.BB, p.NBB, p.RB, p.NCS, p.KS, p.KCH, p.TPB, p.w_bf16), p)
+                        for weights, mma in (("auto", 0), ("mma", None)):
+                            p = P.plan(direction, cell, H, B, capped, x_dtype=x_dtype, tpb=tpb, nbb=nbb,
+                                       weights=weights, mma=mma)
+                            if p is not None:
+                                out.setdefault((p.U, p.NU, p.BB, p.NBB, p.RB, p.NCS, p.KS, p.KCH, p.TPB, p.w_bf16,
+                                                p.mma), p)
                         nbb *= 2
     finally:
         if saved is None:
