@@ -47,14 +47,14 @@ def test_mma_parity(cell, xdt, L, B, H, problems):
     kind = KIND[xdt]
     xp, w, s0, params = _stacked(cell, L, B, H, xdt, problems)
     pf = P.select("forward", cell, xp, w, weights="mma")
-    pb = P.select("backward", cell, xp, w, weights="mma")
+    # float16: the backward keeps the FMA projection (its cotangents would underflow)
+    pb = P.select("backward", cell, xp, w, weights="auto" if kind == gpu.MMA_F16 else "mma")
     if pf is None or pb is None:
         pytest.skip("no tensor-core plan fits")
-    assert pf.mma == pb.mma == kind
+    assert pf.mma == kind and pb.mma == (0 if kind == gpu.MMA_F16 else kind)
     got = P.persistent_sequence(cell, xp, w, s0, params, False, use_plan=pf)
     mx.eval(got)
     rows = xp.shape[1] // problems
-    seqs_ref, hp_ref = [], []
     for k in range(problems):
         sl = slice(k * rows, (k + 1) * rows)
         wk = w if problems == 1 else w[k]
@@ -63,7 +63,6 @@ def test_mma_parity(cell, xdt, L, B, H, problems):
         for i, (a, b) in enumerate(zip(got, e)):
             err = ref.max_rel_err(a[:, sl], b)
             assert err < TOL[kind], f"forward output {i} of problem {k}: {err:.2e} ({pf})"
-        seqs_ref.append(e)
     # backward on the kernel's own forward (its dhp / dh feed the next projections)
     seqs, hp = got[:-1], got[-1]
     prevs = ref.prevs_of(s0, seqs)
@@ -76,11 +75,12 @@ def test_mma_parity(cell, xdt, L, B, H, problems):
         wk = w if problems == 1 else w[k]
         pk = params if problems == 1 else tuple(q[k] for q in params)
         rdx, rdhp, rd0 = ref.on_cpu(ref.backward, cell, tuple(d[:, sl] for d in d_outs), xp[:, sl], hp[:, sl],
-                                    tuple(p[:, sl] for p in prevs), pk, wk, True, kind)
-        assert ref.max_rel_err(dx[:, sl], rdx) < TOL[kind], pb
-        assert ref.max_rel_err(dhp[:, sl], rdhp) < TOL[kind], pb
+                                    tuple(p[:, sl] for p in prevs), pk, wk, True, pb.mma)
+        tol = TOL[pb.mma] if pb.mma else ref.gpu_tol(L)
+        assert ref.max_rel_err(dx[:, sl], rdx) < tol, pb
+        assert ref.max_rel_err(dhp[:, sl], rdhp) < tol, pb
         for a, e in zip(d0, rd0):
-            assert ref.max_rel_err(a[sl], e) < TOL[kind], pb
+            assert ref.max_rel_err(a[sl], e) < tol, pb
 
 
 @pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["tf32", "bf16"])
@@ -106,6 +106,7 @@ def test_mma_lengths_and_directions(xdt):
 
 
 def test_default_selection_takes_tensor_cores_for_a_wide_batch():
+    assert P.device_limits().cc_major >= 8  # the H100 / H200 this suite runs on
     xp, w, s0, params = _stacked("lstm", 4, 64, 256, mx.bfloat16, 4)
     p = P.select("forward", "lstm", xp, w)
     assert p is not None and p.mma == gpu.MMA_BF16

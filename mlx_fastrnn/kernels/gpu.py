@@ -59,6 +59,9 @@ class Limits:
     reserved_smem_per_block: int = 1024
     threads_per_sm: int = 2048
     regs_per_sm: int = 65536
+    # compute capability major (0: unknown); tensor-core plans (mma.sync bf16 / f16 / tf32)
+    # need 8 (Ampere) or later
+    cc_major: int = 0
 
     @property
     def max_blocks(self):
@@ -101,6 +104,7 @@ _CU_ATTR = {
     "regs_per_sm": 82,  # CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR
     "smem_per_block": 97,  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     "reserved_smem_per_block": 111,  # CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK
+    "cc_major": 75,  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
 }
 _LIMITS_CACHE = {}
 

@@ -160,10 +160,16 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     default ``gpu.mma_kind(x_dtype)`` with ``weights="auto"``, else none); the
     FMA candidates compete with them on the cost model. ``mma=0``: FMA only.
     ``weights="mma"``: tensor-core candidates only (``mma`` or, by default,
-    ``gpu.mma_kind(x_dtype)``; None where that is none).
+    ``gpu.mma_kind(x_dtype)``; None where that is none). No tensor-core plans on a GPU
+    before compute capability 8 (or an unknown one: ``Limits.cc_major``), and none for
+    a float16 backward: its cotangents (the rounded operand) can lie far below
+    float16's range (1e-7 is common without loss scaling), where bfloat16 and tf32
+    keep float32's.
     """
     if mma is None:
         mma = mma_kind(x_dtype) if weights in ("auto", "mma") else MMA_NONE
+    if limits is not None and limits.cc_major < 8 or (mma == MMA_F16 and direction == "backward"):
+        mma = MMA_NONE
     # Cached (the search took ~20 us, twice per training call); the env
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
@@ -277,8 +283,9 @@ def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, bud
     KS = 1 if tiles >= nw else max(1, min(nw // tiles, _cdiv(K, kstep)))
     KCH = _cdiv(K, 16) * 16
     if smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma) > budget:
-        fixed = smem_bytes(K, N, BBP, 0, KS, w_bytes, mma=mma) - 4 * BBP * 8  # without the staged rows
-        KCH = ((budget - fixed) // (4 * BBP) - 8) // 32 * 32
+        pad = mma_strides(mma, K, 0)[1]  # the staged rows' padding (HLD - KCH)
+        fixed = smem_bytes(K, N, BBP, 0, KS, w_bytes, mma=mma) - 4 * BBP * pad  # without the staged rows
+        KCH = ((budget - fixed) // (4 * BBP) - pad) // 32 * 32
         if KCH < 32:
             return None
     KS = max(1, min(KS, _cdiv(KCH, kstep)))

@@ -177,10 +177,11 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
         given = (True,) * fn.num_states
     seqs = head_recurrence(fn.cell, default_steps(fn.cell), xh, r, states0, params, given, head_major=True)
     seq = mx.stack([_flashrnn_layout(q, Wx.dtype) for q in seqs])  # [S, B, T, N, D]
-    # An index, not the slice seq[:, :, -1:]: for T = 1 that slice IS seq (MLX
-    # returns the array itself), and a VJP keeps one cotangent per array.
-    last = mx.expand_dims(seq[:, :, -1], 2)
-    return seq, last
+    # From the float32 states, so that the cotangents of seq and last meet in float32
+    # (as they did before the cast); an index, not the slice q[-1:]: for T = 1 that
+    # slice IS q (MLX returns the array itself), and a VJP keeps one cotangent per array.
+    last = mx.stack([q[-1] for q in seqs]).transpose(0, 2, 1, 3)[:, :, None]  # [S, B, 1, N, D]
+    return seq, last.astype(Wx.dtype)
 
 
 @mx.compile
