@@ -247,7 +247,7 @@ def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads, 
             assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
 
 
-@pytest.mark.parametrize("steps_kind", ["reference", "compiled"])
+@pytest.mark.parametrize("steps_kind", ["reference", "compiled", "host:metal", "host:cuda"])
 @pytest.mark.parametrize("cell_name,h0_given", [("lstm", False), ("slstm", True), ("rnn_tanh", True),
                                                 ("gru", True)])
 def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_given, steps_kind):
@@ -255,16 +255,22 @@ def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_gi
     stacked [N, G*D, D] W_h: one batched matmul per step, what the per-step cells
     run when no whole-sequence kernel takes the heads, and the CPU's compiled steps
     with their whole-sequence backward; GRU's per-problem bhn as one row each of the
-    problem's rows): the same state sequences and every gradient (xp, each head's
-    W_h, the initial states, bhn) as the dense block-diagonal W_h on the same steps."""
+    problem's rows, which the fused step kernels read per row: ``host:metal`` /
+    ``host:cuda``, their exact sources on the CPU): the same state sequences and every
+    gradient (xp, each head's W_h, the initial states, bhn) as the dense block-diagonal
+    W_h on the same steps."""
     from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL, RNN_TANH_CELL, SLSTM_CELL
     from mlx_fastrnn.ops.heads import block_diagonal as dense
     from mlx_fastrnn.ops.sequence import recurrence
 
     cell = {"lstm": LSTM_CELL, "slstm": SLSTM_CELL, "rnn_tanh": RNN_TANH_CELL, "gru": GRU_CELL}[cell_name]
     # reference: forward and backward steps; compiled: a forward step and the
-    # whole-sequence backward (the CPU's); neither has whole-sequence kernels
-    steps = cell.reference_steps if steps_kind == "reference" else cell.compiled_steps
+    # whole-sequence backward (the CPU's); host:*: the fused step kernels; none has
+    # whole-sequence kernels
+    if steps_kind.startswith("host:"):
+        steps = cell.kernel_steps(steps_kind, False)
+    else:
+        steps = cell.reference_steps if steps_kind == "reference" else cell.compiled_steps
     assert (steps.backward_step is None) == (steps_kind == "compiled") and steps.row_params
     g, n, d, length, batch = cell.num_gates, 3, 5, 6, 2
     ks = mx.random.split(mx.random.key(7), 5)

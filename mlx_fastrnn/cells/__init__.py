@@ -81,6 +81,7 @@ class Cell:
             forward_sequence=forward_sequence,
             backward_sequence_kernel=backward_sequence,
             accepts=accepts,
+            row_params=True,
         )
 
 
@@ -105,8 +106,9 @@ class Steps:
     # ``ops.sequence.recurrence`` (they have no per-step form).
     accepts: Callable = None
     # The steps take params per row ([rows, ...], broadcast like the states) as well as
-    # per unit: MLX ops do (the reference and compiled steps), the fused kernels read
-    # one [H] vector. A multi-problem step loop with per-problem params needs it.
+    # per unit: MLX ops do (the reference and compiled steps), and so do the fused step
+    # kernels (GRU's bhn: template ROWB). A multi-problem step loop with per-problem
+    # params needs it.
     row_params: bool = False
 
 

@@ -9,10 +9,8 @@ lets exactly two persistent grids be co-resident, as for the two directions of
 a bidirectional layer); else as the dense block-diagonal ``W_h`` where a
 whole-sequence kernel takes that, else (and on Metal and the CPU) on the step
 loop with one batched matmul per step (each head's rows by its own block: 1/N
-of the dense product's work and weight bytes), and only for a cell with
-per-unit params (GRU's ``bhn``) on the fused step kernels, which read them as
-one [H] vector, the dense block-diagonal ``W_h`` on the step loop (N times the
-recurrent work, the same numbers).
+of the dense product's work and weight bytes; per-head params such as GRU's
+``bhn`` as one row per batch row, ``Steps.row_params``).
 """
 
 import mlx.core as mx

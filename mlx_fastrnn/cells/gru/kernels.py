@@ -1,7 +1,9 @@
 """GRU step kernels: one body each in the common dialect (see kernels/dialect.py),
 the same math and operation order as naive.py.
 
-Row b of x/hp holds the gates r, z, n at [b*3H + j], [+H], [+2H]."""
+Row b of x/hp holds the gates r, z, n at [b*3H + j], [+H], [+2H]. ``bhn`` is one [H]
+vector, or with template ``ROWB`` one row per row of h ([B, H]: the per-problem bhn of a
+multi-problem step loop, e.g. a multi-head layer's heads, each row its head's)."""
 
 import mlx.core as mx
 
@@ -17,7 +19,7 @@ const int j = gid - b * H;
 const int g = b * (3 * H) + j;
 const float r = rnn_sigmoid(static_cast<float>(x[g]) + static_cast<float>(hp[g]));
 const float z = rnn_sigmoid(static_cast<float>(x[g + H]) + static_cast<float>(hp[g + H]));
-const float hn = static_cast<float>(hp[g + 2 * H]) + static_cast<float>(bhn[j]);
+const float hn = static_cast<float>(hp[g + 2 * H]) + static_cast<float>(bhn[ROWB ? gid : j]);
 const float n = rnn_tanh(static_cast<float>(x[g + 2 * H]) + r * hn);
 """
 
@@ -28,7 +30,7 @@ FORWARD = KernelSource(
     body=_GATES + """
 h_out[gid] = static_cast<TS>((1.0f - z) * n + z * static_cast<float>(h[gid]));
 """,
-    template_names=("T", "TS", "H"),
+    template_names=("T", "TS", "H", "ROWB"),
 )
 
 BACKWARD = KernelSource(
@@ -48,8 +50,16 @@ dhp[g + H] = static_cast<TS>(dz);
 dhp[g + 2 * H] = static_cast<TS>(dn * r);
 dh_direct[gid] = static_cast<TS>(dh * z);
 """,
-    template_names=("T", "TS", "H"),
+    template_names=("T", "TS", "H", "ROWB"),
 )
+
+
+def _bhn(bhn, sh, H, dtype):
+    """``(operand, template)``: bhn per unit ([H], or anything of H elements) or per row
+    ([*lead, H]: template ROWB)."""
+    if bhn is not None and bhn.size != H:
+        return operand(bhn, sh, H, dtype), (("ROWB", 1),)
+    return vector_operand(bhn, H, dtype), (("ROWB", 0),)
 
 
 def forward_step(x, hp, states, params, *, target, dtype=mx.float32):
@@ -58,10 +68,10 @@ def forward_step(x, hp, states, params, *, target, dtype=mx.float32):
     (h,), (bhn,) = states, params
     sh = step_shape(x, 3)
     H = sh.hidden
+    bhn, rowb = _bhn(bhn, sh, H, dtype)
     (h_out,) = run_step(FORWARD, target, sh,
-                        [sh.x, operand(hp, sh, 3 * H, dtype), operand(h, sh, H, dtype),
-                         vector_operand(bhn, H, dtype)],
-                        [H], dtype=dtype)
+                        [sh.x, operand(hp, sh, 3 * H, dtype), operand(h, sh, H, dtype), bhn],
+                        [H], rowb, dtype=dtype)
     return (h_out,)
 
 
@@ -70,9 +80,10 @@ def backward_step(d_out, d_rec, x, hp, states, params, *, target, dtype=mx.float
     (h,), (bhn,) = states, params
     sh = step_shape(x, 3)
     H = sh.hidden
+    bhn, rowb = _bhn(bhn, sh, H, dtype)
     dx, dhp, dh_direct = run_step(
         BACKWARD, target, sh,
         [operand(d_out[0], sh, H, dtype), operand(d_rec[0], sh, H, dtype), sh.x,
-         operand(hp, sh, 3 * H, dtype), operand(h, sh, H, dtype), vector_operand(bhn, H, dtype)],
-        [3 * H, 3 * H, H], dtype=dtype)
+         operand(hp, sh, 3 * H, dtype), operand(h, sh, H, dtype), bhn],
+        [3 * H, 3 * H, H], rowb, dtype=dtype)
     return dx, dhp, (dh_direct,)
