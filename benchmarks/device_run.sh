@@ -17,7 +17,9 @@
 # classes / tests_classes (kernel_classes_tune.py per cell and dtype -> $OUT/classes.json and
 # $OUT/class_table.py, copied into the tree for the later stages; tests_classes runs the GPU suite
 # meanwhile, holding the timing lock), sweep (the 32-shape sweep, fast -> $OUT/sweep_fast.json) and
-# sweep_torch (cuDNN on it). On the H200 (2026-12-02, fresh machine): tests_classes 131 s + 6 s,
+# sweep_torch (cuDNN on it), ab (env_ab.py: $AB_ENV at the two $AB_VALUES, alternating rounds, on
+# $AB_LAYERS / $AB_FLASHRNN -> $OUT/ab.json; default: the tensor-core switch on the configurations of
+# RESULTS.md's table). On the H200 (2026-12-02, fresh machine): tests_classes 131 s + 6 s,
 # sweep 101 s, sweep_torch 89 s with BUDGET=0.2.
 # Everything printed goes to $OUT/device_run.log too; $OUT/status.txt has one line
 # per stage (exit code, seconds). At most 7 files in $OUT (the device tool returns 8).
@@ -44,6 +46,11 @@ T_PTL_TORCH=${T_PTL_TORCH:-120}
 T_CLASSES=${T_CLASSES:-200}   # classes stage (after the tests in tests_classes)
 T_CLASSES_ALL=${T_CLASSES_ALL:-400}  # each tuning process, compile + wait + timing (the K-splits, 2026-12-03, add ~2x resident forward/backward candidates: untimed)
 T_SWEEP=${T_SWEEP:-300}
+T_AB=${T_AB:-300}
+AB_ENV=${AB_ENV:-MLX_FASTRNN_PERSISTENT_MMA}
+AB_VALUES=${AB_VALUES:-",0"}
+AB_LAYERS=${AB_LAYERS:-"LSTM:128x200x512:float32,LSTM:16x1024x512:float32,GRU:64x256x256:bfloat16,GRU:256x50x256:float32,LSTM:32x40x200:float32"}
+AB_FLASHRNN=${AB_FLASHRNN:-"lstm:64x256:4x256:bfloat16,lstm:64x256:16x128:bfloat16,slstm:64x256:4x256:bfloat16,lstm:16x1024:4x128:float32"}
 T_FLASHRNN=${T_FLASHRNN:-300}
 T_FLASHRNN_BUILD=${T_FLASHRNN_BUILD:-240}
 # the FlashRNN grid of the flashrnn / flashrnn_torch stages (flashrnn_bench.py's options)
@@ -188,6 +195,8 @@ for s in $STAGES; do
                wait; tail -n 2 /tmp/sweep.*.log'
            pkill -f 'recurrent_bench.py --shapes sweep' 2>/dev/null  # a timeout leaves the workers running
            python3 -c "$CONCAT_JSON" "$OUT/sweep_fast.json" /tmp/sweep.*.json ;;
+    ab) stage ab "$T_AB" python3 benchmarks/env_ab.py --env "$AB_ENV" --values "$AB_VALUES" \
+             --layers "$AB_LAYERS" --flashrnn "$AB_FLASHRNN" --json "$OUT/ab.json" ;;
     sweep_torch) stage sweep_torch "$T_TORCH" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/torch_baseline.py \
              --shapes sweep --dtype float32,bfloat16 --budget "$BUDGET" --json "$OUT/sweep_torch.json" ;;
     *) echo "device_run: unknown stage $s" ;;
