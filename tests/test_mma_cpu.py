@@ -263,6 +263,9 @@ def test_nvrtc_compiles_mma_without_spills(cell, direction):
     for (B, H, NP), xdt in (((64, 256, 4), mx.float32), ((64, 256, 4), mx.bfloat16), ((16, 128, 1), mx.float16),
                             ((256, 128, 1), mx.bfloat16)):
         p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights="mma", problems=NP)
+        if xdt == mx.float16 and direction == "backward":
+            assert p is None  # the FMA backward (the planner's float16 rule)
+            continue
         assert p is not None and p.mma == KIND[xdt]
         _assert_compiles(p, xdt)
         if NP > 1:
