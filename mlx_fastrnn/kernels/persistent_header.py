@@ -117,6 +117,8 @@ __device__ __forceinline__ unsigned tf32_bits(float x) {
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
   return u;
 }
+__device__ __forceinline__ float tf32_round(float x) { return __uint_as_float(tf32_bits(x)); }
+__device__ __forceinline__ unsigned float_bits(float x) { return __float_as_uint(x); }
 template <int MMA>
 __device__ __forceinline__ void mma_tile(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
   if (MMA == 3) {
@@ -171,6 +173,17 @@ __device__ __forceinline__ void spin_pause() { frnn_emu::spin_pause(); }
 __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) { return frnn_emu::pack_bf16x2(lo, hi); }
 __device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) { return frnn_emu::pack_f16x2(lo, hi); }
 __device__ __forceinline__ unsigned tf32_bits(float x) { return frnn_emu::tf32_bits(x); }
+__device__ __forceinline__ unsigned float_bits(float x) {
+  unsigned u;
+  memcpy(&u, &x, 4);
+  return u;
+}
+__device__ __forceinline__ float tf32_round(float x) {
+  const unsigned u = tf32_bits(x);
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
 template <int MMA>
 __device__ __forceinline__ void mma_tile(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
   frnn_emu::mma_tile(c, a, b, MMA);
@@ -228,31 +241,38 @@ __device__ __forceinline__ void carve(float*& hs, float*& part, WT*& Ws) {
   Ws = reinterpret_cast<WT*>(part + KS * BBP * N);
 }
 
+// A W_h slice element as stored: a TF32 plan's rounded to tf32 once here, not at every
+// fragment load of every step.
+template <bool TF32, typename WT>
+__device__ __forceinline__ WT slice_value(WT v) { return v; }
+template <>
+__device__ __forceinline__ float slice_value<true, float>(float v) { return tf32_round(v); }
+
 // Ws[(g*U + u)*WLD + k] = w[(g*H + j0 + u)*H + k]: the block's G*U rows of W_h
 // (forward: hp = h W_h^T). Units past H are zero rows; a tensor-core plan pads the
 // slice to NR rows of WLD (zero rows and columns), so its fragments need no bounds checks.
-template <int G, int U, int H, int TPB, int WLD = H, int NR = G * U, typename WT>
+template <int G, int U, int H, int TPB, int WLD = H, int NR = G * U, bool TF32 = false, typename WT>
 __device__ __forceinline__ void load_w_rows(WT* Ws, const WT* w, int j0) {
   for (int i = threadIdx.x; i < NR * WLD; i += TPB) {
     const int n = i / WLD;
     const int k = i - n * WLD;
     const int g = n / U;
     const int j = j0 + (n - g * U);
-    Ws[i] = (n < G * U && k < H && j < H) ? w[(long long)(g * H + j) * H + k] : zero<WT>();
+    Ws[i] = (n < G * U && k < H && j < H) ? slice_value<TF32>(w[(long long)(g * H + j) * H + k]) : zero<WT>();
   }
   __syncthreads();
 }
 
 // Ws[u*WLD + m] = w[m*H + j0 + u]: the block's U columns of W_h, transposed
 // (backward: dh = dhp W_h). Units past H are zero rows; padding as load_w_rows.
-template <int G, int U, int H, int TPB, int WLD = G * H, int NR = U, typename WT>
+template <int G, int U, int H, int TPB, int WLD = G * H, int NR = U, bool TF32 = false, typename WT>
 __device__ __forceinline__ void load_w_cols(WT* Ws, const WT* w, int j0) {
   constexpr int GH = G * H;
   for (int i = threadIdx.x; i < NR * WLD; i += TPB) {
     const int m = i / NR;
     const int u = i - m * NR;
     const int j = j0 + u;
-    Ws[u * WLD + m] = (u < U && m < GH && j < H) ? w[(long long)m * H + j] : zero<WT>();
+    Ws[u * WLD + m] = (u < U && m < GH && j < H) ? slice_value<TF32>(w[(long long)m * H + j]) : zero<WT>();
   }
   __syncthreads();
 }
@@ -509,7 +529,8 @@ __host__ __device__ constexpr int mma_tiles_per_task(int nt) {
 // rows (hs: stride HLD, BBP a multiple of 8, zero past the chunk's klen), K = KSTEP.
 // A warp task is (16-row tile mt, group of NTT row tiles, K-split ks): the W fragment
 // of a k-step is loaded once for its NTT tiles. The h operand is rounded to the MMA's
-// type at the fragment load (the state itself stays float32); tf32 rounds W there too.
+// type at the fragment load (the state itself stays float32); a tf32 plan's W slice was
+// rounded once, when loaded.
 // Each lane owns the same part elements in every chunk, as in matvec_chunk.
 template <int KCH, int BBP, int N, int KS, int TPB, int MMA, int WLD, int HLD, typename WT>
 __device__ __forceinline__ void mma_chunk(
@@ -546,11 +567,11 @@ __device__ __forceinline__ void mma_chunk(
     const float* hb = hs + (ng * NTT * 8 + g) * HLD;  // tile j's row g at + j * 8 * HLD
     for (int k = kb; k < ke; k += KSTEP) {
       unsigned a[4];
-      if (MMA == 3) {
-        a[0] = tf32_bits(to_f(wa[k + t]));
-        a[1] = tf32_bits(to_f(wa[8 * WLD + k + t]));
-        a[2] = tf32_bits(to_f(wa[k + t + 4]));
-        a[3] = tf32_bits(to_f(wa[8 * WLD + k + t + 4]));
+      if (MMA == 3) {  // the slice holds tf32 values already (slice_value)
+        a[0] = float_bits(to_f(wa[k + t]));
+        a[1] = float_bits(to_f(wa[8 * WLD + k + t]));
+        a[2] = float_bits(to_f(wa[k + t + 4]));
+        a[3] = float_bits(to_f(wa[8 * WLD + k + t + 4]));
       } else {
         a[0] = *reinterpret_cast<const unsigned*>(wa + k + 2 * t);
         a[1] = *reinterpret_cast<const unsigned*>(wa + 8 * WLD + k + 2 * t);
@@ -725,7 +746,7 @@ def block_prologue(direction, gates):
   if (WG) {{
     Wsrc = w + (long long)prob * ({gates}) * H * H + (long long)j0 * {row_len};
   }} else {{
-    frnn::load_w_{load}<{gates}, U, H, TPB, WLD, NR>(Ws, w + (long long)prob * ({gates}) * H * H, j0);
+    frnn::load_w_{load}<{gates}, U, H, TPB, WLD, NR, MMA == 3>(Ws, w + (long long)prob * ({gates}) * H * H, j0);
   }}
 
   bool ok[EPT];
