@@ -271,7 +271,7 @@ def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_gi
         steps = cell.kernel_steps(steps_kind, False)
     else:
         steps = cell.reference_steps if steps_kind == "reference" else cell.compiled_steps
-    assert (steps.backward_step is None) == (steps_kind == "compiled") and steps.row_params
+    assert (steps.backward_step is None) == (steps_kind == "compiled")
     g, n, d, length, batch = cell.num_gates, 3, 5, 6, 2
     ks = mx.random.split(mx.random.key(7), 5)
     r = mx.random.normal((g, n, d, d), key=ks[0]) / d ** 0.5
@@ -314,19 +314,14 @@ def test_per_problem_step_loop_matches_the_dense_block_diagonal(cell_name, h0_gi
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item(), i
 
 
-def test_per_problem_step_loop_refuses_params_and_steps_without_a_backward():
-    """Per-problem params (GRU's bhn) on steps that read them per unit (the fused
-    step kernels: ``row_params`` False) and steps with neither a per-step nor a
-    whole-sequence backward have no per-problem step loop."""
+def test_per_problem_step_loop_refuses_steps_without_a_backward():
+    """Steps with neither a per-step nor a whole-sequence backward have no per-problem
+    step loop."""
     import dataclasses
 
-    from mlx_fastrnn.cells import GRU_CELL, LSTM_CELL
+    from mlx_fastrnn.cells import LSTM_CELL
     from mlx_fastrnn.ops.sequence import recurrence
 
-    xp, w = mx.zeros((2, 4, 12)), mx.zeros((2, 12, 4))
-    per_unit = dataclasses.replace(GRU_CELL.reference_steps, row_params=False)
-    with pytest.raises(RuntimeError, match="multi-problem"):
-        mx.eval(recurrence(GRU_CELL, per_unit, xp, w, [mx.zeros((4, 4))], (mx.zeros((2, 4)),), (False,)))
     forward_only = dataclasses.replace(LSTM_CELL.compiled_steps, backward_sequence=None)
     with pytest.raises(RuntimeError, match="multi-problem"):
         mx.eval(recurrence(LSTM_CELL, forward_only, mx.zeros((2, 4, 16)), mx.zeros((2, 16, 4)),

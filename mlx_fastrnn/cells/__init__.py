@@ -44,7 +44,7 @@ class Cell:
         transformation, hence a backward built from few, large ops.)"""
         fwd = functools.partial(self.forward_step, **self.step_kwargs)
         bwd = functools.partial(self.backward_sequence, **self.step_kwargs)
-        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd, row_params=True)
+        return Steps("compiled", mx.compile(fwd), backward_sequence=bwd)
 
     @functools.cached_property
     def reference_steps(self):
@@ -55,7 +55,6 @@ class Cell:
             "reference",
             functools.partial(self.forward_step, **kw),
             backward_step=functools.partial(self.backward_step, **kw),
-            row_params=True,
         )
 
     @functools.lru_cache(maxsize=None)
@@ -81,7 +80,6 @@ class Cell:
             forward_sequence=forward_sequence,
             backward_sequence_kernel=backward_sequence,
             accepts=accepts,
-            row_params=True,
         )
 
 
@@ -105,11 +103,9 @@ class Steps:
     # problems inside the kernels; only then may a caller pass lens / rev to
     # ``ops.sequence.recurrence`` (they have no per-step form).
     accepts: Callable = None
-    # The steps take params per row ([rows, ...], broadcast like the states) as well as
-    # per unit: MLX ops do (the reference and compiled steps), and so do the fused step
-    # kernels (GRU's bhn: template ROWB). A multi-problem step loop with per-problem
-    # params needs it.
-    row_params: bool = False
+    # Every forward / backward step takes params per unit ([H]) or per row ([rows, H],
+    # broadcast like the states: a multi-problem step loop's per-problem params): MLX ops
+    # broadcast, the fused GRU step kernels read bhn per row under template ROWB.
 
 
 from .gru import GRU_CELL  # noqa: E402

@@ -10,7 +10,7 @@ a bidirectional layer); else as the dense block-diagonal ``W_h`` where a
 whole-sequence kernel takes that, else (and on Metal and the CPU) on the step
 loop with one batched matmul per step (each head's rows by its own block: 1/N
 of the dense product's work and weight bytes; per-head params such as GRU's
-``bhn`` as one row per batch row, ``Steps.row_params``).
+``bhn`` as one row per batch row).
 """
 
 import mlx.core as mx
@@ -81,8 +81,7 @@ def head_recurrence(cell, steps, xp, r, states0, params, given, head_major=False
         # else the step loop of problems (one batched matmul per step; a per-step or the
         # CPU's whole-sequence backward), unless the dense W_h takes a kernel (its
         # stand-in: shapes are all the planner reads)
-        loop_takes = (not params or steps.row_params) and (
-            steps.backward_step is not None or steps.backward_sequence is not None)
+        loop_takes = steps.backward_step is not None or steps.backward_sequence is not None
         if launches is None and loop_takes and not (
                 steps.accepts is not None
                 and steps.accepts(flat, Operand((gates * heads * dim, heads * dim), mx.float32, 2))):

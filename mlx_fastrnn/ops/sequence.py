@@ -88,11 +88,9 @@ def _make_function(cell, steps, given, n_params, varlen):
             out = steps.forward_sequence(xp, w_h, states, params, h0_is_zero)
             if out is not None:
                 return out
-        if w_h.ndim == 3 and ((params and not steps.row_params)
-                              or (steps.backward_step is None and steps.backward_sequence is None)):
-            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence with per-problem params (on steps "
-                               "that read them per unit), or without a backward, needs the whole-sequence "
-                               "kernels")
+        if w_h.ndim == 3 and steps.backward_step is None and steps.backward_sequence is None:
+            raise RuntimeError("mlx_fastrnn: a multi-problem recurrence without a backward needs the "
+                               "whole-sequence kernels")
         length, batch = xp.shape[0], xp.shape[1]
         w_h_t = transposed(w_h, length * batch)  # reused by every step; per problem: [NP, H, G*H]
         params = _per_row(params, w_h, batch)
@@ -229,8 +227,8 @@ def _make_function(cell, steps, given, n_params, varlen):
 
 def _per_row(params, w_h, rows):
     """Per-problem params ([NP, ...], a stacked ``w_h`` [NP, G*H, H]) as one row each of
-    the problem's rows ([rows, ...], problem-major), for steps that broadcast params
-    like states (``Steps.row_params``); other params as they are."""
+    the problem's rows ([rows, ...], problem-major; every step takes params per row,
+    see ``Steps``); other params as they are."""
     if w_h.ndim != 3 or not params:
         return params
     return tuple(mx.repeat(p, rows // w_h.shape[0], axis=0) for p in params)
