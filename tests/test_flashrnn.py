@@ -155,17 +155,26 @@ def _mx_case(function, batch, length, heads, dim, seed=0):
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
-def test_half_inputs_keep_float32_state(function, dtype):
-    """Half inputs: the result has their dtype, computed as float32 throughout
-    (exactly the float32 run on the same values, rounded once at the end)."""
+def test_half_inputs_keep_float32_state(function, dtype, backend):
+    """Half inputs: the result has their dtype, computed in float32 throughout
+    (exactly the float32 run, rounded once at the end) from the pre-activations
+    ``Wx + b``: added in float32 and, on the fused backend, rounded once to the
+    input dtype (the kernels' operand; the reference loop keeps them float32)."""
     case = _mx_case(function, 2, 9, 2, 4)
-    half = {k: case[k].astype(dtype) for k in ("Wx", "R", "b", "states")}
-    seq, last = flashrnn(half["Wx"], half["R"], half["b"], half["states"], function)
+    if function == "slstm":
+        case["states"] = None  # given sLSTM states run the reference loop on every backend
+    half = {k: None if case[k] is None else case[k].astype(dtype) for k in ("Wx", "R", "b", "states")}
+    seq, last = flashrnn(half["Wx"], half["R"], half["b"], half["states"], function, backend)
     assert seq.dtype == dtype and last.dtype == dtype
-    ref = flashrnn(*(half[k].astype(mx.float32) for k in ("Wx", "R", "b", "states")), function)
+    f32 = {k: None if a is None else a.astype(mx.float32) for k, a in half.items()}
+    if backend == "fused":  # the same pre-activations, as Wx with a zero bias where Wx's gates take b
+        b_x = FUNCTIONS[function].b_x
+        f32["Wx"] = (f32["Wx"] + f32["b"][b_x][None, None]).astype(dtype).astype(mx.float32)
+        f32["b"] = mx.concatenate([f32["b"][:b_x.start], mx.zeros_like(f32["b"][b_x])])
+    ref = flashrnn(f32["Wx"], f32["R"], f32["b"], f32["states"], function, backend)
     assert mx.array_equal(seq, ref[0].astype(dtype)).item()
     assert mx.array_equal(last, ref[1].astype(dtype)).item()
-    grads = mx.grad(lambda wx: flashrnn(wx, half["R"], half["b"], half["states"], function)[0]
+    grads = mx.grad(lambda wx: flashrnn(wx, half["R"], half["b"], half["states"], function, backend)[0]
                     .astype(mx.float32).sum())(half["Wx"])
     assert grads.dtype == dtype and mx.all(mx.isfinite(grads)).item()
 
@@ -241,3 +250,33 @@ def test_gpu_fused_matches_cpu_vanilla(function, shape):
     finally:
         mx.set_default_device(prev)
     assert_matches(got, want, f"gpu {function} {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("function", FUNCTION_NAMES)
+@pytest.mark.parametrize("shape", [(4, 33, 4, 16), (64, 12, 4, 128)], ids=lambda s: "B{}T{}N{}D{}".format(*s))
+def test_gpu_fused_bfloat16_matches_cpu(function, shape):
+    """bfloat16 inputs on the GPU (their pre-activations as the kernels' bfloat16
+    operand: bfloat16 tensor-core plans where the planner picks them, which round h
+    to bfloat16 in the product) against the same call on the CPU (float32 products
+    of the same rounded pre-activations): outputs and every gradient to bfloat16's
+    rounding over the sequence."""
+    arrays = _mx_case(function, *shape, seed=7)
+    arrays = {k: None if a is None else a.astype(mx.bfloat16) for k, a in arrays.items()}
+    if function == "slstm":
+        arrays["states"] = None
+    keys = mx.random.split(mx.random.key(8), 2)
+    seq_shape = (golden.GATES[function][3], shape[0], shape[1], shape[2], shape[3])
+    arrays["d_seq"] = mx.random.normal(seq_shape, key=keys[0]).astype(mx.bfloat16)
+    arrays["d_last"] = mx.random.normal((*seq_shape[:2], 1, *seq_shape[3:]), key=keys[1]).astype(mx.bfloat16)
+    got = run_with_grads(arrays, function, "fused")
+    prev = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        want = run_with_grads(arrays, function, "fused")
+    finally:
+        mx.set_default_device(prev)
+    for key, expected in want.items():
+        assert got[key].dtype == mx.bfloat16, key
+        assert_close(got[key].astype(mx.float32), expected.astype(mx.float32), f"gpu bf16 {function} {key}",
+                     rtol=5e-2, atol=2e-2)

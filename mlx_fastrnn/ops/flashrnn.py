@@ -32,7 +32,12 @@ FlashRNN's conventions, as read from its vanilla sources:
   (and its zero state to NaN).
 
 States and accumulation are float32 whatever the input dtypes (vanilla keeps
-them in Wx's dtype); the results have Wx's dtype.
+them in Wx's dtype); the results have Wx's dtype. The fused backend takes a half
+``Wx``'s pre-activations ``Wx + b`` in Wx's dtype (the bias added in float32, one
+rounding), as the multi-head layers' own input projections come: the
+whole-sequence kernels then run the recurrent product in that type (bfloat16 /
+float16 tensor cores, half the weight and input bytes) instead of TF32, which
+cost bfloat16 calls up to 4x at B = 64 (benchmarks/RESULTS.md).
 """
 
 import mlx.core as mx
@@ -166,7 +171,7 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
     if fn.r_order is not None:  # GRU: R (g, r, z) -> the cell's (r, z, n); b_g is the cell's bhn
         r = r[mx.array(fn.r_order)]
         params = (b[0].reshape(hidden),)
-    # float32 pre-activations (as the reference: the bias is added in float32)
+    # the bias added in float32 (as the reference), rounded once to a half Wx's dtype
     xh = _head_major_preactivations(Wx, b[fn.b_x])
     if states is None:
         states0 = tuple(mx.zeros((batch, hidden), f32) for _ in range(fn.num_states))
@@ -186,10 +191,13 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
 
 @mx.compile
 def _head_major_preactivations(Wx, x_bias):
-    """``Wx`` [B, T, G, N, D] + ``x_bias`` [G, N, D] in float32 as [T, N, B, G*D]: one
-    kernel reading Wx (compiled: the cast, the add and the transposed write fuse)."""
+    """``Wx`` [B, T, G, N, D] + ``x_bias`` [G, N, D], added in float32, as [T, N, B, G*D]
+    in Wx's dtype (float32 for float32 and any non-half Wx): one kernel reading Wx
+    (compiled: the casts, the add and the transposed write fuse)."""
     batch, length, gates, heads, dim = Wx.shape
     xh = Wx.transpose(1, 3, 0, 2, 4).astype(mx.float32) + x_bias.transpose(1, 0, 2)[None, :, None]
+    if Wx.dtype in (mx.bfloat16, mx.float16):
+        xh = xh.astype(Wx.dtype)
     return xh.reshape(length, heads, batch, gates * dim)
 
 
