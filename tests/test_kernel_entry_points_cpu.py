@@ -158,3 +158,32 @@ def test_measured_table_selects_the_resident_split(emulated_gpu, monkeypatch):
     table[("lstm", "forward", "float32")][0] = (4, 12, "resident", 2, 1)
     monkeypatch.setattr(C, "SELECTION", dict(table))  # a new table object: a new cache key
     assert C.choose("forward", "lstm", xp, w)[1].KSP == 1
+
+
+def test_many_problems_take_fewer_larger_resident_blocks(emulated_gpu, monkeypatch):
+    """The table's resident split is measured on one problem; where a launch's
+    problems (heads) would need more blocks than SMs at its rows per block, the
+    fewest rows per block that fit one block per SM run instead (a resident block
+    runs the whole sequence: surplus blocks would share SMs or wait for a second
+    wave), with the table's rows per thread; a launch that fits keeps the table's
+    split. The results still match the reference (kernels emulated)."""
+    table = {("lstm", d, "float32"): [(4, 12, "resident", 1, 1)] for d in ("forward", "backward")}
+    monkeypatch.setattr(C, "SELECTION", table)
+    w1, w4 = mx.zeros((48, 12)), mx.zeros((4, 48, 12))
+    for direction in ("forward", "backward"):
+        klass, p = C.choose(direction, "lstm", mx.zeros((3, 4, 48)), w1)  # 4 blocks <= 6 SMs
+        assert (klass, p.BB, p.RPT, p.nblocks) == ("resident", 1, 1, 4)
+        klass, p = C.choose(direction, "lstm", mx.zeros((3, 16, 48)), w4)  # 4 problems x 4 rows
+        assert (klass, p.BB, p.RPT, p.nblocks) == ("resident", 4, 1, 4)
+        assert p.nblocks <= SMALL.num_sms
+    L, B, H = 3, 4, 12
+
+    def forward(xp, w, s0, params, zero, lens, rev):
+        seqs = C.sequence("lstm", xp, w, s0, params, zero)
+        return (*seqs, seqs[0])
+
+    def backward(d_outs, xp, hp, prevs, params, w, need, lens, rev, d_out):
+        return C.backward("lstm", (d_outs[0] + d_out, *d_outs[1:]), xp, hp, prevs, params, w, need)
+
+    ref.check_varlen("lstm", L, B, H, mx.float32, False, None, 0, 4, forward, backward)
+    assert len(emulated_gpu) == 2 and all(n.startswith("frnn_res_") for n in emulated_gpu)

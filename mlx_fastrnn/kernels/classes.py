@@ -92,12 +92,29 @@ def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
                 ksp = point[5] if len(point) > 5 else 1
                 tuned = R.plan(direction, cell_name, H, B, limits, xp.dtype, NP, min(point[3], B), point[4],
                                ksp=ksp)
-                rp = tuned or rp
+                rp = _one_block_per_sm(tuned, direction, cell_name, H, B, limits, xp.dtype, NP) or rp
             return "resident", rp
     tp = P.select(direction, cell_name, xp, w_h, limits)
     if tp is not None:
         return "tiled", tp
     return ("resident", rp) if rp is not None else (None, None)
+
+
+def _one_block_per_sm(tuned, direction, cell_name, H, B, limits, dtype, NP):
+    """The table's resident plan, or, where its rows per block give the launch's NP
+    problems more blocks than SMs, the fewest rows per block that do not (threads
+    per row by the model): the table is measured on one problem (<= 64 blocks), and
+    a resident block runs the whole sequence, so surplus blocks share SMs or wait for
+    a second wave (16 heads of 64 at B = 64 took 2.7x one head's time per step on the
+    H200, 2026-12-04, at 512 blocks). The table's rows per thread and K-split where the
+    block's threads allow, else the model's. Unchanged where no larger block fits."""
+    if tuned is None or tuned.nblocks <= limits.num_sms:
+        return tuned
+    for rows in R.ROWS_PER_BLOCK:
+        if tuned.BB < rows <= B and -(-B // rows) * NP <= limits.num_sms:
+            return (R.plan(direction, cell_name, H, B, limits, dtype, NP, rows, tuned.RPT, ksp=tuned.KSP)
+                    or R.plan(direction, cell_name, H, B, limits, dtype, NP, rows) or tuned)
+    return tuned
 
 
 def sequence(cell_name, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, interleaved=False):

@@ -36,6 +36,7 @@ from . import persistent as P
 from .persistent_header import HEADER
 
 MAX_TPB = 1024
+ROWS_PER_BLOCK = (1, 2, 4, 8, 16, 32)  # candidate batch rows per block (BB)
 ROWS_PER_THREAD = (1, 2, 4)  # candidate rows per thread (registers: 2 * RPT * (G + S) live values, prefetch included)
 
 
@@ -135,7 +136,7 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
         if w_bf16 and x_dtype not in (mx.float16, mx.bfloat16):
             break
         w_bytes = 2 if w_bf16 else 4
-        for BB in (rows,) if rows else sorted({min(B, b) for b in (1, 2, 4, 8, 16, 32)}):
+        for BB in (rows,) if rows else sorted({min(B, b) for b in ROWS_PER_BLOCK}):
             smem = smem_bytes(direction, G, H, BB, w_bytes)
             if smem > limits.smem_per_block:
                 continue
