@@ -25,6 +25,8 @@ def block_diagonal(r):
     hold ``R[g, k]`` at head k's columns (zeros elsewhere): the ``W_h`` of the
     cells' gate-major, head-major layout."""
     g, n, d, _ = r.shape
+    if n == 1:  # one head: R itself (no einsum, which is a kernel launch and a VJP more)
+        return r.reshape(g * d, d)
     return mx.einsum("gkij,kl->gkilj", r, mx.eye(n, dtype=r.dtype)).reshape(g * n * d, n * d)
 
 
@@ -103,7 +105,9 @@ def head_recurrence(cell, steps, xp, r, states0, params, given, head_major=False
             if head_major:
                 return seqs
             return tuple(s.swapaxes(1, 2).reshape(length, batch, heads * dim) for s in seqs)
-    if head_major:
+    if head_major and heads == 1:  # [L, 1, B, G*D] is already [L, B, G*D]
+        xp = xp.reshape(length, batch, gates * dim)
+    elif head_major:
         xp = mx.contiguous(xp.reshape(length, heads, batch, gates, dim).transpose(0, 2, 3, 1, 4)).reshape(
             length, batch, gates * heads * dim)
     seqs = recurrence(cell, steps, xp, block_diagonal(f32(r)), states0, params, given)
