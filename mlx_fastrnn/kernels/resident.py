@@ -250,15 +250,20 @@ def forward_body(cell, varlen=False):
   for (int t = 0; t < L; ++t) {
     const float* hcur = hb + (t & 1) * BB * KS;
     float* hnext = hb + ((t + 1) & 1) * BB * KS;
-    float xn[RPT][G], a[RPT][G];
+    // the next step's x raw (its own type), converted at the step's end: a conversion
+    // right after the load would wait for the load before the projection
+    T xn[RPT][G];
+    bool xl[RPT];
+    float a[RPT][G];
     const bool more = t + 1 < L;
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
       const bool ld = ok[rr] && more && """ + _active(varlen, "t + 1") + r""";
       const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "t + 1") + " : 0", "r0 + rs + rr * RS") + r""";
+      xl[rr] = ld;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xn[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
+        xn[rr][g] = x[ld ? row * GH + g * H + j : 0];
         a[rr][g] = 0.0f;
       }
     }
@@ -298,7 +303,7 @@ def forward_body(cell, varlen=False):
       }
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xv[rr][g] = xn[rr][g];
+        xv[rr][g] = xl[rr] ? frnn::to_f(xn[rr][g]) : 0.0f;
       }
     }
     __syncthreads();

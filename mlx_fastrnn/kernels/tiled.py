@@ -38,9 +38,12 @@ def forward_body(cell, varlen=False):
     mod, S, NPRM = C.cell_counts(cell)
     call = "frnn_cell::forward" + getattr(mod, "POINT_TEMPLATE", "")
     xrow = C.io_row(varlen, "pos", "r0 + er[e]")
-    load_x = r"""#pragma unroll
+    # x raw (its own type) into xr, converted only where the cell takes it: a conversion
+    # right after the load would wait for the load there (before the barrier / projection)
+    load_x = r"""    xl[e] = ld;
+#pragma unroll
     for (int g = 0; g < G; ++g) {
-      xv[e][g] = ld ? frnn::to_f(x[""" + xrow + r""" * GH + g * H + j0 + eu[e]]) : 0.0f;
+      xr[e][g] = x[ld ? """ + xrow + r""" * GH + g * H + j0 + eu[e] : 0];
     }
 """
     return (
@@ -49,6 +52,8 @@ def forward_body(cell, varlen=False):
         + block_prologue("forward", "G")
         + (_VARLEN_PROLOGUE if varlen else "")
         + r"""  float st[EPT][S], xv[EPT][G], prm[EPT][NPRM > 0 ? NPRM : 1];
+  T xr[EPT][G];  // the step's x as loaded (prefetched a step ahead)
+  bool xl[EPT];
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
 """ + ELEMENT_SLOT + (_VARLEN_SLOT if varlen else "") + r"""    const long long b = r0 + er[e];
@@ -83,6 +88,7 @@ def forward_body(cell, varlen=False):
           float a[G];
 #pragma unroll
           for (int g = 0; g < G; ++g) {
+            xv[e][g] = xl[e] ? frnn::to_f(xr[e][g]) : 0.0f;
             a[g] = rec ? frnn::part_sum<KS, BBP, N>(part, er[e], g * U + eu[e]) : 0.0f;
             hp[row * GH + g * H + j] = a[g];
           }
@@ -101,11 +107,7 @@ def forward_body(cell, varlen=False):
       for (int e = 0; e < EPT; ++e) {
         const bool ld = ok[e] && """ + _active(varlen, "t + 1") + r""";
         const int pos = ld ? """ + _pos(varlen, "t + 1") + r""" : 0;
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          xv[e][g] = ld ? frnn::to_f(x[""" + xrow + r""" * GH + g * H + j0 + eu[e]]) : 0.0f;
-        }
-      }
+""" + load_x + r"""      }
       frnn::grid_barrier(counter, (unsigned)(NU * (t + 1)));
     }
   }
