@@ -335,7 +335,8 @@ def backward_body(cell, varlen=False):
   }
   // step s's inputs (la: the step is inside the row's length; a frozen step
   // only passes its state cotangents gs through)
-  auto load_step = [&](int s, float (&gs)[RPT][S], float (&ps)[RPT][S], float (&xs)[RPT][G],
+  // (x raw, its own type: converted where the cell takes it, not right after the load)
+  auto load_step = [&](int s, float (&gs)[RPT][S], float (&ps)[RPT][S], T (&xs)[RPT][G], bool (&xl)[RPT],
                        float (&hs)[RPT][G], float (&go)[RPT]) {
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
@@ -347,9 +348,10 @@ def backward_body(cell, varlen=False):
       for (int q = 0; q < S; ++q) {
         gs[rr][q] = ld ? gseqs[q][row * H + j] : 0.0f;
       }
-""" + prev_loads + ("      go[rr] = la ? gout[prow * H + j] : 0.0f;\n" if varlen else "      go[rr] = 0.0f;\n") + r"""#pragma unroll
+""" + prev_loads + ("      go[rr] = la ? gout[prow * H + j] : 0.0f;\n" if varlen else "      go[rr] = 0.0f;\n") + r"""      xl[rr] = la;
+#pragma unroll
       for (int g = 0; g < G; ++g) {
-        xs[rr][g] = la ? frnn::to_f(x[prow * GH + g * H + j]) : 0.0f;
+        xs[rr][g] = x[la ? prow * GH + g * H + j : 0];
         hs[rr][g] = la ? hp[row * GH + g * H + j] : 0.0f;
       }
     }
@@ -365,13 +367,17 @@ def backward_body(cell, varlen=False):
   __syncthreads();
 
   // the step's inputs are loaded one step ahead (their latency hidden behind a whole step)
-  float gv[RPT][S], pv[RPT][S], xv[RPT][G], hv[RPT][G], ov[RPT];
-  load_step(L - 1, gv, pv, xv, hv, ov);
+  float gv[RPT][S], pv[RPT][S], hv[RPT][G], ov[RPT];
+  T xv[RPT][G];
+  bool xlv[RPT];
+  load_step(L - 1, gv, pv, xv, xlv, hv, ov);
   for (int s = L - 1; s >= STOP; --s) {
     const float* dcur = db + ((L - 1 - s) & 1) * BB * KS;
     float* dnext = db + ((L - s) & 1) * BB * KS;
-    float gn[RPT][S], pn[RPT][S], xn[RPT][G], hn[RPT][G], on[RPT], drec[RPT];
-    load_step(s - 1, gn, pn, xn, hn, on);
+    float gn[RPT][S], pn[RPT][S], hn[RPT][G], on[RPT], drec[RPT];
+    T xn[RPT][G];
+    bool xln[RPT];
+    load_step(s - 1, gn, pn, xn, xln, hn, on);
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
       drec[rr] = 0.0f;
@@ -401,7 +407,12 @@ def backward_body(cell, varlen=False):
           }
           if (""" + _active(varlen, "s") + r""") {
 """ + ("            gt[0] += ov[rr];\n" if varlen else "") + r"""            const long long prow = """ + C.io_row(varlen, _pos(varlen, "s"), "r0 + r") + r""";
-            """ + call + r"""(xv[rr], hv[rr], prm, pv[rr], gt, dxg, dhg, dpv);
+            float xf[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              xf[g] = xlv[rr] ? frnn::to_f(xv[rr][g]) : 0.0f;
+            }
+            """ + call + r"""(xf, hv[rr], prm, pv[rr], gt, dxg, dhg, dpv);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
               dx[prow * GH + g * H + j] = dxg[g];
@@ -434,6 +445,7 @@ def backward_body(cell, varlen=False):
         gv[rr][q] = gn[rr][q];
         pv[rr][q] = pn[rr][q];
       }
+      xlv[rr] = xln[rr];
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         xv[rr][g] = xn[rr][g];

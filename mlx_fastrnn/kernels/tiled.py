@@ -143,7 +143,10 @@ def backward_body(cell, varlen=False):
     }
   }
   // Step inputs of step s into registers (issued early, used after the barrier).
-  float gs[EPT][S], ps[EPT][S], xs[EPT][G], hs_[EPT][G], go[EPT];
+  // x raw (its own type), converted where the cell takes it (not right after the load)
+  float gs[EPT][S], ps[EPT][S], hs_[EPT][G], go[EPT];
+  T xr[EPT][G];
+  bool xl[EPT];
   auto fetch = [&](int s) {
 #pragma unroll
     for (int e = 0; e < EPT; ++e) {
@@ -155,9 +158,10 @@ def backward_body(cell, varlen=False):
       for (int q = 0; q < S; ++q) {
         gs[e][q] = ok[e] ? gseqs[q][row * H + j] : 0.0f;  // frozen steps pass it through
       }
-""" + prev_loads + ("      go[e] = ld ? gout[prow * H + j] : 0.0f;\n" if varlen else "") + r"""#pragma unroll
+""" + prev_loads + ("      go[e] = ld ? gout[prow * H + j] : 0.0f;\n" if varlen else "") + r"""      xl[e] = ld;
+#pragma unroll
       for (int g = 0; g < G; ++g) {
-        xs[e][g] = ld ? frnn::to_f(x[prow * GH + g * H + j]) : 0.0f;
+        xr[e][g] = x[ld ? prow * GH + g * H + j : 0];
         hs_[e][g] = ld ? hp[row * GH + g * H + j] : 0.0f;
       }
     }
@@ -187,8 +191,12 @@ def backward_body(cell, varlen=False):
           if (""" + _active(varlen, "s") + r""") {
 """ + ("            gt[0] += go[e];\n" if varlen else "") + r"""            const long long row = (long long)s * B + r0 + er[e];
             const long long prow = """ + C.io_row(varlen, _pos(varlen, "s"), "r0 + er[e]") + r""";
-            float dxg[G], dhg[G], dpv[S];
-            """ + call + r"""(xs[e], hs_[e], prm[e], ps[e], gt, dxg, dhg, dpv);
+            float dxg[G], dhg[G], dpv[S], xv[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              xv[g] = xl[e] ? frnn::to_f(xr[e][g]) : 0.0f;
+            }
+            """ + call + r"""(xv, hs_[e], prm[e], ps[e], gt, dxg, dhg, dpv);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
               dx[prow * GH + g * H + j] = dxg[g];
