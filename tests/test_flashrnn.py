@@ -21,6 +21,7 @@ import mlx.core as mx
 
 import flashrnn_golden as golden
 from conftest import assert_close
+import mlx_fastrnn.ops.flashrnn as flashrnn_ops
 from mlx_fastrnn.ops.flashrnn import FUNCTIONS, flashrnn
 
 OUT_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -153,13 +154,16 @@ def _mx_case(function, batch, length, heads, dim, seed=0):
                 states=mx.abs(mx.random.normal((ns, batch, 1, heads, dim), key=keys[3])) + 1)
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["float32-operand", "half-operand"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
-def test_half_inputs_keep_float32_state(function, dtype, backend):
+def test_half_inputs_keep_float32_state(function, dtype, backend, tiled, monkeypatch):
     """Half inputs: the result has their dtype, computed in float32 throughout
     (exactly the float32 run, rounded once at the end) from the pre-activations
-    ``Wx + b``: added in float32 and, on the fused backend, rounded once to the
-    input dtype (the kernels' operand; the reference loop keeps them float32)."""
+    ``Wx + b``, added in float32; rounded once to the input dtype only where the
+    fused backend's heads run on the tiled kernels (``forward_class``, made to say
+    so here: the kernels' half operand), never on the reference loop."""
+    monkeypatch.setattr(flashrnn_ops, "forward_class", lambda *a: "tiled" if tiled else None)
     case = _mx_case(function, 2, 9, 2, 4)
     if function == "slstm":
         case["states"] = None  # given sLSTM states run the reference loop on every backend
@@ -167,7 +171,7 @@ def test_half_inputs_keep_float32_state(function, dtype, backend):
     seq, last = flashrnn(half["Wx"], half["R"], half["b"], half["states"], function, backend)
     assert seq.dtype == dtype and last.dtype == dtype
     f32 = {k: None if a is None else a.astype(mx.float32) for k, a in half.items()}
-    if backend == "fused":  # the same pre-activations, as Wx with a zero bias where Wx's gates take b
+    if backend == "fused" and tiled:  # the same pre-activations, as Wx with a zero bias where Wx's gates take b
         b_x = FUNCTIONS[function].b_x
         f32["Wx"] = (f32["Wx"] + f32["b"][b_x][None, None]).astype(dtype).astype(mx.float32)
         f32["b"] = mx.concatenate([f32["b"][:b_x.start], mx.zeros_like(f32["b"][b_x])])

@@ -187,3 +187,28 @@ def test_many_problems_take_fewer_larger_resident_blocks(emulated_gpu, monkeypat
 
     ref.check_varlen("lstm", L, B, H, mx.float32, False, None, 0, 4, forward, backward)
     assert len(emulated_gpu) == 2 and all(n.startswith("frnn_res_") for n in emulated_gpu)
+
+
+def test_heads_forward_class(emulated_gpu, monkeypatch):
+    """``ops.heads.forward_class``: the class the heads' forward launch would run on
+    (what ``flashrnn`` picks its pre-activations' dtype by), for one head, heads in
+    one launch and in two, as ``classes.choose`` says; ``None`` off the kernels'
+    steps (CPU / Metal) and where no launch takes the heads."""
+    from mlx_fastrnn.cells import LSTM_CELL
+    from mlx_fastrnn.ops.heads import _launches, forward_class
+    from mlx_fastrnn.ops.recurrent import default_steps
+
+    cuda_steps = LSTM_CELL.kernel_steps("cuda", True)
+    assert forward_class(LSTM_CELL, default_steps(LSTM_CELL), 3, 2, 4, 2, 12, mx.bfloat16) is None
+    for klass in ("tiled", "resident"):
+        monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", klass)
+        for heads in (1, 2):
+            assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, heads, 12, mx.bfloat16) == klass
+    monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", "tiled")
+    # many heads on 6 SMs: the tiled grid holds them only in two launches (or not at all)
+    heads = 12
+    launches = _launches(cuda_steps, C.Operand((3, 2, 4 * heads * 12), mx.bfloat16, 3), 4, heads, 12)
+    want = None if launches is None else C.choose(
+        "forward", "lstm", C.Operand((3, (launches[0][1] - launches[0][0]) * 2, 48), mx.bfloat16, 3),
+        C.Operand((launches[0][1] - launches[0][0], 48, 12), mx.float32, 3))[0]
+    assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, heads, 12, mx.bfloat16) == want

@@ -32,12 +32,15 @@ FlashRNN's conventions, as read from its vanilla sources:
   (and its zero state to NaN).
 
 States and accumulation are float32 whatever the input dtypes (vanilla keeps
-them in Wx's dtype); the results have Wx's dtype. The fused backend takes a half
-``Wx``'s pre-activations ``Wx + b`` in Wx's dtype (the bias added in float32, one
-rounding), as the multi-head layers' own input projections come: the
-whole-sequence kernels then run the recurrent product in that type (bfloat16 /
-float16 tensor cores, half the weight and input bytes) instead of TF32, which
-cost bfloat16 calls up to 4x at B = 64 (benchmarks/RESULTS.md).
+them in Wx's dtype); the results have Wx's dtype. Where the heads run on the tiled whole-sequence
+kernels (CUDA), the fused backend takes a half ``Wx``'s pre-activations ``Wx + b``
+in Wx's dtype (the bias added in float32, one rounding), as the multi-head
+layers' own input projections come: the recurrent product then runs in that type
+(bfloat16 / float16 tensor cores, half the weight and input bytes) instead of
+TF32: 1.2-2x faster bfloat16 calls at B = 64 with N*D >= 1024 on the H200. On
+the resident class a float32 operand measured faster (0.6-0.86x with bfloat16
+there, 2026-12-04), and elsewhere nothing runs a half product: float32 there.
+(benchmarks/RESULTS.md.)
 """
 
 import mlx.core as mx
@@ -48,7 +51,7 @@ from ..cells.lstm import naive as lstm_naive
 from ..cells.rnn import naive as rnn_naive
 from ..cells.slstm import naive as slstm_naive
 
-from .heads import block_diagonal, head_recurrence
+from .heads import block_diagonal, forward_class, head_recurrence
 from .recurrent import default_steps
 
 __all__ = ["flashrnn", "FUNCTIONS", "BACKENDS", "block_diagonal"]
@@ -171,8 +174,12 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
     if fn.r_order is not None:  # GRU: R (g, r, z) -> the cell's (r, z, n); b_g is the cell's bhn
         r = r[mx.array(fn.r_order)]
         params = (b[0].reshape(hidden),)
-    # the bias added in float32 (as the reference), rounded once to a half Wx's dtype
-    xh = _head_major_preactivations(Wx, b[fn.b_x])
+    # the bias added in float32 (as the reference); rounded once to a half Wx's dtype where
+    # the tiled kernels then run a half product (module docstring)
+    steps = default_steps(fn.cell)
+    half = Wx.dtype in (mx.bfloat16, mx.float16) and forward_class(
+        fn.cell, steps, length, batch, fn.gates_x, heads, dim, Wx.dtype) == "tiled"
+    xh = (_head_major_preactivations_half if half else _head_major_preactivations)(Wx, b[fn.b_x])
     if states is None:
         states0 = tuple(mx.zeros((batch, hidden), f32) for _ in range(fn.num_states))
         given = (False,) * fn.num_states
@@ -180,7 +187,7 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
         s = states.astype(f32).reshape(fn.num_states, batch, hidden)
         states0 = tuple(s[i] for i in range(fn.num_states))
         given = (True,) * fn.num_states
-    seqs = head_recurrence(fn.cell, default_steps(fn.cell), xh, r, states0, params, given, head_major=True)
+    seqs = head_recurrence(fn.cell, steps, xh, r, states0, params, given, head_major=True)
     seq = mx.stack([_flashrnn_layout(q, Wx.dtype) for q in seqs])  # [S, B, T, N, D]
     # From the float32 states, so that the cotangents of seq and last meet in float32
     # (as they did before the cast); an index, not the slice q[-1:]: for T = 1 that
@@ -189,23 +196,27 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
     return seq, last.astype(Wx.dtype)
 
 
-@mx.compile
-def _head_major_preactivations(Wx, x_bias):
+def _preactivations(Wx, x_bias, half=False):
     """``Wx`` [B, T, G, N, D] + ``x_bias`` [G, N, D], added in float32, as [T, N, B, G*D]
-    in Wx's dtype (float32 for float32 and any non-half Wx): one kernel reading Wx
-    (compiled: the casts, the add and the transposed write fuse)."""
+    in float32 (``half``: in Wx's dtype): one kernel reading Wx (compiled: the casts,
+    the add and the transposed write fuse)."""
     batch, length, gates, heads, dim = Wx.shape
     xh = Wx.transpose(1, 3, 0, 2, 4).astype(mx.float32) + x_bias.transpose(1, 0, 2)[None, :, None]
-    if Wx.dtype in (mx.bfloat16, mx.float16):
+    if half:
         xh = xh.astype(Wx.dtype)
     return xh.reshape(length, heads, batch, gates * dim)
 
 
+_head_major_preactivations = mx.compile(_preactivations)
+_head_major_preactivations_half = mx.compile(lambda Wx, x_bias: _preactivations(Wx, x_bias, half=True))
+
+
 def _flashrnn_layout(seq, dtype):
     """A state sequence [T, N, B, D] (float32) as FlashRNN's [B, T, N, D] in ``dtype``
-    (one compiled kernel for the half types: the transposed read and the cast fuse)."""
+    (one compiled kernel for the half types: the transposed read and the cast fuse; for
+    float32 a view, which the caller's stack copies once)."""
     if dtype == mx.float32:
-        return mx.contiguous(seq.transpose(2, 0, 1, 3))
+        return seq.transpose(2, 0, 1, 3)
     cast = _TRANSPOSE_CAST.get(dtype)
     return cast(seq) if cast is not None else seq.transpose(2, 0, 1, 3).astype(dtype)
 

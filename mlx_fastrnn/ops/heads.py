@@ -16,6 +16,7 @@ of the dense product's work and weight bytes; per-head params such as GRU's
 import mlx.core as mx
 
 from ..cells.timeaxis import f32
+from ..kernels import classes
 from ..kernels.classes import Operand
 from .sequence import recurrence
 
@@ -45,6 +46,24 @@ def _launches(steps, xp, gates, heads, dim):
     if takes(half) and takes(heads - half):
         return [(0, half), (half, heads)]
     return None
+
+
+def forward_class(cell, steps, length, batch, gates, heads, dim, dtype):
+    """The whole-sequence kernel class (``"tiled"`` / ``"resident"``) that
+    ``head_recurrence``'s forward launch(es) would run on with pre-activations of
+    ``dtype``, or ``None`` (no whole-sequence kernel: the step loop, the dense
+    block-diagonal form; Metal, the CPU)."""
+    if steps.accepts is None:
+        return None
+    if heads == 1:
+        xp, w = Operand((length, batch, gates * dim), dtype, 3), Operand((gates * dim, dim), mx.float32, 2)
+    else:
+        launches = _launches(steps, Operand((length, batch, gates * heads * dim), dtype, 3), gates, heads, dim)
+        if launches is None:
+            return None
+        n = launches[0][1] - launches[0][0]
+        xp, w = Operand((length, n * batch, gates * dim), dtype, 3), Operand((n, gates * dim, dim), mx.float32, 3)
+    return classes.choose("forward", cell.name, xp, w)[0]
 
 
 def _problems(cell, steps, xs, r, states0, params, given, lo, hi):
