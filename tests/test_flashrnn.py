@@ -260,11 +260,11 @@ def test_gpu_fused_matches_cpu_vanilla(function, shape):
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
 @pytest.mark.parametrize("shape", [(4, 33, 4, 16), (64, 12, 4, 128)], ids=lambda s: "B{}T{}N{}D{}".format(*s))
 def test_gpu_fused_bfloat16_matches_cpu(function, shape):
-    """bfloat16 inputs on the GPU (their pre-activations as the kernels' bfloat16
-    operand: bfloat16 tensor-core plans where the planner picks them, which round h
-    to bfloat16 in the product) against the same call on the CPU (float32 products
-    of the same rounded pre-activations): outputs and every gradient to bfloat16's
-    rounding over the sequence."""
+    """bfloat16 inputs on the GPU (where the heads run on the tiled kernels their
+    pre-activations rounded to bfloat16 as the kernels' operand, and bfloat16
+    tensor-core plans where the planner picks them, which round h in the product)
+    against the same call on the CPU (float32 pre-activations and products):
+    outputs and every gradient to bfloat16's rounding over the sequence."""
     arrays = _mx_case(function, *shape, seed=7)
     arrays = {k: None if a is None else a.astype(mx.bfloat16) for k, a in arrays.items()}
     if function == "slstm":

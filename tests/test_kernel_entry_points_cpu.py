@@ -162,12 +162,18 @@ def test_measured_table_selects_the_resident_split(emulated_gpu, monkeypatch):
 
 def test_many_problems_take_fewer_larger_resident_blocks(emulated_gpu, monkeypatch):
     """The table's resident split is measured on one problem; where a launch's
-    problems (heads) would need more blocks than SMs at its rows per block, the
-    fewest rows per block that fit one block per SM run instead (a resident block
-    runs the whole sequence: surplus blocks would share SMs or wait for a second
-    wave), with the table's rows per thread; a launch that fits keeps the table's
-    split. The results still match the reference (kernels emulated)."""
+    problems (heads) would need more blocks than SMs (and than the table point's own
+    launch had) at its rows per block, the fewest rows per block that fit one block
+    per SM run instead (a resident block runs the whole sequence: surplus blocks would
+    share SMs or wait for a second wave), with the table's rows per thread; a launch
+    that fits, or one the table measured with as many blocks, keeps the table's split.
+    The results still match the reference (kernels emulated)."""
     table = {("lstm", d, "float32"): [(4, 12, "resident", 1, 1)] for d in ("forward", "backward")}
+    monkeypatch.setattr(C, "SELECTION", table)
+    # a table point whose own launch already had more blocks than SMs stands (measured so)
+    big = {("lstm", d, "float32"): [(16, 12, "resident", 1, 1)] for d in ("forward", "backward")}
+    monkeypatch.setattr(C, "SELECTION", big)
+    assert C.choose("forward", "lstm", mx.zeros((3, 16, 48)), mx.zeros((48, 12)))[1].nblocks == 16
     monkeypatch.setattr(C, "SELECTION", table)
     w1, w4 = mx.zeros((48, 12)), mx.zeros((4, 48, 12))
     for direction in ("forward", "backward"):
@@ -205,10 +211,8 @@ def test_heads_forward_class(emulated_gpu, monkeypatch):
         for heads in (1, 2):
             assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, heads, 12, mx.bfloat16) == klass
     monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", "tiled")
-    # many heads on 6 SMs: the tiled grid holds them only in two launches (or not at all)
-    heads = 12
-    launches = _launches(cuda_steps, C.Operand((3, 2, 4 * heads * 12), mx.bfloat16, 3), 4, heads, 12)
-    want = None if launches is None else C.choose(
-        "forward", "lstm", C.Operand((3, (launches[0][1] - launches[0][0]) * 2, 48), mx.bfloat16, 3),
-        C.Operand((launches[0][1] - launches[0][0], 48, 12), mx.float32, 3))[0]
-    assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, heads, 12, mx.bfloat16) == want
+    # on 6 SMs two heads of 96 fit the tiled grid only one head per launch, three heads no launch
+    assert _launches(cuda_steps, C.Operand((3, 2, 4 * 2 * 96), mx.bfloat16, 3), 4, 2, 96) == [(0, 1), (1, 2)]
+    assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, 2, 96, mx.bfloat16) == "tiled"
+    assert _launches(cuda_steps, C.Operand((3, 2, 4 * 3 * 96), mx.bfloat16, 3), 4, 3, 96) is None
+    assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, 3, 96, mx.bfloat16) is None

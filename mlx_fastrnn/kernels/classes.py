@@ -92,7 +92,8 @@ def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
                 ksp = point[5] if len(point) > 5 else 1
                 tuned = R.plan(direction, cell_name, H, B, limits, xp.dtype, NP, min(point[3], B), point[4],
                                ksp=ksp)
-                rp = _one_block_per_sm(tuned, direction, cell_name, H, B, limits, xp.dtype, NP) or rp
+                measured = -(-point[0] // point[3])  # the blocks of the table point's own launch
+                rp = _one_block_per_sm(tuned, measured, direction, cell_name, H, B, limits, xp.dtype, NP) or rp
             return "resident", rp
     tp = P.select(direction, cell_name, xp, w_h, limits)
     if tp is not None:
@@ -100,15 +101,17 @@ def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
     return ("resident", rp) if rp is not None else (None, None)
 
 
-def _one_block_per_sm(tuned, direction, cell_name, H, B, limits, dtype, NP):
-    """The table's resident plan, or, where its rows per block give the launch's NP
-    problems more blocks than SMs, the fewest rows per block that do not (threads
-    per row by the model): the table is measured on one problem (<= 64 blocks), and
-    a resident block runs the whole sequence, so surplus blocks share SMs or wait for
-    a second wave (16 heads of 64 at B = 64 took 2.7x one head's time per step on the
-    H200, 2026-12-04, at 512 blocks). The table's rows per thread and K-split where the
-    block's threads allow, else the model's. Unchanged where no larger block fits."""
-    if tuned is None or tuned.nblocks <= limits.num_sms:
+def _one_block_per_sm(tuned, measured, direction, cell_name, H, B, limits, dtype, NP):
+    """The table's resident plan, or, where it gives the launch more blocks than SMs
+    and than the table point's own (one-problem) launch had (``measured``), the fewest
+    rows per block that fit one block per SM (threads per row by the model). The table
+    is measured on one problem; a resident block runs the whole sequence, so surplus
+    blocks share SMs or wait for a second wave: 16 heads of 64 at B = 64 at the table's
+    rows per block (512-1024 blocks) took 2.7x one head's time per step on the H200
+    (2026-12-04). Where the table itself measured more blocks than SMs (e.g. B = 256,
+    one row per block) its point stands. The table's rows per thread and K-split where
+    the block's threads allow, else the model's; unchanged where no larger block fits."""
+    if tuned is None or tuned.nblocks <= max(limits.num_sms, measured):
         return tuned
     for rows in R.ROWS_PER_BLOCK:
         if tuned.BB < rows <= B and -(-B // rows) * NP <= limits.num_sms:
