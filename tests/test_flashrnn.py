@@ -233,26 +233,34 @@ def test_bad_function_and_types():
 
 # --------------------------------------------------------------------- GPU
 
+def _gpu_and_cpu(function, shape, seed, dtype, cpu_backend):
+    """``run_with_grads`` of a random ``dtype`` case (no sLSTM states: given ones run the
+    reference loop on every backend) with the fused backend on the GPU and with
+    ``cpu_backend`` on the CPU: ``(got, want)``."""
+    arrays = {k: None if a is None else a.astype(dtype) for k, a in _mx_case(function, *shape, seed=seed).items()}
+    if function == "slstm":
+        arrays["states"] = None
+    keys = mx.random.split(mx.random.key(seed + 1), 2)
+    seq_shape = (golden.GATES[function][3], shape[0], shape[1], shape[2], shape[3])
+    arrays["d_seq"] = mx.random.normal(seq_shape, key=keys[0]).astype(dtype)
+    arrays["d_last"] = mx.random.normal((*seq_shape[:2], 1, *seq_shape[3:]), key=keys[1]).astype(dtype)
+    got = run_with_grads(arrays, function, "fused")
+    prev = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        want = run_with_grads(arrays, function, cpu_backend)
+    finally:
+        mx.set_default_device(prev)
+    return got, want
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
 @pytest.mark.parametrize("shape", [(4, 33, 4, 16), (2, 20, 1, 64)], ids=lambda s: "B{}T{}N{}D{}".format(*s))
 def test_gpu_fused_matches_cpu_vanilla(function, shape):
     """The fused backend on the GPU (persistent kernels on CUDA) against the
     reference loop on the CPU: outputs, last states and every gradient."""
-    arrays = _mx_case(function, *shape, seed=5)
-    if function == "slstm":
-        arrays["states"] = None  # given sLSTM states run the reference loop on every backend
-    keys = mx.random.split(mx.random.key(6), 2)
-    seq_shape = (golden.GATES[function][3], shape[0], shape[1], shape[2], shape[3])
-    arrays["d_seq"] = mx.random.normal(seq_shape, key=keys[0])
-    arrays["d_last"] = mx.random.normal((*seq_shape[:2], 1, *seq_shape[3:]), key=keys[1])
-    got = run_with_grads(arrays, function, "fused")
-    prev = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    try:
-        want = run_with_grads(arrays, function, "vanilla")
-    finally:
-        mx.set_default_device(prev)
+    got, want = _gpu_and_cpu(function, shape, 5, mx.float32, "vanilla")
     assert_matches(got, want, f"gpu {function} {shape}")
 
 
@@ -265,21 +273,7 @@ def test_gpu_fused_bfloat16_matches_cpu(function, shape):
     tensor-core plans where the planner picks them, which round h in the product)
     against the same call on the CPU (float32 pre-activations and products):
     outputs and every gradient to bfloat16's rounding over the sequence."""
-    arrays = _mx_case(function, *shape, seed=7)
-    arrays = {k: None if a is None else a.astype(mx.bfloat16) for k, a in arrays.items()}
-    if function == "slstm":
-        arrays["states"] = None
-    keys = mx.random.split(mx.random.key(8), 2)
-    seq_shape = (golden.GATES[function][3], shape[0], shape[1], shape[2], shape[3])
-    arrays["d_seq"] = mx.random.normal(seq_shape, key=keys[0]).astype(mx.bfloat16)
-    arrays["d_last"] = mx.random.normal((*seq_shape[:2], 1, *seq_shape[3:]), key=keys[1]).astype(mx.bfloat16)
-    got = run_with_grads(arrays, function, "fused")
-    prev = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    try:
-        want = run_with_grads(arrays, function, "fused")
-    finally:
-        mx.set_default_device(prev)
+    got, want = _gpu_and_cpu(function, shape, 7, mx.bfloat16, "fused")
     for key, expected in want.items():
         assert got[key].dtype == mx.bfloat16, key
         assert_close(got[key].astype(mx.float32), expected.astype(mx.float32), f"gpu bf16 {function} {key}",
