@@ -32,16 +32,17 @@ FlashRNN's conventions, as read from its vanilla sources:
   (and its zero state to NaN).
 
 States and accumulation are float32 whatever the input dtypes (vanilla keeps
-them in Wx's dtype); the results have Wx's dtype. Where the heads run on the tiled whole-sequence
-kernels (CUDA), the fused backend takes a half ``Wx``'s pre-activations ``Wx + b``
-in Wx's dtype (the bias added in float32, one rounding), as the multi-head
-layers' own input projections come: the recurrent product then runs in that type
-(bfloat16 / float16 tensor cores, half the weight and input bytes) instead of
-TF32: 1.2-2x faster bfloat16 calls at B = 64 with N*D >= 1024 on the H200. On
-the resident class a float32 operand measured faster (0.6-0.86x with bfloat16
-there, 2026-12-04), and elsewhere nothing runs a half product: float32 there.
-(benchmarks/RESULTS.md.) With the half operand the cotangent of ``Wx + b`` comes
-back in Wx's dtype, so the bias gradient sums those rounded values (in float32).
+them in Wx's dtype); the results have Wx's dtype. Where the heads run on the
+tiled whole-sequence kernels (CUDA), the fused backend takes a half ``Wx``'s
+pre-activations ``Wx + b`` in Wx's dtype (the bias added in float32, one
+rounding), as the multi-head layers' own input projections come: the recurrent
+product then runs in that type (bfloat16 / float16 tensor cores, half the weight
+and input bytes) instead of TF32, 1.2-2x faster bfloat16 calls at B = 64 with
+N*D >= 1024 on the H200. On the resident class a float32 operand measured faster
+(0.6-0.86x with bfloat16 there, 2026-12-04), and elsewhere nothing runs a half
+product: float32 there (benchmarks/RESULTS.md). With the half operand the
+cotangent of ``Wx + b`` comes back in Wx's dtype, so the bias gradient sums those
+rounded values (in float32).
 """
 
 import mlx.core as mx
