@@ -176,7 +176,10 @@ for s in $STAGES; do
              $FLASHRNN_GRID --backends triton_fused --dims "${FLASHRNN_TRITON_DIMS:-64}" --budget "$BUDGET" \
              --json /tmp/frnn_triton.json
              FRNN_JSON=$(ls /tmp/frnn_cuda.json /tmp/frnn_triton.json 2>/dev/null)
-             [[ -n $FRNN_JSON ]] && python3 -c "$CONCAT_JSON" "$OUT/flashrnn_torch.json" $FRNN_JSON ;;
+             [[ -n $FRNN_JSON ]] && python3 -c "$CONCAT_JSON" "$OUT/flashrnn_torch.json" $FRNN_JSON
+             # FlashRNN ÷ ours where this call (or an earlier stage) timed both
+             [[ -f $OUT/flashrnn.json && -f $OUT/flashrnn_torch.json ]] && python3 benchmarks/report.py --flashrnn \
+               "$OUT/flashrnn.json" "$OUT/flashrnn_torch.json" --out "$OUT/flashrnn_vs.md" ;;
     # kernel classes: tiled vs resident per (cell, dtype, B, H), one tuning process per cell and
     # dtype building its kernels in parallel (NVRTC), timing them in turns (--lock)
     classes) stage classes "$T_CLASSES" bash -c "$CLASSES" ; classes_table ;;

@@ -9,6 +9,11 @@ quicker). Results from runs of one impl each (``MLX_RNN_IMPL=legacy`` and
 ``=fast`` separately) merge the same way as a ``--compare`` run. Partial files
 (a run killed by a timeout) are fine. ``--png`` draws a bar chart of the
 speed-ups when matplotlib can be imported, and is skipped otherwise.
+
+``--flashrnn``: the files are flashrnn_bench.py (ours) and flashrnn_torch.py
+(FlashRNN) results instead: FlashRNN's fastest backend ÷ ours per configuration
+timed on both sides, summarised by subset (dtype and mode, N·D, where
+``triton_fused`` is FlashRNN's fastest), then every configuration where ours is slower.
 """
 
 import argparse
@@ -269,6 +274,61 @@ def heatmap(sections, path):
     return True
 
 
+FLASHRNN_KEY = ("dtype", "function", "heads", "dim", "batch", "length", "mode")
+
+
+def flashrnn_pairs(paths):
+    """[(config, ours_ms, theirs_ms, their_backend)] over the configurations timed on
+    both sides (FlashRNN: its fastest backend), from flashrnn_bench / flashrnn_torch files."""
+    ours, theirs = {}, {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        tool = data.get("meta", {}).get("tool")
+        for rec in data.get("results", []):
+            if not rec.get("median_ms"):
+                continue
+            key = tuple(rec[k] for k in FLASHRNN_KEY)
+            if tool == "flashrnn_torch":
+                best = theirs.get(key)
+                if best is None or rec["median_ms"] < best[0]:
+                    theirs[key] = (rec["median_ms"], rec.get("backend", "?"))
+            elif tool == "flashrnn_bench":
+                ours[key] = rec["median_ms"]
+    return [(k, ours[k], *theirs[k]) for k in sorted(ours) if k in theirs]
+
+
+def render_flashrnn(pairs):
+    """Markdown: FlashRNN ÷ ours (> 1: ours faster) by subset, then ours' losses."""
+    def row(name, sel):
+        if not sel:
+            return None
+        r = [t / o for _, o, t, _ in sel]
+        g = math.exp(sum(map(math.log, r)) / len(r))
+        return (f"| {name} | {len(r)} | {sum(x > 1 for x in r)} | {g:.2f}× | {min(r):.2f}× | "
+                f"{max(r):.2f}× |")
+
+    field = {k: i for i, k in enumerate(FLASHRNN_KEY)}
+    subsets = [("all", pairs)]
+    for dt in sorted({k[field["dtype"]] for k, *_ in pairs}):
+        for mode in sorted({k[field["mode"]] for k, *_ in pairs}):
+            subsets.append((f"{dt} {mode}", [p for p in pairs if p[0][field["dtype"]] == dt
+                                             and p[0][field["mode"]] == mode]))
+    for nd in sorted({k[field["heads"]] * k[field["dim"]] for k, *_ in pairs}):
+        subsets.append((f"N·D = {nd}", [p for p in pairs if p[0][field["heads"]] * p[0][field["dim"]] == nd]))
+    for b in sorted({k[field["batch"]] for k, *_ in pairs}):
+        subsets.append((f"B = {b}", [p for p in pairs if p[0][field["batch"]] == b]))
+    subsets.append(("where `triton_fused` is its fastest", [p for p in pairs if p[3] == "triton_fused"]))
+    lines = ["| subset | configs | ours faster | geomean | min | max |", "|---|--:|--:|--:|--:|--:|"]
+    lines += [r for r in (row(n, sel) for n, sel in subsets) if r]
+    losses = sorted((t / o, k, o, t, be) for k, o, t, be in pairs if t < o)
+    if losses:
+        lines += ["", "Slower (FlashRNN ÷ ours, ours ms, FlashRNN ms and backend):", ""]
+        lines += [f"- {' '.join(str(v) for v in k)}: {x:.2f}× ({o:.3f} / {t:.3f} ms, {be})"
+                  for x, k, o, t, be in losses]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", help="result files from recurrent_bench.py / torch_baseline.py")
@@ -277,11 +337,22 @@ def main(argv=None):
     p.add_argument("--heatmap", default=None, help="also draw a fast-vs-cuDNN heat map here (needs matplotlib)")
     p.add_argument("--iqr", action="store_true", help="show ±IQR next to each median")
     p.add_argument("--title", default=None, help="a heading above the tables")
+    p.add_argument("--flashrnn", action="store_true",
+                   help="the files are flashrnn_bench.py / flashrnn_torch.py results: FlashRNN ÷ ours")
     args = p.parse_args(argv)
     paths = [q for q in args.json if os.path.exists(q)]
     missing = [q for q in args.json if not os.path.exists(q)]
     for q in missing:
         print(f"report: {q} does not exist (skipped)", file=sys.stderr)
+    if args.flashrnn:
+        pairs = flashrnn_pairs(paths)
+        text = (f"## {args.title}\n\n" if args.title else "") + (render_flashrnn(pairs) if pairs else "_no pairs_\n")
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        else:
+            print(text)
+        return 0
     sections = load(paths)
     text = (f"## {args.title}\n\n" if args.title else "") + (
         render(sections, iqr=args.iqr) if sections else "_no results_\n")

@@ -125,3 +125,34 @@ def test_env_ab_alternates_the_setting_and_restores_it(tmp_path, monkeypatch):
         ("GRU 2x3x8 float32", "fwd", "", "1"), ("flashrnn lstm B=2 T=4 N=2 D=8 bfloat16", "fwd", "", "1")]
     assert all(r["a_ms"] > 0 and r["b_ms"] > 0 for r in data["results"])
     assert os.environ["FRNN_AB_PROBE"] == "outer"
+
+
+def test_report_flashrnn_ratios(tmp_path):
+    """report.py --flashrnn: FlashRNN's fastest backend ÷ ours per configuration timed on
+    both sides, by subset, and the configurations where ours is slower."""
+    import report
+
+    def cfg(**kw):
+        return dict(dict(dtype="float32", function="lstm", heads=1, dim=64, batch=16, length=256,
+                         mode="fwd"), **kw)
+
+    ours = {"meta": {"tool": "flashrnn_bench"}, "results": [
+        {**cfg(), "median_ms": 1.0}, {**cfg(heads=4), "median_ms": 4.0},
+        {**cfg(dim=128), "median_ms": 1.0}, {**cfg(mode="fwdbwd"), "error": "x"}]}
+    theirs = {"meta": {"tool": "flashrnn_torch"}, "results": [
+        {**cfg(), "backend": "cuda", "median_ms": 3.0}, {**cfg(), "backend": "triton_fused", "median_ms": 2.0},
+        {**cfg(heads=4), "backend": "cuda", "median_ms": 1.0}, {**cfg(mode="fwdbwd"), "backend": "cuda",
+                                                                 "median_ms": 1.0}]}
+    paths = []
+    for name, data in (("o.json", ours), ("t.json", theirs)):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(data))
+    pairs = report.flashrnn_pairs(paths)
+    assert [(p[0][2], p[1], p[2], p[3]) for p in pairs] == [(1, 1.0, 2.0, "triton_fused"), (4, 4.0, 1.0, "cuda")]
+    text = report.render_flashrnn(pairs)
+    assert "| all | 2 | 1 | 0.71× | 0.25× | 2.00× |" in text  # sqrt(2 * 0.25)
+    assert "| where `triton_fused` is its fastest | 1 | 1 | 2.00× | 2.00× | 2.00× |" in text
+    assert "- float32 lstm 4 64 16 256 fwd: 0.25× (4.000 / 1.000 ms, cuda)" in text
+    out = tmp_path / "vs.md"
+    assert report.main(["--flashrnn", *paths, "--out", str(out)]) == 0
+    assert out.read_text() == text
