@@ -216,3 +216,18 @@ def test_heads_forward_class(emulated_gpu, monkeypatch):
     assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, 2, 96, mx.bfloat16) == "tiled"
     assert _launches(cuda_steps, C.Operand((3, 2, 4 * 3 * 96), mx.bfloat16, 3), 4, 3, 96) is None
     assert forward_class(LSTM_CELL, cuda_steps, 3, 2, 4, 3, 96, mx.bfloat16) is None
+
+
+def test_heads_need_only_a_forward_kernel(emulated_gpu, monkeypatch):
+    """``accepts(kind="heads")`` without lengths asks only for a forward kernel (a
+    backward no kernel takes runs recurrence's step loop of problems): sLSTM heads
+    whose forward fits the tiled grid at up to four elements per thread and whose
+    backward (two at most) does not; directions still need both, and so do heads with
+    lengths. (One sLSTM head of 64 as a problem: its W_h fits no resident block here.)"""
+    xp, w = mx.zeros((2, 64, 4 * 64)), mx.zeros((1, 4 * 64, 64))
+    assert C.choose("forward", "slstm", xp, w)[0] == "tiled"
+    assert C.choose("backward", "slstm", xp, w) == (None, None)
+    assert C.accepts("slstm", xp, w, kind="heads")
+    assert not C.accepts("slstm", xp, w, kind="heads", varlen=True)
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
+    assert not C.accepts("slstm", xp, w, kind="directions")

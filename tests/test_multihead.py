@@ -191,6 +191,20 @@ def test_gpu_heads_on_the_per_step_loop_match_cpu(kind, monkeypatch):
     test_gpu_matches_cpu(kind, 2, 6, 256, 4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "slstm"])
+def test_gpu_heads_forward_kernel_backward_per_step_match_cpu(kind, monkeypatch):
+    """Heads whose backward no whole-sequence kernel takes (e.g. the sLSTM's, at most
+    two elements per thread, where its forward takes four): the forward on the kernel,
+    the backward on ``recurrence``'s per-step loop of problems; against the CPU."""
+    from mlx_fastrnn.kernels import classes as C
+
+    real = C.choose
+    monkeypatch.setattr(C, "choose", lambda direction, *a, **k: (None, None) if direction == "backward"
+                        else real(direction, *a, **k))
+    test_gpu_matches_cpu(kind, 2, 6, 256, 4)
+
+
 @pytest.mark.parametrize("head_major", [False, True], ids=["gate_major", "head_major"])
 @pytest.mark.parametrize("cell_name,heads", [("lstm", 4), ("slstm", 3), ("rnn_tanh", 5)])
 def test_heads_in_two_launches_match_the_dense_block_diagonal(cell_name, heads, head_major):

@@ -410,6 +410,25 @@ def test_emulated_chunked_and_bf16_weights():
                               w_ref=w_rounded)
 
 
+@needs_cxx
+def test_emulated_slstm_forward_takes_four_elements_per_thread():
+    """The sLSTM's forward may hold up to four cell elements per thread, its backward
+    two (``MAX_EPT`` / ``MAX_EPT_BACKWARD``: the backward's registers): a forward plan
+    with more than two runs in the emulator to the reference, and the backward of the
+    same shape plans at most two or declines."""
+    limits = P.Limits(num_sms=2, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
+    cell, L, B, H = "slstm", 3, 10, 24
+    xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    p = P.plan("forward", cell, H, B, limits, tpb=32)
+    assert p is not None and p.EPT > 2
+    got, _ = emu.forward(cell, xp, w_h, s0, params, False, limits, tpb=32)
+    for a, e in zip(got, ref.forward(cell, xp, w_h, s0, params, False)):
+        assert ref.max_rel_err(a, e) < 2e-6
+    pb = P.plan("backward", cell, H, B, limits, tpb=32)
+    assert pb is None or pb.EPT <= 2
+    assert P.plan("backward", "lstm", H, B, limits, tpb=32).EPT > 2  # the LSTM's backward takes four
+
+
 # --------------------------------------------------------------------------- NVRTC
 
 @pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
@@ -438,6 +457,28 @@ def test_nvrtc_compiles_streamed_weights(cell, H, problems, direction):
     if problems > 1:
         p = P.plan(direction, cell, H, 16, H100, weights="global", problems=problems)
         _assert_compiles(p, mx.bfloat16, lens=True, rev=0b10, interleaved=True)
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ["lstm", "slstm"])
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("cc_major", [0, 9])
+def test_nvrtc_forward_four_elements_per_thread(cell, xdt, cc_major):
+    """A forward at four elements per thread (8 heads of 256 at B = 64 on the H100/H200,
+    as `flashrnn` runs 16 in two launches; tensor cores from compute capability 8):
+    within 128 registers, at most 32 bytes spilled (NVRTC 13.0: 8-28 bytes with tensor
+    cores, for the LSTM as for the sLSTM). The sLSTM's backward plans no such shape
+    (``MAX_EPT_BACKWARD``: it spilled 132-396 bytes at four)."""
+    limits = P.Limits(**{**H100.__dict__, "cc_major": cc_major})
+    mma = 3 if xdt == mx.float32 else 1  # tf32 (as with MLX_ENABLE_TF32 on) / bfloat16
+    p = P.plan("forward", cell, 256, 64, limits, x_dtype=xdt, problems=8, mma=mma)
+    assert p is not None and p.EPT == 4 and bool(p.mma) == (cc_major >= 8)
+    if cell == "slstm":
+        assert P.plan("backward", cell, 256, 64, limits, x_dtype=xdt, problems=8) is None
+    spec = P.kernel_spec(p, xdt, True)
+    ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_dtype)
+    assert ok and regs is not None and regs <= 128, log[-4000:]
+    assert spill_st <= 32 and spill_ld <= 32 and stack <= 32, log
 
 
 def _assert_compiles(p, xdt, lens=False, rev=0, interleaved=False):

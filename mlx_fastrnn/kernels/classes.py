@@ -177,7 +177,10 @@ def _one_launch_pays(cell_name, xp, w_h, limits):
 
 def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
     """Whether the forward and the backward of this launch both run on a
-    whole-sequence kernel: NP stacked problems when ``w_h`` is [NP, G*H, H]
+    whole-sequence kernel (for ``"heads"`` without ``varlen`` the forward alone
+    suffices: a backward no kernel takes runs ``recurrence``'s step loop of
+    problems, e.g. the sLSTM's, whose backward holds fewer elements per thread):
+    NP stacked problems when ``w_h`` is [NP, G*H, H]
     (the resident class always may: its blocks never wait on each other; the
     tiled class as ``persistent.multi_problem_enabled`` says for this ``kind``
     of problems, ``"heads"`` or ``"directions"``, and for directions by default
@@ -193,7 +196,7 @@ def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
 
 @functools.lru_cache(maxsize=1024)
 def _accepts(cell_name, xp, w_h, varlen, kind, limits, selection, env, problems_env):
-    for direction in ("forward", "backward"):
+    for direction in ("forward",) if kind == "heads" and not varlen else ("forward", "backward"):
         klass, _ = _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env)
         if klass is None:
             return False

@@ -18,13 +18,17 @@ import mlx.core as mx
 # --------------------------------------------------------------------------- cells
 
 
+MAX_EPT = 4  # most cell elements per thread (a cell may declare fewer)
+
+
 @dataclass(frozen=True)
 class CellSpec:
     module: str  # the cell folder's persistent.py: constants and point functions
     num_gates: int
     num_states: int
     num_params: int
-    max_ept: int  # most cell elements per thread (the cell's register budget)
+    max_ept: int  # most cell elements per thread (the cell's register budget), forward
+    max_ept_backward: int = MAX_EPT  # the same for the backward (default: max_ept)
 
 
 # Filled by the cells (``Cell(persistent=...)`` registers its module): a new
@@ -36,10 +40,9 @@ def register_cell(cell_name, module):
     """Make ``module`` (a cell folder's ``persistent.py``, by name) the
     whole-sequence kernels of ``cell_name``."""
     mod = importlib.import_module(module)
-    CELLS[cell_name] = CellSpec(module, mod.NUM_GATES, mod.NUM_STATES, mod.NUM_PARAMS,
-                                getattr(mod, "MAX_EPT", MAX_EPT))
-
-MAX_EPT = 4  # most cell elements per thread (a cell may declare fewer)
+    max_ept = getattr(mod, "MAX_EPT", MAX_EPT)
+    CELLS[cell_name] = CellSpec(module, mod.NUM_GATES, mod.NUM_STATES, mod.NUM_PARAMS, max_ept,
+                                getattr(mod, "MAX_EPT_BACKWARD", max_ept))
 
 
 def cell_module(cell_name):

@@ -219,7 +219,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         if N > MAX_N:
             continue
         EPT = -(-(BB * U) // tpb)
-        if EPT > CELLS[cell].max_ept:
+        if EPT > (CELLS[cell].max_ept if direction == "forward" else CELLS[cell].max_ept_backward):
             continue
         if mma and not glob:
             p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma)

@@ -14,9 +14,12 @@ from .naive import EXP_CAP
 NUM_GATES = 4
 NUM_STATES = 4
 NUM_PARAMS = 0
-# Four carried states and their cotangents per element: at most two elements
-# per thread keep the backward's registers below the no-spill budget.
-MAX_EPT = 2
+# Elements per thread: four carried states, and in the backward their cotangents too.
+# NVRTC 13.0, 128 registers (2026-12-04, H200 plans of 8-16 heads of 128-256 at B = 64):
+# at four elements the forward spills 12-28 bytes, as the LSTM's tensor-core forward
+# does at four (8-28), the backward 132-396; at two the backward spills nothing.
+MAX_EPT = 4
+MAX_EPT_BACKWARD = 2
 
 # The forward step of one element from its gate pre-activations (ir, fr, zr,
 # orw) and previous (cp, np_, mp): the same operations as the step kernels
