@@ -231,3 +231,18 @@ def test_heads_need_only_a_forward_kernel(emulated_gpu, monkeypatch):
     assert not C.accepts("slstm", xp, w, kind="heads", varlen=True)
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
     assert not C.accepts("slstm", xp, w, kind="directions")
+
+
+def test_choice_cache_key_follows_the_environment(monkeypatch):
+    """``classes._env_key`` (os.environ's mapping read directly, for speed) sees every
+    change of the variables the class choice depends on, as os.environ does."""
+    for name in (*C._ENV, "MLX_FASTRNN_PERSISTENT_PROBLEMS"):
+        monkeypatch.delenv(name, raising=False)
+    unset = C._env_key()
+    assert unset == (None,) * len(unset)
+    for i, name in enumerate((*C._ENV, "MLX_FASTRNN_PERSISTENT_PROBLEMS")):
+        monkeypatch.setenv(name, "1")
+        key = C._env_key()
+        assert key[i] is not None and key[:i] == unset[:i] and key[i + 1:] == unset[i + 1:]
+        monkeypatch.delenv(name)
+        assert C._env_key() == unset

@@ -64,6 +64,24 @@ _ENV = ("MLX_FASTRNN_KERNEL_CLASS", "MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSI
         "MLX_FASTRNN_PERSISTENT_MMA", "MLX_ENABLE_TF32")
 
 
+# os.environ's own mapping and the encoded names, read directly for the cache keys:
+# tuple(os.environ.get(k) for k in _ENV) took 8.6 us (each .get encodes its key), this
+# 0.5 us, and a layer call builds several keys (CPU, CPython 3.12). os.environ keeps
+# _data current (setenv / monkeypatch included); without it, the public reads.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in (*_ENV, "MLX_FASTRNN_PERSISTENT_PROBLEMS"))
+except AttributeError:  # not CPython's os._Environ
+    _ENV_DATA = None
+
+
+def _env_key():
+    """The values of ``_ENV`` and ``MLX_FASTRNN_PERSISTENT_PROBLEMS`` (a cache key)."""
+    if _ENV_DATA is not None:
+        return tuple(map(_ENV_DATA.get, _ENV_KEYS))
+    return tuple(os.environ.get(k) for k in (*_ENV, "MLX_FASTRNN_PERSISTENT_PROBLEMS"))
+
+
 def choose(direction, cell_name, xp, w_h, varlen=False):
     """``("resident", plan)``, ``("tiled", plan)`` or ``(None, None)``; ``varlen``:
     with per-row lengths or reversed problems. Cached per shapes, dtypes, device
@@ -71,7 +89,7 @@ def choose(direction, cell_name, xp, w_h, varlen=False):
     (which took ~60 us of Python per launch)."""
     return _choose(direction, cell_name, Operand(tuple(xp.shape), xp.dtype, xp.ndim),
                    Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), P.device_limits(),
-                   id(SELECTION), tuple(os.environ.get(k) for k in _ENV))
+                   id(SELECTION), _env_key())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -190,12 +208,12 @@ def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
         return False
     return _accepts(cell_name, Operand(tuple(xp.shape), xp.dtype, xp.ndim),
                     Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), kind, P.device_limits(),
-                    id(SELECTION), tuple(os.environ.get(k) for k in _ENV),
-                    os.environ.get("MLX_FASTRNN_PERSISTENT_PROBLEMS", "").strip())
+                    id(SELECTION), _env_key())
 
 
 @functools.lru_cache(maxsize=1024)
-def _accepts(cell_name, xp, w_h, varlen, kind, limits, selection, env, problems_env):
+def _accepts(cell_name, xp, w_h, varlen, kind, limits, selection, env):
+    problems_env = env[-1]  # MLX_FASTRNN_PERSISTENT_PROBLEMS (str or bytes, or None)
     for direction in ("forward",) if kind == "heads" and not varlen else ("forward", "backward"):
         klass, _ = _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env)
         if klass is None:
@@ -203,6 +221,7 @@ def _accepts(cell_name, xp, w_h, varlen, kind, limits, selection, env, problems_
         if klass == "tiled" and w_h.ndim == 3:
             if not P.multi_problem_enabled(kind):
                 return False
-            if kind == "directions" and not problems_env and not _one_launch_pays(cell_name, xp, w_h, limits):
+            if kind == "directions" and not (problems_env and problems_env.strip()) and not _one_launch_pays(
+                    cell_name, xp, w_h, limits):
                 return False
     return True
