@@ -1,0 +1,144 @@
+"""The resident class's device code (``kernels/resident.py``): carving its shared
+memory, loading W_h transposed, the per-row projections forward and backward.
+It goes after ``persistent_header.HEADER`` (whose ``frnn`` helpers and emulator
+fallbacks it uses) in ``mx.fast.cuda_kernel(header=...)``.
+"""
+
+RESIDENT_HEADER = r"""
+// ---------------------------------------------------------------- resident class
+#ifndef FRNN_RESIDENT_HEADER
+#define FRNN_RESIDENT_HEADER
+namespace frnn {
+
+// The step operand buffer first (NF floats: a multiple of 4), then W_h.
+template <int NF, typename WT>
+__device__ __forceinline__ void resident_carve(float*& buf, WT*& W) {
+  unsigned char* base = dyn_smem();
+  buf = reinterpret_cast<float*>(base);
+  W = reinterpret_cast<WT*>(buf + NF);
+}
+
+template <typename WT> __device__ __forceinline__ WT from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// The prologue's W_h copy: each thread first issues UNR independent global
+// loads, then stores them - the copy is bound by the latency of the loads in
+// flight, and one block of few warps must keep many in flight (one load per
+// iteration made this copy cost as much as ~40 steps).
+constexpr int RESIDENT_COPY_UNROLL = 16;
+
+// store(i, load(i)) for i < N, the loads of U consecutive strides issued before their stores.
+template <int N, int TPB, typename WT, typename Load, typename Store>
+__device__ __forceinline__ void copy_batched(Load load, Store store) {
+  constexpr int U = RESIDENT_COPY_UNROLL;
+  for (int i0 = threadIdx.x; i0 < N; i0 += TPB * U) {
+    WT v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TPB;
+      v[u] = i < N ? load(i) : zero<WT>();
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TPB;
+      if (i < N) {
+        store(i, v[u]);
+      }
+    }
+  }
+}
+
+// Wt[k*GHP + n] = w[n*H + k] (k < H), 0 for H <= k < KS. Reads are coalesced;
+// the stores walk k across a warp with an odd stride GHP: 32 banks, no conflict.
+template <int GH, int GHP, int H, int KS, int TPB, typename WT>
+__device__ __forceinline__ void load_w_transposed(WT* Wt, const WT* w) {
+  copy_batched<GH * H, TPB, WT>([&](int i) { return w[i]; },
+                                [&](int i, WT v) { Wt[(i % H) * GHP + i / H] = v; });
+  for (int i = H * GHP + threadIdx.x; i < KS * GHP; i += TPB) {
+    Wt[i] = zero<WT>();
+  }
+}
+
+// Wn[m*H + j] = w[m*H + j] (m < GH), 0 for GH <= m < KS.
+template <int GH, int H, int KS, int TPB, typename WT>
+__device__ __forceinline__ void load_w_natural(WT* Wn, const WT* w) {
+  copy_batched<KS * H, TPB, WT>([&](int i) { return i < GH * H ? w[i] : zero<WT>(); },
+                                [&](int i, WT v) { Wn[i] = v; });
+}
+
+// a[rr][g] += sum_k h[r][k] * Wt[k][g*H + j] for the thread's rows r = rs + rr*RS
+// (rows past BB read row BB-1; the caller drops them). GHP: Wt's row stride.
+// With KSP > 1 the thread takes the float4 chunks k = 4*(ks + KSP*i) only (the
+// caller sums the KSP partial sums): interleaved, so the KSP lanes of a unit read
+// W rows 4 apart (different banks: GHP is odd).
+template <int KS, int GHP, int H, int G, int RPT, int RS, int BB, int KSP, typename WT>
+__device__ __forceinline__ void resident_project(const float* h, const WT* Wt, int j, int rs, int ks,
+                                                 float (&a)[RPT][G]) {
+  const float* hrow[RPT];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    hrow[rr] = h + imin(rs + rr * RS, BB - 1) * KS;
+  }
+#pragma unroll 2
+  for (int k = 4 * ks; k < KS; k += 4 * KSP) {
+    float4 hv[RPT];
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      hv[rr] = *reinterpret_cast<const float4*>(hrow[rr] + k);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float w0 = to_f(Wt[(k + 0) * GHP + g * H + j]);
+      const float w1 = to_f(Wt[(k + 1) * GHP + g * H + j]);
+      const float w2 = to_f(Wt[(k + 2) * GHP + g * H + j]);
+      const float w3 = to_f(Wt[(k + 3) * GHP + g * H + j]);
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) {
+        float v = a[rr][g];
+        v = fmaf(hv[rr].x, w0, v);
+        v = fmaf(hv[rr].y, w1, v);
+        v = fmaf(hv[rr].z, w2, v);
+        a[rr][g] = fmaf(hv[rr].w, w3, v);
+      }
+    }
+  }
+}
+
+// d[rr] += sum_m dh[r][m] * Wn[m][j] (the backward's dhp_{s+1} W_h); with KSP > 1
+// over the float4 chunks m = 4*(ks + KSP*i) only, as resident_project.
+template <int KS, int H, int RPT, int RS, int BB, int KSP, typename WT>
+__device__ __forceinline__ void resident_project_back(const float* dh, const WT* Wn, int j, int rs, int ks,
+                                                      float (&d)[RPT]) {
+  const float* drow[RPT];
+  float acc[RPT][2];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    drow[rr] = dh + imin(rs + rr * RS, BB - 1) * KS;
+    acc[rr][0] = 0.0f;
+    acc[rr][1] = 0.0f;
+  }
+#pragma unroll 2
+  for (int m = 4 * ks; m < KS; m += 4 * KSP) {
+    const float w0 = to_f(Wn[(m + 0) * H + j]);
+    const float w1 = to_f(Wn[(m + 1) * H + j]);
+    const float w2 = to_f(Wn[(m + 2) * H + j]);
+    const float w3 = to_f(Wn[(m + 3) * H + j]);
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      const float4 v = *reinterpret_cast<const float4*>(drow[rr] + m);
+      acc[rr][0] = fmaf(v.x, w0, acc[rr][0]);
+      acc[rr][1] = fmaf(v.y, w1, acc[rr][1]);
+      acc[rr][0] = fmaf(v.z, w2, acc[rr][0]);
+      acc[rr][1] = fmaf(v.w, w3, acc[rr][1]);
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    d[rr] = acc[rr][0] + acc[rr][1];
+  }
+}
+
+} // namespace frnn
+#endif // FRNN_RESIDENT_HEADER
+"""
