@@ -315,11 +315,14 @@ def build(spec, inputs, out_specs):
     os.makedirs(_BUILD_DIR, exist_ok=True)
     exe = os.path.join(_BUILD_DIR, f"emu_{digest}")
     if not os.path.exists(exe):
-        cpp = exe + ".cpp"
+        # per-process names: test runs sharing the build directory (two checkouts, sharded
+        # runs) may build the same kernel at once; os.replace publishes one whole binary
+        tmp = f"{exe}.{os.getpid()}"
+        cpp = tmp + ".cpp"
         with open(cpp, "w") as f:
             f.write(src)
         cmd = [host_compiler(), "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-unused-variable", "-Wno-unused-but-set-variable", *SANITIZE, "-o", exe + ".tmp", cpp]
+               "-Wno-unused-variable", "-Wno-unused-but-set-variable", *SANITIZE, "-o", tmp + ".tmp", cpp]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise RuntimeError(f"emulator compile failed ({cpp}):\n{res.stderr[-6000:]}")
@@ -328,7 +331,7 @@ def build(spec, inputs, out_specs):
             warn = os.path.join(_BUILD_DIR, f"emu_{digest}.warnings")
             with open(warn, "w") as f:
                 f.write(res.stderr)
-        os.replace(exe + ".tmp", exe)
+        os.replace(tmp + ".tmp", exe)
     return exe
 
 
