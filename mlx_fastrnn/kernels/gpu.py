@@ -28,7 +28,7 @@ class CellSpec:
     num_states: int
     num_params: int
     max_ept: int  # most cell elements per thread (the cell's register budget), forward
-    max_ept_backward: int = MAX_EPT  # the same for the backward (default: max_ept)
+    max_ept_backward: int = MAX_EPT  # the same, backward (register_cell: MAX_EPT_BACKWARD, else max_ept)
 
 
 # Filled by the cells (``Cell(persistent=...)`` registers its module): a new
