@@ -206,6 +206,12 @@ def merge(paths, out_json, table_path):
     if not runs:
         raise SystemExit("kernel_classes_tune: nothing to merge")
     meta = dict(runs[0]["meta"], command="merge of " + ", ".join(r["meta"]["command"] for r in runs))
+    # runs of different dates (e.g. one cell re-used from an older table): each date with its cells
+    dates = {}
+    for r in runs:
+        dates.setdefault(r["meta"]["started"], set()).update(rec["cell"] for rec in r["results"])
+    if len(dates) > 1:
+        meta["started"] = "; ".join(f"{'/'.join(sorted(c))} {d}" for d, c in sorted(dates.items(), reverse=True))
     results = [rec for r in runs for rec in r["results"]]
     if out_json:
         with open(out_json, "w") as f:
