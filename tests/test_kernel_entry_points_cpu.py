@@ -5,6 +5,8 @@ on CUDA (``classes.sequence`` / ``backward``, ``persistent_sequence`` /
 ``persistent_backward``, ``resident.run_forward`` / ``run_backward``) is
 exercised in every CI run, lengths and directions included."""
 
+import dataclasses
+
 import pytest
 
 import mlx.core as mx
@@ -182,6 +184,13 @@ def test_many_problems_take_fewer_larger_resident_blocks(emulated_gpu, monkeypat
         klass, p = C.choose(direction, "lstm", mx.zeros((3, 16, 48)), w4)  # 4 problems x 4 rows
         assert (klass, p.BB, p.RPT, p.nblocks) == ("resident", 4, 1, 4)
         assert p.nblocks <= SMALL.num_sms
+    # a K-split measured on one-row blocks is not carried into the larger block
+    split = {("lstm", d, "float32"): [(4, 12, "resident", 1, 1, 4)] for d in ("forward", "backward")}
+    monkeypatch.setattr(C, "SELECTION", split)
+    assert C.choose("forward", "lstm", mx.zeros((3, 4, 48)), w1)[1].KSP == 4
+    p = C.choose("forward", "lstm", mx.zeros((3, 16, 48)), w4)[1]
+    assert (p.BB, p.KSP, p.nblocks) == (4, 1, 4)
+    monkeypatch.setattr(C, "SELECTION", table)
     L, B, H = 3, 4, 12
 
     def forward(xp, w, s0, params, zero, lens, rev):
@@ -219,18 +228,45 @@ def test_heads_forward_class(emulated_gpu, monkeypatch):
 
 
 def test_heads_need_only_a_forward_kernel(emulated_gpu, monkeypatch):
-    """``accepts(kind="heads")`` without lengths asks only for a forward kernel (a
-    backward no kernel takes runs recurrence's step loop of problems): sLSTM heads
-    whose forward fits the tiled grid at up to four elements per thread and whose
-    backward (two at most) does not; directions still need both, and so do heads with
-    lengths. (One sLSTM head of 64 as a problem: its W_h fits no resident block here.)"""
+    """``accepts(kind="heads", forward_only=True)`` without lengths asks only for a
+    forward kernel (a backward no kernel takes runs recurrence's step loop of
+    problems): sLSTM heads whose forward fits the tiled grid at up to four elements
+    per thread and whose backward (two at most) does not; without ``forward_only``,
+    for directions and for heads with lengths both are needed. ``ops.heads._launches``
+    takes such a launch for all heads only where no launch (or two) runs both
+    directions on the kernels, and never as two forward-only launches (each backward
+    would be a step loop of its own). (One sLSTM head of 64 as a problem: its W_h fits
+    no resident block here.)"""
+    from mlx_fastrnn.cells import SLSTM_CELL
+    from mlx_fastrnn.ops.heads import _launches
+
     xp, w = mx.zeros((2, 64, 4 * 64)), mx.zeros((1, 4 * 64, 64))
     assert C.choose("forward", "slstm", xp, w)[0] == "tiled"
     assert C.choose("backward", "slstm", xp, w) == (None, None)
-    assert C.accepts("slstm", xp, w, kind="heads")
-    assert not C.accepts("slstm", xp, w, kind="heads", varlen=True)
+    assert C.accepts("slstm", xp, w, kind="heads", forward_only=True)
+    assert not C.accepts("slstm", xp, w, kind="heads")
+    with pytest.raises(ValueError, match="forward_only"):
+        C.accepts("slstm", xp, w, kind="heads", varlen=True, forward_only=True)
+    with pytest.raises(ValueError, match="forward_only"):
+        C.accepts("slstm", xp, w, kind="directions", forward_only=True)
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PROBLEMS", "1")
     assert not C.accepts("slstm", xp, w, kind="directions")
+    steps = SLSTM_CELL.kernel_steps("cuda", True)
+    assert _launches(steps, C.Operand((2, 64, 4 * 64), mx.float32, 3), 4, 1, 64) == [(0, 1)]
+
+    # a stand-in: all heads forward-only, halves with both kernels -> the halves
+    def accepts(xp, w_h, varlen=False, kind="directions", forward_only=False):
+        return w_h.shape[0] <= 2 or forward_only
+
+    halves = dataclasses.replace(steps, accepts=accepts)
+    assert _launches(halves, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) == [(0, 2), (2, 4)]
+    # all heads forward-only, nothing with both -> one forward-only launch; halves forward-only only -> None
+    fwd_only = dataclasses.replace(steps, accepts=lambda xp, w_h, varlen=False, kind="d", forward_only=False:
+                                   forward_only)
+    assert _launches(fwd_only, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) == [(0, 4)]
+    part = dataclasses.replace(steps, accepts=lambda xp, w_h, varlen=False, kind="d", forward_only=False:
+                               forward_only and w_h.shape[0] <= 2)
+    assert _launches(part, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) is None
 
 
 def test_choice_cache_key_follows_the_environment(monkeypatch):

@@ -96,11 +96,13 @@ class Steps:
     # for shapes they can't run (the step loop runs then).
     forward_sequence: Callable = None
     backward_sequence_kernel: Callable = None
-    # accepts(xp, w_h, varlen=False, kind="directions"): whether the whole-sequence
-    # kernels take this launch, forward and backward: NP independent problems at
-    # once when w_h is [NP, G*H, H] (rows problem-major; ``kind`` says what they are:
-    # "heads" or "directions"), and with varlen per-row lengths and reversed
-    # problems inside the kernels; only then may a caller pass lens / rev to
+    # accepts(xp, w_h, varlen=False, kind="directions", forward_only=False): whether
+    # the whole-sequence kernels take this launch, forward and backward (with
+    # forward_only, heads without lengths: the forward; the backward then runs the
+    # step loop of problems): NP independent problems at once when w_h is
+    # [NP, G*H, H] (rows problem-major; ``kind`` says what they are: "heads" or
+    # "directions"), and with varlen per-row lengths and reversed problems inside
+    # the kernels; only then may a caller pass lens / rev to
     # ``ops.sequence.recurrence`` (they have no per-step form).
     accepts: Callable = None
     # Every forward / backward step takes params per unit ([H]) or per row ([rows, H],

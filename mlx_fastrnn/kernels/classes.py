@@ -127,13 +127,16 @@ def _one_block_per_sm(tuned, measured, direction, cell_name, H, B, limits, dtype
     blocks share SMs or wait for a second wave: 16 heads of 64 at B = 64 at the table's
     rows per block (512-1024 blocks) took 2.7x one head's time per step on the H200
     (2026-12-04). Where the table itself measured more blocks than SMs (e.g. B = 256,
-    one row per block) its point stands. The table's rows per thread and K-split where
-    the block's threads allow, else the model's; unchanged where no larger block fits."""
+    one row per block) its point stands. The table's rows per thread where the block's
+    threads allow, else the model's; unchanged where no larger block fits. No K-split
+    in the larger block: the table's splits were measured on blocks of one or two rows,
+    whose threads idle without them; at 8 rows a block, 16 heads of 64 at B = 64 ran
+    0.66-0.77x as fast with the table's split of 2-4 as without (H200, 2026-12-04)."""
     if tuned is None or tuned.nblocks <= max(limits.num_sms, measured):
         return tuned
     for rows in R.ROWS_PER_BLOCK:
         if tuned.BB < rows <= B and -(-B // rows) * NP <= limits.num_sms:
-            return (R.plan(direction, cell_name, H, B, limits, dtype, NP, rows, tuned.RPT, ksp=tuned.KSP)
+            return (R.plan(direction, cell_name, H, B, limits, dtype, NP, rows, tuned.RPT)
                     or R.plan(direction, cell_name, H, B, limits, dtype, NP, rows) or tuned)
     return tuned
 
@@ -193,28 +196,30 @@ def _one_launch_pays(cell_name, xp, w_h, limits):
     return True
 
 
-def accepts(cell_name, xp, w_h, varlen=False, kind="directions"):
+def accepts(cell_name, xp, w_h, varlen=False, kind="directions", forward_only=False):
     """Whether the forward and the backward of this launch both run on a
-    whole-sequence kernel (for ``"heads"`` without ``varlen`` the forward alone
-    suffices: a backward no kernel takes runs ``recurrence``'s step loop of
-    problems, e.g. the sLSTM's, whose backward holds fewer elements per thread):
-    NP stacked problems when ``w_h`` is [NP, G*H, H]
+    whole-sequence kernel (``forward_only``, for ``"heads"`` without ``varlen``:
+    whether the forward does; a backward no kernel takes then runs ``recurrence``'s
+    step loop of problems, e.g. the sLSTM's, whose backward holds fewer elements per
+    thread): NP stacked problems when ``w_h`` is [NP, G*H, H]
     (the resident class always may: its blocks never wait on each other; the
     tiled class as ``persistent.multi_problem_enabled`` says for this ``kind``
     of problems, ``"heads"`` or ``"directions"``, and for directions by default
     only where one launch pays over ``xp``'s length L: pass the real L), and
     with ``varlen`` per-row lengths / reversed problems. Cached as ``choose``."""
+    if forward_only and (kind != "heads" or varlen):
+        raise ValueError("forward_only: heads without lengths only (a backward kernel is needed otherwise)")
     if not P.cuda_available():
         return False
     return _accepts(cell_name, Operand(tuple(xp.shape), xp.dtype, xp.ndim),
-                    Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), kind, P.device_limits(),
-                    id(SELECTION), _env_key())
+                    Operand(tuple(w_h.shape), w_h.dtype, w_h.ndim), bool(varlen), kind, bool(forward_only),
+                    P.device_limits(), id(SELECTION), _env_key())
 
 
 @functools.lru_cache(maxsize=1024)
-def _accepts(cell_name, xp, w_h, varlen, kind, limits, selection, env):
+def _accepts(cell_name, xp, w_h, varlen, kind, forward_only, limits, selection, env):
     problems_env = env[-1]  # MLX_FASTRNN_PERSISTENT_PROBLEMS (str or bytes, or None)
-    for direction in ("forward",) if kind == "heads" and not varlen else ("forward", "backward"):
+    for direction in ("forward",) if forward_only else ("forward", "backward"):
         klass, _ = _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env)
         if klass is None:
             return False

@@ -33,18 +33,30 @@ def block_diagonal(r):
 
 def _launches(steps, xp, gates, heads, dim):
     """The head ranges ``[(lo, hi), ...]`` that each run as one launch of
-    problems on the whole-sequence kernels, or ``None`` where they do not."""
+    problems on the whole-sequence kernels, or ``None`` where they do not.
+
+    First launches whose forward and backward both run on the kernels: all heads,
+    else the two halves. Else all heads in one launch whose forward alone does (its
+    backward: the step loop of problems), never two such: each launch's backward
+    would then be a step loop of its own, twice the per-step cost of one (the sLSTM,
+    16 heads of 256 at B = 64 on the H200, 2026-12-04: two forward-only launches
+    took 426 ms forward+backward against 264 on the step loop both ways; 16 heads of
+    128 in one forward-only launch 135 ms, against 40 in two launches with both
+    kernels)."""
     length, batch, _ = xp.shape
 
-    def takes(n):
+    def takes(n, forward_only=False):
         return steps.accepts(Operand((length, n * batch, gates * dim), xp.dtype, 3),
-                             Operand((n, gates * dim, dim), mx.float32, 3), kind="heads")
+                             Operand((n, gates * dim, dim), mx.float32, 3), kind="heads",
+                             **({"forward_only": True} if forward_only else {}))
 
     if takes(heads):
         return [(0, heads)]
     half = (heads + 1) // 2
     if takes(half) and takes(heads - half):
         return [(0, half), (half, heads)]
+    if takes(heads, forward_only=True):
+        return [(0, heads)]
     return None
 
 
