@@ -3,6 +3,8 @@ pure Python, the exact kernel sources run by the CPU emulator against the cells'
 reference steps (skipped without a C++20 compiler), NVRTC compiles (skipped
 unless MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS are set)."""
 
+import dataclasses
+
 import pytest
 
 import mlx.core as mx
@@ -239,3 +241,75 @@ def test_nvrtc_compiles_the_k_split_without_spills(cell, ksp, direction):
         ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
         assert ok, log[-4000:]
         assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+
+
+# (cell, L, B, H, x dtype, zero initial state, rows per block, threads per unit): KSP
+# dividing K/4 and not (a thread with one chunk fewer), H not a multiple of 4
+W_REGISTER_CASES = [
+    ("lstm", 4, 3, 20, mx.float32, False, None, 2),
+    ("gru", 3, 2, 17, mx.float32, True, 2, 4),
+    ("rnn_tanh", 3, 5, 24, mx.float32, False, 2, 1),
+    ("slstm", 3, 2, 12, mx.bfloat16, False, None, 4),
+    ("lstm", 5, 4, 9, mx.float16, True, 2, 2),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", W_REGISTER_CASES, ids=lambda c: f"{c[0]}-B{c[2]}-H{c[3]}-{c[4]}-ksp{c[7]}")
+def test_emulated_resident_w_in_registers(case, monkeypatch):
+    """``WREG``: each thread's share of W_h in registers, forward and backward: the
+    same results as the reference, plain and with lengths / a reversed second
+    problem."""
+    cell, L, B, H, xdt, zero, rows, ksp = case
+    monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "1")
+
+    def plans(problems):
+        pf, pb = (R.with_registers(R.plan(d, cell, H, B, SMALL, xdt, problems, rows, ksp=ksp), SMALL)
+                  for d in ("forward", "backward"))
+        assert pf.WREG and pb.WREG
+        return pf, pb
+
+    _check_plans(cell, L, B, H, xdt, zero, *plans(1))
+    lens = [max(1, (3 * r) % (L + 1)) for r in range(2 * B)]
+    _check_varlen_plans(cell, L, B, H, xdt, zero, lens, 0b10, 2, *plans(2))
+
+
+def test_w_registers_only_where_switched_on_and_they_fit(monkeypatch):
+    """``with_registers``: off unless ``MLX_FASTRNN_RESIDENT_WREG`` is on; then only
+    where the thread's share (G*4 per forward chunk of H, 4 per backward chunk of
+    G*H, every KSP-th chunk) fits ``WREG_MAX_FLOATS`` and the register file."""
+    small = R.plan("forward", "lstm", 16, 4, H100, ksp=1)  # 4 chunks x 4 gates x 4 = 64 floats
+    monkeypatch.delenv("MLX_FASTRNN_RESIDENT_WREG", raising=False)
+    assert not R.with_registers(small, H100).WREG
+    monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "1")
+    assert R.register_floats(small) == 64 and R.with_registers(small, H100).WREG
+    big = R.plan("forward", "lstm", 64, 4, H100, ksp=1)  # 16 chunks x 16 = 256
+    assert R.register_floats(big) == 256 and not R.with_registers(big, H100).WREG
+    assert R.with_registers(R.plan("forward", "lstm", 64, 4, H100, ksp=2), H100).WREG  # 128
+    back = R.plan("backward", "lstm", 32, 4, H100, ksp=4)  # K = 128: 32 chunks / 4 x 4 = 32
+    assert R.register_floats(back) == 32 and R.with_registers(back, H100).WREG
+    # registers per thread: 64 K of the file over TPB (here 64), the share and the rest within
+    crowded = dataclasses.replace(small, TPB=1024)
+    assert not R.with_registers(crowded, H100).WREG
+    assert R.with_registers(dataclasses.replace(back, TPB=1024), H100).WREG is False  # 32 + 112 > 64
+    monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "0")
+    assert not R.with_registers(small, H100).WREG
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_w_in_registers_without_spills(cell, direction, monkeypatch):
+    monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "1")
+    compiled = 0
+    for (B, H), xdt, ksp in (((1, 64), mx.float32, 4), ((8, 64), mx.float32, 2), ((64, 32), mx.bfloat16, 4),
+                             ((16, 16), mx.float32, 1), ((8, 128), mx.float32, 2), ((64, 64), mx.bfloat16, 2)):
+        p = R.with_registers(R.plan(direction, cell, H, B, H100, xdt, ksp=ksp), H100)
+        if p is None or not p.WREG:
+            continue
+        spec = R.kernel_spec(p, xdt, True)
+        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
+        assert ok, log[-4000:]
+        assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+        compiled += 1
+    assert compiled >= 2

@@ -22,7 +22,7 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1):
+def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1, wreg=False):
     parts = [ref.problem(cell, L, B, H, xdt, seed=3 + k) for k in range(problems)]
     if zero:
         parts = [(x, w, tuple(mx.zeros_like(s) for s in s0), q) for x, w, s0, q in parts]
@@ -37,6 +37,9 @@ def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1):
         pf = R.plan("forward", cell, H, B, limits, xdt, problems, pf.BB, pf.RPT, ksp=ksp)
         pb = R.plan("backward", cell, H, B, limits, xdt, problems, pb.BB, pb.RPT, ksp=ksp)
     assert pf is not None and pb is not None and pf.NP == problems and pf.KSP == pb.KSP == ksp
+    if wreg:  # each thread's share of W_h in registers
+        pf, pb = (R.with_registers(p, P.device_limits()) for p in (pf, pb))
+        assert pf.WREG and pb.WREG
     got = R.run_forward(pf, xp, w, s0, params, zero)
     mx.eval(got)
     need = not zero
@@ -77,6 +80,16 @@ def test_resident_k_split_parity(cell, ksp):
     and two problems, against the CPU reference."""
     _check(cell, 20, 3, 40, mx.float32, False, ksp=ksp)
     _check(cell, 7, 2, 24, mx.bfloat16, True, problems=2, ksp=ksp)
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+def test_resident_w_in_registers_parity(cell, monkeypatch):
+    """``WREG`` (each thread's share of W_h in registers), forward and backward,
+    plain and two problems, one thread per unit and K-splits, against the CPU."""
+    monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "1")
+    _check(cell, 20, 3, 16, mx.float32, False, wreg=True)
+    _check(cell, 30, 8, 64, mx.float32, False, ksp=4, wreg=True)
+    _check(cell, 7, 2, 24, mx.bfloat16, True, problems=2, ksp=2, wreg=True)
 
 
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)

@@ -61,7 +61,7 @@ class Operand(NamedTuple):
 # Everything besides the operands' shapes and dtypes that a class choice depends on.
 _ENV = ("MLX_FASTRNN_KERNEL_CLASS", "MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM",
         "MLX_FASTRNN_PERSISTENT_BLOCKS", "MLX_FASTRNN_PERSISTENT_STREAMED", "MLX_FASTRNN_PERSISTENT_COLSPLIT",
-        "MLX_FASTRNN_PERSISTENT_MMA", "MLX_ENABLE_TF32")
+        "MLX_FASTRNN_PERSISTENT_MMA", "MLX_ENABLE_TF32", "MLX_FASTRNN_RESIDENT_WREG")
 
 
 # os.environ's own mapping and the encoded names, read directly for the cache keys:
@@ -94,6 +94,11 @@ def choose(direction, cell_name, xp, w_h, varlen=False):
 
 @functools.lru_cache(maxsize=1024)
 def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
+    klass, p = _choose_plan(direction, cell_name, xp, w_h, varlen, limits)
+    return klass, (R.with_registers(p, limits) if klass == "resident" else p)
+
+
+def _choose_plan(direction, cell_name, xp, w_h, varlen, limits):
     dims = P._check_common(cell_name, xp, w_h)
     if dims is None:
         return None, None

@@ -25,6 +25,7 @@ The cell math is the cell's own device code (``POINT`` in its
 moves data. Same driver contract and outputs as :mod:`.persistent`.
 """
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -61,6 +62,10 @@ class ResidentPlan:
     # summed by warp shuffles): KSP times the warps, 1/KSP of each thread's
     # serial FMA chain. 1 (one thread per unit) unless the measured table asks.
     KSP: int = 1
+    # The thread's share of W_h held in registers for the whole sequence (read once
+    # from the shared copy): the step's projection then loads only its operand.
+    # Where ``with_registers`` allows it.
+    WREG: bool = False
 
     @property
     def nblocks(self):
@@ -163,6 +168,35 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
     return best
 
 
+# The registers a thread may give its share of W_h (``WREG``), and what its other live
+# values take besides (NVRTC 13.0, sm_90, the resident kernels without WREG: 38-48
+# registers forward, 93-95 backward; with a 128-float share 166 / 238, no spills;
+# 256 floats spilled 148-548 bytes): together within 255 per thread and the SM's
+# register file at one block per SM (a resident block runs alone on its SM).
+WREG_MAX_FLOATS = 128
+WREG_OTHER_REGS = {"forward": 48, "backward": 112}
+
+
+def register_floats(p):
+    """The floats of W_h one thread of plan ``p`` holds under ``WREG``: G*4 per float4
+    chunk of the forward's K = H, 4 per chunk of the backward's K = G*H; its chunks
+    are every KSP-th."""
+    chunks = -(-_round(p.K, 4) // 4 // p.KSP)
+    return chunks * 4 * (p.G if p.direction == "forward" else 1)
+
+
+def with_registers(p, limits):
+    """``p`` with ``WREG`` where ``MLX_FASTRNN_RESIDENT_WREG`` is on (off by default:
+    not yet measured) and the thread's share fits :data:`WREG_MAX_FLOATS` and the
+    register file, else ``p``."""
+    if p is None or P._env_switch("MLX_FASTRNN_RESIDENT_WREG") is not True:
+        return p
+    n = register_floats(p)
+    if n > WREG_MAX_FLOATS or n + WREG_OTHER_REGS[p.direction] > min(255, limits.regs_per_sm // p.TPB):
+        return p
+    return dataclasses.replace(p, WREG=True)
+
+
 # --------------------------------------------------------------------------- bodies
 
 
@@ -218,7 +252,8 @@ def forward_body(cell, varlen=False):
   constexpr int GHP = GH + 1 - GH % 2;  // transposed_stride()
   constexpr int HP = TPB / (RS * KSP);
   constexpr int KS = (H + 3) / 4 * 4;
-""" + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  float* hb;  // [2][BB][KS]: h_{t-1} and h_t
+""" + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  constexpr int WNCH = WREG ? (KS / 4 + KSP - 1) / KSP : 1;  // the thread's chunks of K (WREG)
+  float* hb;  // [2][BB][KS]: h_{t-1} and h_t
   WT* Wt;     // [KS][GHP]: W_h transposed, rows k >= H zero
   frnn::resident_carve<2 * BB * KS>(hb, Wt);
   frnn::load_w_transposed<GH, GHP, H, KS, TPB>(Wt, w + (long long)prob * GH * H);
@@ -247,6 +282,10 @@ def forward_body(cell, varlen=False):
     }
   }
   __syncthreads();
+  float wr[WNCH][G][4];  // WREG: the thread's share of W_h (else unused)
+  if (WREG) {
+    frnn::resident_w_registers<WNCH, KS, GHP, H, G, KSP, WT>(Wt, j, ks, wr);
+  }
 
   for (int t = 0; t < L; ++t) {
     const float* hcur = hb + (t & 1) * BB * KS;
@@ -269,7 +308,11 @@ def forward_body(cell, varlen=False):
       }
     }
     if (!(H0Z && t == 0) && j < H) {
-      frnn::resident_project<KS, GHP, H, G, RPT, RS, BB, KSP, WT>(hcur, Wt, j, rs, ks, a);
+      if (WREG) {
+        frnn::resident_project_registers<WNCH, KS, G, RPT, RS, BB, KSP>(hcur, wr, rs, ks, a);
+      } else {
+        frnn::resident_project<KS, GHP, H, G, RPT, RS, BB, KSP, WT>(hcur, Wt, j, rs, ks, a);
+      }
     }
     if (KSP > 1 && !(H0Z && t == 0)) {  // every lane: a unit's KSP partial sums are adjacent lanes
 #pragma unroll
@@ -327,7 +370,8 @@ def backward_body(cell, varlen=False):
   constexpr int HP = TPB / (RS * KSP);
   constexpr int KS = (GH + 3) / 4 * 4;
   constexpr int STOP = NEED_D0 ? -1 : 0;
-""" + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  float* db;  // [2][BB][KS]: dhp_{s+1} and dhp_s
+""" + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  constexpr int WNCH = WREG ? (KS / 4 + KSP - 1) / KSP : 1;  // the thread's chunks of K (WREG)
+  float* db;  // [2][BB][KS]: dhp_{s+1} and dhp_s
   WT* Wn;     // [KS][H]: W_h as it is, rows m >= GH zero
   frnn::resident_carve<2 * BB * KS>(db, Wn);
   frnn::load_w_natural<GH, H, KS, TPB>(Wn, w + (long long)prob * GH * H);
@@ -366,6 +410,10 @@ def backward_body(cell, varlen=False):
     }
   }
   __syncthreads();
+  float wr[WNCH][4];  // WREG: the thread's share of W_h (else unused)
+  if (WREG) {
+    frnn::resident_w_registers_back<WNCH, KS, H, KSP, WT>(Wn, j, ks, wr);
+  }
 
   // the step's inputs are loaded one step ahead (their latency hidden behind a whole step)
   float gv[RPT][S], pv[RPT][S], hv[RPT][G], ov[RPT];
@@ -384,7 +432,11 @@ def backward_body(cell, varlen=False):
       drec[rr] = 0.0f;
     }
     if (s < L - 1 && j < H) {
-      frnn::resident_project_back<KS, H, RPT, RS, BB, KSP, WT>(dcur, Wn, j, rs, ks, drec);
+      if (WREG) {
+        frnn::resident_project_back_registers<WNCH, KS, RPT, RS, BB, KSP>(dcur, wr, rs, ks, drec);
+      } else {
+        frnn::resident_project_back<KS, H, RPT, RS, BB, KSP, WT>(dcur, Wn, j, rs, ks, drec);
+      }
     }
     if (KSP > 1 && s < L - 1) {  // every lane: a unit's KSP partial sums are adjacent lanes
 #pragma unroll
@@ -477,7 +529,7 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False):
         ("T", x_dtype),
         ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
-        ("NP", p.NP), ("KSP", p.KSP),
+        ("NP", p.NP), ("KSP", p.KSP), ("WREG", bool(p.WREG)),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),

@@ -139,6 +139,110 @@ __device__ __forceinline__ void resident_project_back(const float* dh, const WT*
   }
 }
 
+// WREG plans: the thread's share of W_h in registers, read once from the shared copy
+// after the prologue. Per float4 chunk of K the shared versions above issue 4*G
+// (forward) or 4 (backward) loads of W besides the RPT loads of the operand; these
+// only the operand's, for the same FMAs (the step is issue-bound at small H).
+// Forward: w[i][g][q] = Wt[k+q][g*H + j] for the chunks k = 4*(ks + KSP*i), zero
+// past KS (a thread with fewer chunks) and for j >= H.
+template <int NCH, int KS, int GHP, int H, int G, int KSP, typename WT>
+__device__ __forceinline__ void resident_w_registers(const WT* Wt, int j, int ks, float (&w)[NCH][G][4]) {
+#pragma unroll
+  for (int i = 0; i < NCH; ++i) {
+    const int k = 4 * (ks + KSP * i);
+    const bool in = k < KS && j < H;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        w[i][g][q] = in ? to_f(Wt[(k + q) * GHP + g * H + j]) : 0.0f;
+      }
+    }
+  }
+}
+
+// resident_project with w from resident_w_registers.
+template <int NCH, int KS, int G, int RPT, int RS, int BB, int KSP>
+__device__ __forceinline__ void resident_project_registers(const float* h, const float (&w)[NCH][G][4], int rs,
+                                                           int ks, float (&a)[RPT][G]) {
+  const float* hrow[RPT];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    hrow[rr] = h + imin(rs + rr * RS, BB - 1) * KS;
+  }
+#pragma unroll
+  for (int i = 0; i < NCH; ++i) {
+    const int k = 4 * (ks + KSP * i);
+    // every thread has NCH chunks where KSP divides KS/4 (no test then); else the
+    // last one only some (k < KS: never a read past the row)
+    if ((KS / 4) % KSP == 0 || k < KS) {
+      float4 hv[RPT];
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) {
+        hv[rr] = *reinterpret_cast<const float4*>(hrow[rr] + k);
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int rr = 0; rr < RPT; ++rr) {
+          float v = a[rr][g];
+          v = fmaf(hv[rr].x, w[i][g][0], v);
+          v = fmaf(hv[rr].y, w[i][g][1], v);
+          v = fmaf(hv[rr].z, w[i][g][2], v);
+          a[rr][g] = fmaf(hv[rr].w, w[i][g][3], v);
+        }
+      }
+    }
+  }
+}
+
+// Backward: w[i][q] = Wn[m+q][j] for the chunks m = 4*(ks + KSP*i) (Wn's rows past
+// G*H are zero; chunks past KS and j >= H are zero here).
+template <int NCH, int KS, int H, int KSP, typename WT>
+__device__ __forceinline__ void resident_w_registers_back(const WT* Wn, int j, int ks, float (&w)[NCH][4]) {
+#pragma unroll
+  for (int i = 0; i < NCH; ++i) {
+    const int m = 4 * (ks + KSP * i);
+    const bool in = m < KS && j < H;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      w[i][q] = in ? to_f(Wn[(m + q) * H + j]) : 0.0f;
+    }
+  }
+}
+
+// resident_project_back with w from resident_w_registers_back.
+template <int NCH, int KS, int RPT, int RS, int BB, int KSP>
+__device__ __forceinline__ void resident_project_back_registers(const float* dh, const float (&w)[NCH][4], int rs,
+                                                                int ks, float (&d)[RPT]) {
+  const float* drow[RPT];
+  float acc[RPT][2];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    drow[rr] = dh + imin(rs + rr * RS, BB - 1) * KS;
+    acc[rr][0] = 0.0f;
+    acc[rr][1] = 0.0f;
+  }
+#pragma unroll
+  for (int i = 0; i < NCH; ++i) {
+    const int m = 4 * (ks + KSP * i);
+    if ((KS / 4) % KSP == 0 || m < KS) {
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) {
+        const float4 v = *reinterpret_cast<const float4*>(drow[rr] + m);
+        acc[rr][0] = fmaf(v.x, w[i][0], acc[rr][0]);
+        acc[rr][1] = fmaf(v.y, w[i][1], acc[rr][1]);
+        acc[rr][0] = fmaf(v.z, w[i][2], acc[rr][0]);
+        acc[rr][1] = fmaf(v.w, w[i][3], acc[rr][1]);
+      }
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    d[rr] = acc[rr][0] + acc[rr][1];
+  }
+}
+
 } // namespace frnn
 #endif // FRNN_RESIDENT_HEADER
 """
