@@ -54,7 +54,8 @@ def resident_candidates(direction, cell, H, B, limits, dtype, k_splits=(1,)):
         if bb > B and bb != 1:
             continue
         for ksp in k_splits:
-            p = R.plan(direction, cell, H, B, limits, dtype, 1, bb, rpt, ksp=ksp)
+            # as it runs: W_h in registers where it fits (``R.with_registers``)
+            p = R.with_registers(R.plan(direction, cell, H, B, limits, dtype, 1, bb, rpt, ksp=ksp), limits)
             if p is not None:
                 out.setdefault((p.BB, p.RPT, p.RS, p.KSP), p)
     return list(out.values())

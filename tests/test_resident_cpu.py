@@ -275,12 +275,13 @@ def test_emulated_resident_w_in_registers(case, monkeypatch):
 
 
 def test_w_registers_only_where_switched_on_and_they_fit(monkeypatch):
-    """``with_registers``: off unless ``MLX_FASTRNN_RESIDENT_WREG`` is on; then only
-    where the thread's share (G*4 per forward chunk of H, 4 per backward chunk of
-    G*H, every KSP-th chunk) fits ``WREG_MAX_FLOATS`` and the register file."""
+    """``with_registers``: where the thread's share (G*4 per forward chunk of H, 4 per
+    backward chunk of G*H, every KSP-th chunk) fits ``WREG_MAX_FLOATS`` and the
+    register file, by default and with ``MLX_FASTRNN_RESIDENT_WREG=1``; never with
+    ``=0``."""
     small = R.plan("forward", "lstm", 16, 4, H100, ksp=1)  # 4 chunks x 4 gates x 4 = 64 floats
     monkeypatch.delenv("MLX_FASTRNN_RESIDENT_WREG", raising=False)
-    assert not R.with_registers(small, H100).WREG
+    assert not small.WREG and R.with_registers(small, H100).WREG
     monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "1")
     assert R.register_floats(small) == 64 and R.with_registers(small, H100).WREG
     big = R.plan("forward", "lstm", 64, 4, H100, ksp=1)  # 16 chunks x 16 = 256
