@@ -44,13 +44,13 @@ T_PTL_F32=${T_PTL_F32:-240}    # pytorch_layers_bench.py: 36 configs per dtype o
 T_PTL_BF16=${T_PTL_BF16:-240}
 T_PTL_TORCH=${T_PTL_TORCH:-120}
 T_CLASSES=${T_CLASSES:-200}   # classes stage (after the tests in tests_classes)
-T_CLASSES_ALL=${T_CLASSES_ALL:-400}  # each tuning process, compile + wait + timing (the K-splits, 2026-12-03, add ~2x resident forward/backward candidates: untimed)
+T_CLASSES_ALL=${T_CLASSES_ALL:-560}  # each tuning process, compile + wait + timing (2026-12-04, with the K-splits, beside the GPU suite: 400 s left the RNN's processes unfinished)
 T_SWEEP=${T_SWEEP:-300}
 T_AB=${T_AB:-300}
 AB_ENV=${AB_ENV:-MLX_FASTRNN_PERSISTENT_MMA}
 AB_VALUES=${AB_VALUES:-",0"}
 AB_LAYERS=${AB_LAYERS:-"LSTM:128x200x512:float32,LSTM:16x1024x512:float32,GRU:64x256x256:bfloat16,GRU:256x50x256:float32,LSTM:32x40x200:float32"}
-AB_FLASHRNN=${AB_FLASHRNN:-"lstm:64x256:4x256:bfloat16,lstm:64x256:16x128:bfloat16,slstm:64x256:4x256:bfloat16,lstm:16x1024:4x128:float32"}
+AB_FLASHRNN=${AB_FLASHRNN-"lstm:64x256:4x256:bfloat16,lstm:64x256:16x128:bfloat16,slstm:64x256:4x256:bfloat16,lstm:16x1024:4x128:float32"}
 T_FLASHRNN=${T_FLASHRNN:-300}
 T_FLASHRNN_BUILD=${T_FLASHRNN_BUILD:-240}
 # the FlashRNN grid of the flashrnn / flashrnn_torch stages (flashrnn_bench.py's options)
