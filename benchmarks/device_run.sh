@@ -172,6 +172,8 @@ for s in $STAGES; do
                python3 -c "$CONCAT_JSON" "$OUT/flashrnn_builds.json" /tmp/frnn_build.*.json
              stage flashrnn_torch "$T_FLASHRNN" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/flashrnn_torch.py \
              $FLASHRNN_GRID --backends cuda --budget "$BUDGET" --json /tmp/frnn_cuda.json
+             # into $OUT at once: a call that runs out of time during the next stage keeps these
+             [[ -f /tmp/frnn_cuda.json ]] && python3 -c "$CONCAT_JSON" "$OUT/flashrnn_torch.json" /tmp/frnn_cuda.json
              stage flashrnn_triton "$T_FLASHRNN" env PYTHONPATH="$TORCH_PYTHONPATH" python3 benchmarks/flashrnn_torch.py \
              $FLASHRNN_GRID --backends triton_fused --dims "${FLASHRNN_TRITON_DIMS:-64}" --budget "$BUDGET" \
              --json /tmp/frnn_triton.json
