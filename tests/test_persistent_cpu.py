@@ -429,6 +429,27 @@ def test_emulated_slstm_forward_takes_four_elements_per_thread():
     assert P.plan("backward", "lstm", H, B, limits, tpb=32).EPT > 2  # the LSTM's backward takes four
 
 
+@needs_cxx
+def test_emulated_slstm_backward_ept_fallback(monkeypatch):
+    """``MLX_FASTRNN_PERSISTENT_EPT_FALLBACK=1``: where no backward plan holds the sLSTM's
+    two elements per thread, ``select`` takes one of up to four (``gpu.MAX_EPT``) instead
+    of declining (the step loop); it runs in the emulator to the reference. Off (the
+    default) it declines; a shape the cell's own bound takes keeps that plan."""
+    limits = P.Limits(num_sms=2, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
+    cell, L, B, H = "slstm", 3, 10, 16
+    xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    assert P.select("backward", cell, xp, w_h, limits, 32) is None
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", "1")
+    pb = P.select("backward", cell, xp, w_h, limits, 32)
+    assert pb is not None and pb.EPT > 2
+    small = ref.problem(cell, L, 2, H)
+    assert P.select("backward", cell, small[0], small[1], limits, 32) == P.plan("backward", cell, H, 2, limits,
+                                                                                 tpb=32)
+    expected = ref.forward(cell, xp, w_h, s0, params, False)
+    ran, _ = _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, limits, plan=pb)
+    assert ran == pb
+
+
 # --------------------------------------------------------------------------- NVRTC
 
 @pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
@@ -476,6 +497,17 @@ def test_nvrtc_forward_four_elements_per_thread(cell, xdt, cc_major):
     if cell == "slstm":
         assert P.plan("backward", cell, 256, 64, limits, x_dtype=xdt, problems=8) is None
     _assert_compiles(p, xdt, allowed=32)
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16])
+def test_nvrtc_slstm_backward_ept_fallback_compiles(xdt):
+    """The sLSTM backward at four elements per thread (``ept_fallback_enabled``: 8 heads
+    of 256 at B = 64 on the H100/H200, half of `flashrnn`'s 16) compiles within 128
+    registers; it spills (NVRTC 13.0: 132-396 bytes measured), bounded here at 512."""
+    p = P.plan("backward", "slstm", 256, 64, H100, x_dtype=xdt, problems=8, ept=4)
+    assert p is not None and p.EPT == 4
+    _assert_compiles(p, xdt, allowed=512)
 
 
 def _assert_compiles(p, xdt, lens=False, rev=0, interleaved=False, allowed=None):

@@ -61,7 +61,8 @@ class Operand(NamedTuple):
 # Everything besides the operands' shapes and dtypes that a class choice depends on.
 _ENV = ("MLX_FASTRNN_KERNEL_CLASS", "MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM",
         "MLX_FASTRNN_PERSISTENT_BLOCKS", "MLX_FASTRNN_PERSISTENT_STREAMED", "MLX_FASTRNN_PERSISTENT_COLSPLIT",
-        "MLX_FASTRNN_PERSISTENT_MMA", "MLX_ENABLE_TF32", "MLX_FASTRNN_RESIDENT_WREG")
+        "MLX_FASTRNN_PERSISTENT_MMA", "MLX_ENABLE_TF32", "MLX_FASTRNN_RESIDENT_WREG",
+        "MLX_FASTRNN_PERSISTENT_EPT_FALLBACK")
 
 
 # os.environ's own mapping and the encoded names, read directly for the cache keys:

@@ -39,6 +39,7 @@ import mlx.core as mx
 from .cuda_source import KernelSpec, launch, source_digest
 from .gpu import (  # noqa: F401 - the kernels' names stay importable from here
     CELLS,
+    MAX_EPT,
     Limits,
     _env_switch,
     cell_module,
@@ -216,6 +217,8 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     if limits is None:
         limits = device_limits()
     p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights=weights, problems=NP)
+    if p is None and weights == "auto" and ept_fallback_enabled():
+        p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, problems=NP, ept=MAX_EPT)
     if p is None and weights == "auto":
         mode = streamed_mode()
         g = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights="global",
@@ -225,6 +228,16 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     if p is None or p.nblocks > limits.num_sms or p.NU * (L + 1) >= 2**31:
         return None
     return p
+
+
+def ept_fallback_enabled():
+    """Whether a launch no plan takes within its cell's elements-per-thread bound (the
+    sLSTM's backward: two) may run a plan of up to ``gpu.MAX_EPT`` (four) instead of
+    the step loop (``MLX_FASTRNN_PERSISTENT_EPT_FALLBACK=1``; off by default). Such a
+    kernel spills registers (the sLSTM backward at four: 132-396 bytes, NVRTC 13.0);
+    the step loop it replaces took ~345 us a step (16 sLSTM heads of 256 at B = 64,
+    H200, 2026-12-04). Not timed yet: an A/B decides the default."""
+    return _env_switch("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK") is True
 
 
 # A streamed W_h (``Plan.w_global``) re-reads the whole W_h from L2 (or memory) every

@@ -146,7 +146,7 @@ def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes, w_glob
 
 
 def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None,
-         problems=1, mma=None):
+         problems=1, mma=None, ept=None):
     """The cheapest feasible split for one launch, or ``None``.
 
     ``None`` when nothing fits: the W_h slice of the smallest unit split (or
@@ -164,7 +164,8 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     before compute capability 8 (or an unknown one: ``Limits.cc_major``), and none for
     a float16 backward: its cotangents (the rounded operand) can lie far below
     float16's range (1e-7 is common without loss scaling), where bfloat16 and tf32
-    keep float32's.
+    keep float32's. ``ept``: the most cell elements per thread instead of the cell's
+    own bound for this direction (``CellSpec.max_ept`` / ``max_ept_backward``).
     """
     if mma is None:
         mma = mma_kind(x_dtype) if weights in ("auto", "mma") else MMA_NONE
@@ -174,7 +175,7 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
                  _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
-                 column_splits_enabled(), int(mma))
+                 column_splits_enabled(), int(mma), ept)
 
 
 def column_splits_enabled():
@@ -185,7 +186,7 @@ def column_splits_enabled():
 
 @functools.lru_cache(maxsize=256)
 def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit,
-          mma=MMA_NONE):
+          mma=MMA_NONE, ept=None):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -219,7 +220,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         if N > MAX_N:
             continue
         EPT = -(-(BB * U) // tpb)
-        if EPT > (CELLS[cell].max_ept if direction == "forward" else CELLS[cell].max_ept_backward):
+        if EPT > (ept or (CELLS[cell].max_ept if direction == "forward" else CELLS[cell].max_ept_backward)):
             continue
         if mma and not glob:
             p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma)
