@@ -274,11 +274,34 @@ def test_emulated_resident_w_in_registers(case, monkeypatch):
     _check_varlen_plans(cell, L, B, H, xdt, zero, lens, 0b10, 2, *plans(2))
 
 
+@needs_cxx
+@pytest.mark.parametrize("cell,H,ksp,xdt", [("lstm", 20, 2, mx.float32), ("gru", 17, 4, mx.bfloat16),
+                                          ("slstm", 12, 8, mx.float32), ("rnn_tanh", 24, 1, mx.float16)])
+def test_emulated_w_in_registers_is_bit_identical(cell, H, ksp, xdt):
+    """The register and shared-memory projections take the same chunks in the same
+    order: the emulated outputs and cotangents are bit for bit the same."""
+    L, B = 4, 3
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    d_outs = ref.cotangents(cell, L, B, H)
+    runs = []
+    for wreg in (False, True):
+        pf, pb = (dataclasses.replace(R.plan(d, cell, H, B, SMALL, xdt, 1, ksp=ksp), WREG=wreg)
+                  for d in ("forward", "backward"))
+        got, _ = emu.resident_forward(cell, xp, w_h, s0, params, False, SMALL, plan=pf)
+        seqs, hp = got[:-1], got[-1]
+        back, _ = emu.resident_backward(cell, d_outs, xp, hp, ref.prevs_of(s0, seqs), params, w_h, True,
+                                        SMALL, plan=pb)
+        runs.append([*got, back[0], back[1], *back[2]])
+    for a, b in zip(*runs):
+        assert mx.array_equal(a, b).item()
+
+
 def test_w_registers_only_where_switched_on_and_they_fit(monkeypatch):
     """``with_registers``: where the thread's share (G*4 per forward chunk of H, 4 per
-    backward chunk of G*H, every KSP-th chunk) fits ``WREG_MAX_FLOATS`` and the
-    register file, by default and with ``MLX_FASTRNN_RESIDENT_WREG=1``; never with
-    ``=0``."""
+    backward chunk of G*H, every KSP-th chunk) fits ``WREG_MAX_FLOATS``, the block has
+    at most ``WREG_MAX_TPB`` threads and ``register_estimate`` (the share and the
+    kernel's other registers, more with more rows a thread) fits 255 and the register
+    file; by default and with ``MLX_FASTRNN_RESIDENT_WREG=1``, never with ``=0``."""
     small = R.plan("forward", "lstm", 16, 4, H100, ksp=1)  # 4 chunks x 4 gates x 4 = 64 floats
     monkeypatch.delenv("MLX_FASTRNN_RESIDENT_WREG", raising=False)
     assert not small.WREG and R.with_registers(small, H100).WREG
@@ -292,7 +315,14 @@ def test_w_registers_only_where_switched_on_and_they_fit(monkeypatch):
     # registers per thread: 64 K of the file over TPB (here 64), the share and the rest within
     crowded = dataclasses.replace(small, TPB=1024)
     assert not R.with_registers(crowded, H100).WREG
-    assert R.with_registers(dataclasses.replace(back, TPB=1024), H100).WREG is False  # 32 + 112 > 64
+    assert not R.with_registers(dataclasses.replace(back, TPB=512), H100).WREG  # more than WREG_MAX_TPB
+    # four rows a thread: the RNN's 96 floats at 384 threads (178 registers measured)
+    rows4 = R.plan("forward", "rnn_tanh", 96, 16, H100, mx.float32, 1, 16, 4)
+    assert rows4.RPT == 4 and rows4.TPB == 384 and not R.with_registers(rows4, H100).WREG
+    assert R.register_estimate(rows4) > R.register_estimate(dataclasses.replace(rows4, RPT=1))
+    lstm4 = R.plan("backward", "lstm", 64, 16, H100, mx.float32, 1, 4, 4, ksp=2)  # 128 floats, 4 rows
+    assert lstm4.TPB <= R.WREG_MAX_TPB and R.register_estimate(lstm4) > 255
+    assert not R.with_registers(lstm4, H100).WREG
     monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "0")
     assert not R.with_registers(small, H100).WREG
 
@@ -312,5 +342,26 @@ def test_nvrtc_compiles_w_in_registers_without_spills(cell, direction, monkeypat
         ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
         assert ok, log[-4000:]
         assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+        assert regs <= R.register_estimate(p) and _launchable(regs, p.TPB), (regs, p)
         compiled += 1
     assert compiled >= 2
+
+
+def _launchable(regs, tpb):
+    """Registers (allocated 8 a thread at a time) times threads within the SM's file."""
+    return -(-regs // 8) * 8 * tpb <= H100.regs_per_sm
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ["lstm", "slstm", "gru"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_large_blocks_stay_launchable(cell, direction):
+    """``__launch_bounds__(TPB, 1)``: four rows a thread in blocks of 512-1024 threads
+    (without the bound 128-206 registers a thread: a block the GPU would refuse) are
+    compiled within the registers the block may take."""
+    for rows, ksp in ((16, 2), (16, 4)):
+        p = R.plan(direction, cell, 64, 16, H100, mx.float32, 1, rows, 4, ksp=ksp)
+        assert p is not None and p.RPT == 4 and p.TPB >= 512
+        ok, log, (regs, *_) = emu.compile_spec(R.kernel_spec(p, mx.float32, True), mx.float32, p.w_bf16)
+        assert ok, log[-4000:]
+        assert _launchable(regs, p.TPB), (regs, p)

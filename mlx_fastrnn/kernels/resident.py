@@ -41,9 +41,11 @@ from .resident_plan import (  # noqa: F401 - the planner's names stay importable
     ROWS_PER_BLOCK,
     ROWS_PER_THREAD,
     WREG_MAX_FLOATS,
+    WREG_MAX_TPB,
     WREG_OTHER_REGS,
     ResidentPlan,
     plan,
+    register_estimate,
     register_floats,
     smem_bytes,
     transposed_stride,
@@ -364,9 +366,15 @@ def backward_body(cell, varlen=False):
 
 
 @functools.lru_cache(maxsize=None)
-def header_for(cell):
-    """The kernel header: the shared device code, this class's, the cell's point functions."""
-    return HEADER + RESIDENT_HEADER + P.cell_module(cell).POINT
+def header_for(cell, tpb):
+    """The kernel header: the shared device code, this class's, the cell's point
+    functions, and ``__launch_bounds__(tpb, 1)`` for the kernel that follows (the
+    tiled class's trick, ``persistent.LAUNCH_BOUNDS``, with the plan's block size):
+    ptxas then keeps a thread within the registers a block of ``tpb`` threads may
+    take. Without it, four rows a thread at 512-1024 threads compiled to 128-206
+    registers, a block the GPU refuses to launch (NVRTC 13.0, sm_90)."""
+    bounds = f"\n#undef __global__\n#define __global__ __location__(global) __launch_bounds__({tpb}, 1)\n"
+    return HEADER + RESIDENT_HEADER + P.cell_module(cell).POINT + bounds
 
 
 @functools.lru_cache(maxsize=512)
@@ -375,7 +383,7 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False):
     Cached (a launch pays a lookup)."""
     fwd = p.direction == "forward"
     varlen = bool(lens or rev or interleaved)
-    header = header_for(p.cell)
+    header = header_for(p.cell, p.TPB)
     body = forward_body(p.cell, varlen) if fwd else backward_body(p.cell, varlen)
     inputs, outputs = forward_io(p.cell, varlen) if fwd else backward_io(p.cell, varlen)
     template = (

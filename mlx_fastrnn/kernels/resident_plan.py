@@ -144,13 +144,19 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
     return best
 
 
-# The registers a thread may give its share of W_h (``WREG``), and what its other live
-# values take besides (NVRTC 13.0, sm_90, the resident kernels without WREG: 38-48
-# registers forward, 93-95 backward; with a 128-float share 166 / 238, no spills;
-# 256 floats spilled 148-548 bytes): together within 255 per thread and the SM's
-# register file at one block per SM (a resident block runs alone on its SM).
+# W_h in registers (``WREG``): at most this many floats a thread, only in blocks of at
+# most WREG_MAX_TPB threads (there any kernel of <= 255 registers a thread launches:
+# 255 * 256 <= 65536; the resident kernels are compiled with __launch_bounds__(TPB, 1),
+# so a larger block would cap the registers and spill), and only where the share plus
+# the kernel's other registers stay within 255 (an estimate: where it is short, the
+# bound makes ptxas spill, never a block that does not launch). The others, by rows per
+# thread (NVRTC 13.0, sm_90, every cell with WREG: forward 32-51 registers at one row a
+# thread, 33-63 at two, 39-119 at four; backward 28-68, 40-142, 56-202, each further
+# row 6-37 registers, most for the cells with the most gates and states), bounded: one
+# row a thread, and each further row (forward flat, backward per gate and state).
 WREG_MAX_FLOATS = 128
-WREG_OTHER_REGS = {"forward": 48, "backward": 112}
+WREG_MAX_TPB = 256
+WREG_OTHER_REGS = {"forward": (56, 24), "backward": (72, 12)}
 
 
 def register_floats(p):
@@ -161,15 +167,26 @@ def register_floats(p):
     return chunks * 4 * (p.G if p.direction == "forward" else 1)
 
 
+def register_estimate(p):
+    """The registers a thread of plan ``p`` takes under ``WREG``, from above (measured
+    ones: :data:`WREG_OTHER_REGS`)."""
+    base, per_row = WREG_OTHER_REGS[p.direction]
+    if p.direction == "backward":
+        per_row *= p.G + CELLS[p.cell].num_states
+    return register_floats(p) + base + (p.RPT - 1) * per_row
+
+
 def with_registers(p, limits):
-    """``p`` with ``WREG`` where the thread's share fits :data:`WREG_MAX_FLOATS` and the
-    register file, else ``p``; ``MLX_FASTRNN_RESIDENT_WREG=0`` turns it off. On the
-    H200 (2026-12-04, drop-in layers, alternating rounds against it off) it was faster on
-    all 24 configurations timed, 1.01-1.89x (GRU / LSTM / RNN, B 1-256, H 32-128,
-    float32 and bfloat16, forward and forward+backward; benchmarks/RESULTS.md)."""
+    """``p`` with ``WREG`` where the thread's share fits (:data:`WREG_MAX_FLOATS`, blocks
+    of at most :data:`WREG_MAX_TPB` threads, :func:`register_estimate` within 255 and
+    the register file), else ``p``; ``MLX_FASTRNN_RESIDENT_WREG=0`` turns it off. On
+    the H200 (2026-12-04, drop-in layers, alternating rounds against it off) it was
+    faster on all 24 configurations timed, 1.01-1.89x (GRU / LSTM / RNN, B 1-256,
+    H 32-128, float32 and bfloat16, forward and forward+backward, blocks of 64-256
+    threads; benchmarks/RESULTS.md)."""
     if p is None or _env_switch("MLX_FASTRNN_RESIDENT_WREG") is False:
         return p
-    n = register_floats(p)
-    if n > WREG_MAX_FLOATS or n + WREG_OTHER_REGS[p.direction] > min(255, limits.regs_per_sm // p.TPB):
+    if (register_floats(p) > WREG_MAX_FLOATS or p.TPB > WREG_MAX_TPB
+            or register_estimate(p) > min(255, limits.regs_per_sm // p.TPB)):
         return p
     return dataclasses.replace(p, WREG=True)
