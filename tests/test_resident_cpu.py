@@ -323,6 +323,8 @@ def test_w_registers_only_where_switched_on_and_they_fit(monkeypatch):
     lstm4 = R.plan("backward", "lstm", 64, 16, H100, mx.float32, 1, 4, 4, ksp=2)  # 128 floats, 4 rows
     assert lstm4.TPB <= R.WREG_MAX_TPB and R.register_estimate(lstm4) > 255
     assert not R.with_registers(lstm4, H100).WREG
+    # more blocks than SMs: none (blocks may share an SM; more registers, fewer of them)
+    assert not R.with_registers(dataclasses.replace(small, NBB=H100.num_sms + 1), H100).WREG
     monkeypatch.setenv("MLX_FASTRNN_RESIDENT_WREG", "0")
     assert not R.with_registers(small, H100).WREG
 
