@@ -233,10 +233,9 @@ def test_heads_need_only_a_forward_kernel(emulated_gpu, monkeypatch):
     problems): sLSTM heads whose forward fits the tiled grid at up to four elements
     per thread and whose backward (two at most) does not; without ``forward_only``,
     for directions and for heads with lengths both are needed. ``ops.heads._launches``
-    takes such a launch for all heads only where no launch (or two) runs both
-    directions on the kernels, and never as two forward-only launches (each backward
-    would be a step loop of its own). (One sLSTM head of 64 as a problem: its W_h fits
-    no resident block here.)"""
+    takes such launches (all heads, else the halves) only where no launch (or two)
+    runs both directions on the kernels. (One sLSTM head of 64 as a problem: its W_h
+    fits no resident block here.)"""
     from mlx_fastrnn.cells import SLSTM_CELL
     from mlx_fastrnn.ops.heads import _launches
 
@@ -260,13 +259,17 @@ def test_heads_need_only_a_forward_kernel(emulated_gpu, monkeypatch):
 
     halves = dataclasses.replace(steps, accepts=accepts)
     assert _launches(halves, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) == [(0, 2), (2, 4)]
-    # all heads forward-only, nothing with both -> one forward-only launch; halves forward-only only -> None
+    # all heads forward-only, nothing with both -> one forward-only launch; halves forward-only only ->
+    # two; not even those -> None
     fwd_only = dataclasses.replace(steps, accepts=lambda xp, w_h, varlen=False, kind="d", forward_only=False:
                                    forward_only)
     assert _launches(fwd_only, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) == [(0, 4)]
     part = dataclasses.replace(steps, accepts=lambda xp, w_h, varlen=False, kind="d", forward_only=False:
                                forward_only and w_h.shape[0] <= 2)
-    assert _launches(part, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) is None
+    assert _launches(part, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) == [(0, 2), (2, 4)]
+    small = dataclasses.replace(steps, accepts=lambda xp, w_h, varlen=False, kind="d", forward_only=False:
+                                forward_only and w_h.shape[0] <= 1)
+    assert _launches(small, C.Operand((2, 64, 4 * 4 * 8), mx.float32, 3), 4, 4, 8) is None
 
 
 def test_choice_cache_key_follows_the_environment(monkeypatch):

@@ -36,13 +36,13 @@ def _launches(steps, xp, gates, heads, dim):
     problems on the whole-sequence kernels, or ``None`` where they do not.
 
     First launches whose forward and backward both run on the kernels: all heads,
-    else the two halves. Else all heads in one launch whose forward alone does (its
-    backward: the step loop of problems), never two such: each launch's backward
-    would then be a step loop of its own, twice the per-step cost of one (the sLSTM,
-    16 heads of 256 at B = 64 on the H200, 2026-12-04: two forward-only launches
-    took 426 ms forward+backward against 264 on the step loop both ways; 16 heads of
-    128 in one forward-only launch 135 ms, against 40 in two launches with both
-    kernels)."""
+    else the two halves (16 sLSTM heads of 128 at B = 64 on the H200, 2026-12-04:
+    42 ms forward+backward in two such launches, 99-135 in one launch whose backward
+    ran the step loop). Else launches whose forward alone runs on the kernels (the
+    backward: the step loop of problems, one per launch), all heads or the halves:
+    16 sLSTM heads of 256 at B = 64, bfloat16, T = 1024, took 32 ms forward and 426
+    forward+backward in two such launches, 125 and 478 on the step loop both ways
+    (two leases of that day, two H200s)."""
     length, batch, _ = xp.shape
 
     def takes(n, forward_only=False):
@@ -57,6 +57,8 @@ def _launches(steps, xp, gates, heads, dim):
         return [(0, half), (half, heads)]
     if takes(heads, forward_only=True):
         return [(0, heads)]
+    if takes(half, forward_only=True) and takes(heads - half, forward_only=True):
+        return [(0, half), (half, heads)]
     return None
 
 
