@@ -285,3 +285,16 @@ def test_choice_cache_key_follows_the_environment(monkeypatch):
         assert key[i] is not None and key[:i] == unset[:i] and key[i + 1:] == unset[i + 1:]
         monkeypatch.delenv(name)
         assert C._env_key() == unset
+
+
+def test_grown_resident_blocks_keep_within_their_registers():
+    """``classes._one_block_per_sm``: 16 heads of 128 at B = 64 (one-row table points:
+    1024 blocks) grow to 8 rows a block. At the table's one row a thread that is 1024
+    threads, 64 registers each: the LSTM's backward fits, so it keeps the table's split;
+    the sLSTM's does not (``resident_plan.registers_fit``: it would spill), so it takes
+    the model's rows per thread among those that fit."""
+    h200 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
+    for cell, rpt in (("lstm", 1), ("slstm", 4)):
+        tuned = R.plan("backward", cell, 128, 64, h200, mx.bfloat16, 16, 1, 1)
+        p = C._one_block_per_sm(tuned, 64, "backward", cell, 128, 64, h200, mx.bfloat16, 16)
+        assert (p.BB, p.RPT, p.nblocks) == (8, rpt, 128) and R.registers_fit(p, h200)

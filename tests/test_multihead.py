@@ -202,6 +202,8 @@ def test_gpu_slstm_backward_ept_fallback_matches_cpu(monkeypatch):
     xp, w = C.Operand((4, 8 * 64, 4 * 256), mx.float32, 3), C.Operand((8, 4 * 256, 256), mx.float32, 3)
     klass, p = C.choose("backward", "slstm", xp, w)
     assert klass == "tiled" and p.EPT > 2
+    all16 = (C.Operand((4, 16 * 64, 4 * 256), mx.float32, 3), C.Operand((16, 4 * 256, 256), mx.float32, 3))
+    assert C.accepts("slstm", xp, w, kind="heads") and not C.accepts("slstm", *all16, kind="heads")
     test_gpu_matches_cpu("slstm", 64, 4, 4096, 16)
 
 

@@ -438,6 +438,7 @@ def test_emulated_slstm_backward_ept_fallback(monkeypatch):
     limits = P.Limits(num_sms=2, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
     cell, L, B, H = "slstm", 3, 10, 16
     xp, w_h, s0, params = ref.problem(cell, L, B, H)
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", raising=False)
     assert P.select("backward", cell, xp, w_h, limits, 32) is None
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", "1")
     pb = P.select("backward", cell, xp, w_h, limits, 32)

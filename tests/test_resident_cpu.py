@@ -312,15 +312,15 @@ def test_w_registers_only_where_switched_on_and_they_fit(monkeypatch):
     assert R.with_registers(R.plan("forward", "lstm", 64, 4, H100, ksp=2), H100).WREG  # 128
     back = R.plan("backward", "lstm", 32, 4, H100, ksp=4)  # K = 128: 32 chunks / 4 x 4 = 32
     assert R.register_floats(back) == 32 and R.with_registers(back, H100).WREG
-    # registers per thread: 64 K of the file over TPB (here 64), the share and the rest within
+    # more threads than WREG_MAX_TPB
     crowded = dataclasses.replace(small, TPB=1024)
     assert not R.with_registers(crowded, H100).WREG
     assert not R.with_registers(dataclasses.replace(back, TPB=512), H100).WREG  # more than WREG_MAX_TPB
-    # four rows a thread: the RNN's 96 floats at 384 threads (178 registers measured)
+    # the RNN's 96 floats at 384 threads (178 registers measured): more than WREG_MAX_TPB
     rows4 = R.plan("forward", "rnn_tanh", 96, 16, H100, mx.float32, 1, 16, 4)
     assert rows4.RPT == 4 and rows4.TPB == 384 and not R.with_registers(rows4, H100).WREG
-    assert R.register_estimate(rows4) > R.register_estimate(dataclasses.replace(rows4, RPT=1))
-    lstm4 = R.plan("backward", "lstm", 64, 16, H100, mx.float32, 1, 4, 4, ksp=2)  # 128 floats, 4 rows
+    # the estimate alone: 128 floats at four rows a thread in a block of 128 threads
+    lstm4 = R.plan("backward", "lstm", 64, 16, H100, mx.float32, 1, 4, 4, ksp=2)
     assert lstm4.TPB <= R.WREG_MAX_TPB and R.register_estimate(lstm4) > 255
     assert not R.with_registers(lstm4, H100).WREG
     # more blocks than SMs: none (blocks may share an SM; more registers, fewer of them)
@@ -347,6 +347,39 @@ def test_nvrtc_compiles_w_in_registers_without_spills(cell, direction, monkeypat
         assert regs <= R.register_estimate(p) and _launchable(regs, p.TPB), (regs, p)
         compiled += 1
     assert compiled >= 2
+
+
+def test_plans_fit_their_registers():
+    """``registers_fit``: the kernel's registers (``base_register_estimate``, more
+    with more rows a thread, gates and states; with ``WREG`` ``register_estimate``)
+    within what a thread of its block may take. ``plan`` prefers such candidates; a
+    forced split is returned as asked."""
+    one = R.plan("backward", "slstm", 128, 64, H100, mx.bfloat16, 16, 8, 1)  # 1024 threads: 64 each
+    assert one.TPB == 1024 and R.base_register_estimate(one) > 64 and not R.registers_fit(one, H100)
+    fit = R.plan("backward", "slstm", 128, 64, H100, mx.bfloat16, 16, 8)
+    assert fit.BB == 8 and R.registers_fit(fit, H100) and fit.TPB < 1024
+    lstm = R.plan("backward", "lstm", 128, 64, H100, mx.bfloat16, 16, 8, 1)
+    assert lstm.TPB == 1024 and R.registers_fit(lstm, H100)  # 64: its 56-58 measured fit
+    four = dataclasses.replace(lstm, RPT=4)
+    assert R.base_register_estimate(four) > R.base_register_estimate(lstm)
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell,direction,H,B,NP,rows,xdt", [
+    ("slstm", "backward", 128, 64, 16, 8, mx.bfloat16),  # 16 heads of 128 grown to one block per SM
+    ("slstm", "backward", 128, 256, 4, 8, mx.bfloat16),
+    ("lstm", "backward", 128, 64, 16, 8, mx.bfloat16),
+    ("gru", "backward", 64, 16, 1, 16, mx.float32),
+])
+def test_nvrtc_register_fitting_plans_do_not_spill(cell, direction, H, B, NP, rows, xdt):
+    """The plans ``registers_fit`` passes compile within their block's registers
+    without spilling, and within the estimate (NVRTC 13.0)."""
+    p = R.plan(direction, cell, H, B, H100, xdt, NP, rows)
+    assert p is not None and R.registers_fit(p, H100)
+    ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(R.kernel_spec(p, xdt, True), xdt, p.w_bf16)
+    assert ok, log[-4000:]
+    assert spill_st == 0 and spill_ld == 0 and stack == 0, log
+    assert regs <= R.base_register_estimate(p) and _launchable(regs, p.TPB), (regs, p)
 
 
 def _launchable(regs, tpb):

@@ -134,7 +134,8 @@ def _one_block_per_sm(tuned, measured, direction, cell_name, H, B, limits, dtype
     rows per block (512-1024 blocks) took 2.7x one head's time per step on the H200
     (2026-12-04). Where the table itself measured more blocks than SMs (e.g. B = 256,
     one row per block) its point stands. The table's rows per thread where the block's
-    threads allow, else the model's; unchanged where no larger block fits. No K-split
+    threads and registers allow (``resident_plan.registers_fit``: a larger block leaves
+    each thread fewer), else the model's; unchanged where no larger block fits. No K-split
     in the larger block: the table's splits were measured on blocks of one or two rows,
     whose threads idle without them; at 8 rows a block, 16 heads of 64 at B = 64 ran
     0.66-0.77x as fast with the table's split of 2-4 as without (H200, 2026-12-04)."""
@@ -142,8 +143,12 @@ def _one_block_per_sm(tuned, measured, direction, cell_name, H, B, limits, dtype
         return tuned
     for rows in R.ROWS_PER_BLOCK:
         if tuned.BB < rows <= B and -(-B // rows) * NP <= limits.num_sms:
-            return (R.plan(direction, cell_name, H, B, limits, dtype, NP, rows, tuned.RPT)
-                    or R.plan(direction, cell_name, H, B, limits, dtype, NP, rows) or tuned)
+            kept = R.plan(direction, cell_name, H, B, limits, dtype, NP, rows, tuned.RPT)
+            if kept is not None and R.registers_fit(kept, limits):
+                return kept
+            # the model's rows per thread where its registers fit the block, else the table's
+            model = R.plan(direction, cell_name, H, B, limits, dtype, NP, rows)
+            return model if model is not None and R.registers_fit(model, limits) else kept or model or tuned
     return tuned
 
 

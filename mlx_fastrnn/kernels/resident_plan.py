@@ -103,7 +103,8 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
     """The resident plan for one launch, or ``None`` when W_h does not fit one
     block (``rows`` / ``rpt``: force that many batch rows per block / per
     thread, for tuning and for the measured table; ``ksp``: threads per unit
-    splitting the projection's K)."""
+    splitting the projection's K). Among its candidates the cheapest whose
+    registers fit the block (:func:`registers_fit`), if any does."""
     if limits is None or cell not in CELLS or H < 1 or B < 1:
         return None
     if ksp not in K_SPLITS:
@@ -113,7 +114,7 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
     if HP > MAX_TPB:
         return None
     per_sm = limits.smem_per_sm or (limits.smem_per_block + limits.reserved_smem_per_block)
-    best = None
+    best = best_fit = None
     for w_bf16 in (False, True):
         if w_bf16 and x_dtype not in (mx.float16, mx.bfloat16):
             break
@@ -139,9 +140,34 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
                                  cost, ksp)
                 if best is None or cost < best.cost:
                     best = p
+                if registers_fit(p, limits) and (best_fit is None or cost < best_fit.cost):
+                    best_fit = p
         if best is not None:
             break  # float32 W_h fits: no bfloat16
-    return best
+    return best_fit or best
+
+
+# The registers a thread of the resident kernels takes besides a W_h share, from above:
+# at one row a thread (forward flat; backward 40 and 4 per gate and state), and each
+# further row 2 and 7 per gate and state (NVRTC 13.0, sm_90, every cell without WREG:
+# forward 36-48 at one row a thread, 43-70 at two, 48-168 at four; backward 40 (RNN) to
+# 69 (sLSTM), 54-127, 72-206, the GRU's 143 at four with the initial states' cotangents).
+BASE_REGS = {"forward": (48, 0, 7), "backward": (40, 4, 7)}
+
+
+def base_register_estimate(p):
+    """The registers a thread of plan ``p`` takes without ``WREG``, from above."""
+    base, per_unit, per_row = BASE_REGS[p.direction]
+    units = p.G + CELLS[p.cell].num_states
+    return base + per_unit * units + (p.RPT - 1) * (2 + per_row * units)
+
+
+def registers_fit(p, limits):
+    """Whether plan ``p``'s kernel (``WREG`` or not) fits the registers a thread of its
+    block may take (the kernels are compiled with ``__launch_bounds__(TPB, 1)``: past
+    that ptxas spills)."""
+    need = register_estimate(p) if p.WREG else base_register_estimate(p)
+    return need <= min(255, limits.regs_per_sm // p.TPB)
 
 
 # W_h in registers (``WREG``): at most this many floats a thread, only in blocks of at
