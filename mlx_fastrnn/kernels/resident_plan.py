@@ -206,8 +206,8 @@ def with_registers(p, limits):
     """``p`` with ``WREG`` where the thread's share fits (:data:`WREG_MAX_FLOATS`, blocks
     of at most :data:`WREG_MAX_TPB` threads, :func:`register_estimate` within 255 and
     the register file) and the launch has no more blocks than SMs (more registers a
-    block could leave fewer blocks per SM: a second wave; not measured), else ``p``; ``MLX_FASTRNN_RESIDENT_WREG=0`` turns it off. On
-    the H200 (2026-12-04, drop-in layers, alternating rounds against it off) it was
+    block could leave fewer blocks per SM: a second wave; not measured), else ``p``;
+    ``MLX_FASTRNN_RESIDENT_WREG=0`` turns it off. On the H200 (2026-12-04, drop-in layers, alternating rounds against it off) it was
     faster on all 24 configurations timed, 1.01-1.89x (GRU / LSTM / RNN, B 1-256,
     H 32-128, float32 and bfloat16, forward and forward+backward, blocks of 64-256
     threads; benchmarks/RESULTS.md)."""
