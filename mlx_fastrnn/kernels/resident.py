@@ -23,7 +23,8 @@ K = G*H. KSP comes from the measured table (``kernel_classes_tune.py
 The planner (splits, cost model, W_h in registers) is :mod:`.resident_plan`;
 the device helpers :mod:`.resident_header`. The cell math is the cell's own
 device code (``POINT`` in its ``persistent.py``: ``frnn_cell::forward`` /
-``backward``); this module only moves data. Same driver contract and outputs as :mod:`.persistent`.
+``backward``); this module only moves data. Same driver contract and outputs
+as :mod:`.persistent`.
 """
 
 import functools

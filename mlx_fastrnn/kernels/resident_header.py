@@ -67,6 +67,19 @@ __device__ __forceinline__ void load_w_natural(WT* Wn, const WT* w) {
                                 [&](int i, WT v) { Wn[i] = v; });
 }
 
+// One float4 chunk of a projection: a + v.x*w0 + v.y*w1 + v.z*w2 + v.w*w3 as one FMA
+// chain (forward); the backward's alternates two chains (acc[0]: x, z; acc[1]: y, w).
+// Both projections and their register variants use these: the same order, the same bits.
+__device__ __forceinline__ float fma_chunk(float4 v, float w0, float w1, float w2, float w3, float a) {
+  return fmaf(v.w, w3, fmaf(v.z, w2, fmaf(v.y, w1, fmaf(v.x, w0, a))));
+}
+__device__ __forceinline__ void fma_chunk2(float4 v, float w0, float w1, float w2, float w3, float (&acc)[2]) {
+  acc[0] = fmaf(v.x, w0, acc[0]);
+  acc[1] = fmaf(v.y, w1, acc[1]);
+  acc[0] = fmaf(v.z, w2, acc[0]);
+  acc[1] = fmaf(v.w, w3, acc[1]);
+}
+
 // a[rr][g] += sum_k h[r][k] * Wt[k][g*H + j] for the thread's rows r = rs + rr*RS
 // (rows past BB read row BB-1; the caller drops them). GHP: Wt's row stride.
 // With KSP > 1 the thread takes the float4 chunks k = 4*(ks + KSP*i) only (the
@@ -95,11 +108,7 @@ __device__ __forceinline__ void resident_project(const float* h, const WT* Wt, i
       const float w3 = to_f(Wt[(k + 3) * GHP + g * H + j]);
 #pragma unroll
       for (int rr = 0; rr < RPT; ++rr) {
-        float v = a[rr][g];
-        v = fmaf(hv[rr].x, w0, v);
-        v = fmaf(hv[rr].y, w1, v);
-        v = fmaf(hv[rr].z, w2, v);
-        a[rr][g] = fmaf(hv[rr].w, w3, v);
+        a[rr][g] = fma_chunk(hv[rr], w0, w1, w2, w3, a[rr][g]);
       }
     }
   }
@@ -126,11 +135,7 @@ __device__ __forceinline__ void resident_project_back(const float* dh, const WT*
     const float w3 = to_f(Wn[(m + 3) * H + j]);
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
-      const float4 v = *reinterpret_cast<const float4*>(drow[rr] + m);
-      acc[rr][0] = fmaf(v.x, w0, acc[rr][0]);
-      acc[rr][1] = fmaf(v.y, w1, acc[rr][1]);
-      acc[rr][0] = fmaf(v.z, w2, acc[rr][0]);
-      acc[rr][1] = fmaf(v.w, w3, acc[rr][1]);
+      fma_chunk2(*reinterpret_cast<const float4*>(drow[rr] + m), w0, w1, w2, w3, acc[rr]);
     }
   }
 #pragma unroll
@@ -185,11 +190,7 @@ __device__ __forceinline__ void resident_project_registers(const float* h, const
       for (int g = 0; g < G; ++g) {
 #pragma unroll
         for (int rr = 0; rr < RPT; ++rr) {
-          float v = a[rr][g];
-          v = fmaf(hv[rr].x, w[i][g][0], v);
-          v = fmaf(hv[rr].y, w[i][g][1], v);
-          v = fmaf(hv[rr].z, w[i][g][2], v);
-          a[rr][g] = fmaf(hv[rr].w, w[i][g][3], v);
+          a[rr][g] = fma_chunk(hv[rr], w[i][g][0], w[i][g][1], w[i][g][2], w[i][g][3], a[rr][g]);
         }
       }
     }
@@ -229,11 +230,7 @@ __device__ __forceinline__ void resident_project_back_registers(const float* dh,
     if ((KS / 4) % KSP == 0 || m < KS) {
 #pragma unroll
       for (int rr = 0; rr < RPT; ++rr) {
-        const float4 v = *reinterpret_cast<const float4*>(drow[rr] + m);
-        acc[rr][0] = fmaf(v.x, w[i][0], acc[rr][0]);
-        acc[rr][1] = fmaf(v.y, w[i][1], acc[rr][1]);
-        acc[rr][0] = fmaf(v.z, w[i][2], acc[rr][0]);
-        acc[rr][1] = fmaf(v.w, w[i][3], acc[rr][1]);
+        fma_chunk2(*reinterpret_cast<const float4*>(drow[rr] + m), w[i][0], w[i][1], w[i][2], w[i][3], acc[rr]);
       }
     }
   }

@@ -50,15 +50,12 @@ def _launches(steps, xp, gates, heads, dim):
                              Operand((n, gates * dim, dim), mx.float32, 3), kind="heads",
                              **({"forward_only": True} if forward_only else {}))
 
-    if takes(heads):
-        return [(0, heads)]
     half = (heads + 1) // 2
-    if takes(half) and takes(heads - half):
-        return [(0, half), (half, heads)]
-    if takes(heads, forward_only=True):
-        return [(0, heads)]
-    if takes(half, forward_only=True) and takes(heads - half, forward_only=True):
-        return [(0, half), (half, heads)]
+    for forward_only in (False, True):
+        if takes(heads, forward_only):
+            return [(0, heads)]
+        if takes(half, forward_only) and takes(heads - half, forward_only):
+            return [(0, half), (half, heads)]
     return None
 
 
