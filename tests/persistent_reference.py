@@ -37,7 +37,9 @@ def problem(cell_name, L, B, H, x_dtype=mx.float32, seed=0, w_scale=0.9):
 
 def cotangents(cell_name, L, B, H, seed=1):
     cell = CELLS[cell_name]
-    ks = mx.random.split(mx.random.key(seed), 2)
+    # one key per state (two keys indexed past their end gave the sLSTM's last two
+    # states' cotangents from whatever memory followed: different in every call)
+    ks = mx.random.split(mx.random.key(seed), cell.num_states)
     return tuple(mx.random.normal((L, B, H), key=ks[i]) for i in range(cell.num_states))
 
 
