@@ -193,12 +193,12 @@ def test_gpu_heads_on_the_per_step_loop_match_cpu(kind, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_slstm_backward_ept_fallback_matches_cpu(monkeypatch):
-    """``MLX_FASTRNN_PERSISTENT_EPT_FALLBACK=1``: 16 sLSTM heads of 256 at B = 64 run as two
+    """``MLX_FASTRNN_PERSISTENT_EPT_FALLBACK`` (default on): 16 sLSTM heads of 256 at B = 64 run as two
     launches of 8 whose backward holds four elements per thread (no plan holds them at
     the sLSTM's two): outputs and every gradient against the CPU."""
     from mlx_fastrnn.kernels import classes as C
 
-    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", "1")
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", raising=False)
     xp, w = C.Operand((4, 8 * 64, 4 * 256), mx.float32, 3), C.Operand((8, 4 * 256, 256), mx.float32, 3)
     klass, p = C.choose("backward", "slstm", xp, w)
     assert klass == "tiled" and p.EPT > 2

@@ -431,16 +431,16 @@ def test_emulated_slstm_forward_takes_four_elements_per_thread():
 
 @needs_cxx
 def test_emulated_slstm_backward_ept_fallback(monkeypatch):
-    """``MLX_FASTRNN_PERSISTENT_EPT_FALLBACK=1``: where no backward plan holds the sLSTM's
-    two elements per thread, ``select`` takes one of up to four (``gpu.MAX_EPT``) instead
-    of declining (the step loop); it runs in the emulator to the reference. Off (the
-    default) it declines; a shape the cell's own bound takes keeps that plan."""
+    """``MLX_FASTRNN_PERSISTENT_EPT_FALLBACK`` (default on): where no backward plan holds the
+    sLSTM's two elements per thread, ``select`` takes one of up to four (``gpu.MAX_EPT``)
+    instead of declining (the step loop); it runs in the emulator to the reference. Off
+    (``=0``) it declines; a shape the cell's own bound takes keeps that plan."""
     limits = P.Limits(num_sms=2, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
     cell, L, B, H = "slstm", 3, 10, 16
     xp, w_h, s0, params = ref.problem(cell, L, B, H)
-    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", raising=False)
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", "0")
     assert P.select("backward", cell, xp, w_h, limits, 32) is None
-    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", "1")
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", raising=False)
     pb = P.select("backward", cell, xp, w_h, limits, 32)
     assert pb is not None and pb.EPT > 2
     small = ref.problem(cell, L, 2, H)
