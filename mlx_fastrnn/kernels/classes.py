@@ -83,6 +83,12 @@ def _env_key():
     return tuple(os.environ.get(k) for k in (*_ENV, "MLX_FASTRNN_PERSISTENT_PROBLEMS"))
 
 
+def kernel_choice_key():
+    """What a class choice depends on besides shapes and dtypes (the environment, the
+    table): a cache key for anything that freezes a choice, e.g. a compiled layer op."""
+    return id(SELECTION), _env_key()
+
+
 def choose(direction, cell_name, xp, w_h, varlen=False):
     """``("resident", plan)``, ``("tiled", plan)`` or ``(None, None)``; ``varlen``:
     with per-row lengths or reversed problems. Cached per shapes, dtypes, device

@@ -1,0 +1,146 @@
+"""The compiled dispatch of the functional ops (``ops.recurrent._dispatch``).
+
+On CUDA, where the whole-sequence kernels take a call, ``ops.gru/lstm/rnn/slstm`` run
+their graph through ``mx.compile`` (one trace per shapes and dtypes). Here, on the
+CPU, the dispatch is forced (``_compile_pays``) so that the compiled form of the same
+op runs on the CPU step loop: outputs and every gradient must equal the op run
+directly, for every combination of arrays given or None, and a compiled entry must
+have been made (so a dispatch that silently stopped compiling fails).
+"""
+
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import mlx_fastrnn
+from mlx_fastrnn.ops import recurrent as R
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """The dispatch as on CUDA where the kernels take every call (the ops then run the
+    CPU's steps)."""
+    monkeypatch.setattr(R, "gpu_target", lambda: "cuda")
+    monkeypatch.setattr(R, "default_steps", lambda cell, whole_sequence=True: cell.compiled_steps)
+    monkeypatch.setattr(R, "_kernels_take", lambda *a: True)
+    monkeypatch.setattr(R, "_COMPILED", {})
+    return R
+
+
+def _layer(kind, H):
+    if kind == "slstm":
+        return mlx_fastrnn.SLSTM(5, H, num_heads=1)
+    if kind == "rnn_relu":
+        return mlx_fastrnn.RNN(5, H, nonlinearity=nn.relu)
+    return {"gru": mlx_fastrnn.GRU, "lstm": mlx_fastrnn.LSTM, "rnn": mlx_fastrnn.RNN}[kind](5, H)
+
+
+def _states(kind, B, H, given):
+    n = {"lstm": 2, "slstm": 4}.get(kind, 1)
+    shape = (B, H) if B else (H,)
+    return [mx.random.normal(shape) * 0.5 if g else None for g in given[:n]]
+
+
+def _call(m, kind, x, states):
+    if kind == "lstm":
+        return m(x, *states)
+    if kind == "slstm":  # one head as a dense W_h [4H, H] (the layer passes R [4, 1, H, H]: not compiled)
+        w_h = m._recurrent().reshape(-1, m._recurrent().shape[-1])
+        return R.slstm(x, m.Wx, w_h, m.get("bias"), None if states[0] is None else tuple(states))
+    return m(x, states[0])
+
+
+def _value_and_grads(m, kind, x, states):
+    def loss(params, x, states):
+        m.update(params)
+        out = _call(m, kind, x, states)
+        outs = out if isinstance(out, tuple) else (out,)
+        return sum((o * mx.cos(mx.arange(o.size).reshape(o.shape))).sum() for o in outs)
+
+    given = [s for s in states if s is not None]
+    fn = mx.value_and_grad(lambda p, x, *g: loss(p, x, _refill(states, g)), argnums=(0, 1, *range(2, 2 + len(given))))
+    value, grads = fn(m.trainable_parameters(), x, *given)
+    mx.eval(value, grads)
+    return value, grads
+
+
+def _refill(states, given):
+    it = iter(given)
+    return [next(it) if s is not None else None for s in states]
+
+
+def _flat(tree):
+    from mlx.utils import tree_flatten
+
+    return [a for _, a in tree_flatten(tree)]
+
+
+CASES = [
+    ("gru", (False,)), ("gru", (True,)), ("lstm", (False, False)), ("lstm", (True, True)), ("lstm", (True, False)),
+    ("lstm", (False, True)), ("rnn", (False,)), ("rnn", (True,)), ("rnn_relu", (True,)),
+    ("slstm", (False,) * 4), ("slstm", (True,) * 4),
+]
+
+
+@pytest.mark.parametrize("batch", [3, None])
+@pytest.mark.parametrize("kind,given", CASES)
+def test_compiled_op_matches_direct(forced, monkeypatch, kind, given, batch):
+    mx.random.seed(7)
+    H, L = 6, 4
+    m = _layer(kind, H)
+    x = mx.random.normal((batch, L, 5) if batch else (L, 5))
+    states = _states(kind, batch, H, given)
+    if kind == "slstm" and any(given):
+        states = [s if i != 3 else mx.zeros_like(s) for i, s in enumerate(states)]  # m: a finite stabilizer
+    value_c, grads_c = _value_and_grads(m, kind, x, states)
+    assert R._COMPILED, "the forced dispatch made no compiled entry"
+    monkeypatch.setenv("MLX_FASTRNN_COMPILE", "0")
+    value_d, grads_d = _value_and_grads(m, kind, x, states)
+    assert mx.allclose(value_c, value_d, rtol=1e-5, atol=1e-5).item()
+    flat_c, flat_d = _flat(grads_c), _flat(grads_d)
+    assert len(flat_c) == len(flat_d)
+    for a, b in zip(flat_c, flat_d):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+
+
+def test_compiled_entries_per_given_pattern_and_choice_key(forced, monkeypatch):
+    m = mlx_fastrnn.LSTM(5, 4)
+    x = mx.random.normal((2, 3, 5))
+    mx.eval(m(x), m(x), m(x, mx.zeros((2, 4))))
+    assert len(R._COMPILED) == 2  # (none given), (hidden given); the repeat call reuses its entry
+    monkeypatch.setattr(R, "kernel_choice_key", lambda: ("another table", None))
+    mx.eval(m(x))
+    assert len(R._COMPILED) == 3  # a different kernel choice key traces anew
+
+
+def test_compiled_dispatch_keeps_stock_errors(forced):
+    m = mlx_fastrnn.LSTM(5, 4)
+    with pytest.raises(ValueError):
+        m(mx.zeros((2, 3, 6)))
+    with pytest.raises(ValueError):
+        m(mx.zeros((2, 3, 5)), mx.zeros((2, 3)))
+    assert not R._COMPILED
+
+
+@pytest.mark.parametrize("value,on", [("", True), ("1", True), ("0", False), ("off", False), ("False", False)])
+def test_compile_switch(monkeypatch, value, on):
+    monkeypatch.setenv("MLX_FASTRNN_COMPILE", value)
+    assert R.compile_enabled() is on
+
+
+def test_no_compile_without_cuda_kernels(monkeypatch):
+    """No compiled entry where the call runs the step loop: not CUDA, or CUDA whose
+    kernels decline the call (the trace would unroll the steps)."""
+    monkeypatch.setattr(R, "_COMPILED", {})
+    m = mlx_fastrnn.GRU(5, 4)
+    x = mx.random.normal((2, 3, 5))
+    if R.gpu_target() != "cuda":
+        mx.eval(m(x))
+        assert not R._COMPILED
+    monkeypatch.setattr(R, "gpu_target", lambda: "cuda")
+    monkeypatch.setattr(R, "default_steps", lambda cell, whole_sequence=True: cell.compiled_steps)
+    monkeypatch.setattr(R, "_kernels_take", lambda *a: False)
+    mx.eval(m(x))
+    assert not R._COMPILED
