@@ -84,9 +84,10 @@ def _env_key():
 
 
 def kernel_choice_key():
-    """What a class choice depends on besides shapes and dtypes (the environment, the
-    table): a cache key for anything that freezes a choice, e.g. a compiled layer op."""
-    return id(SELECTION), _env_key()
+    """What a launch depends on besides shapes and dtypes: the class choice's environment
+    and table, and the kernel-source switches (``MLX_FASTRNN_PERSISTENT_SWITCHES``): a
+    cache key for anything that freezes these, e.g. a compiled layer op's trace."""
+    return id(SELECTION), _env_key(), os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES")
 
 
 def choose(direction, cell_name, xp, w_h, varlen=False):

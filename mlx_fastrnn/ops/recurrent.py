@@ -100,31 +100,40 @@ def _slstm(batch, steps, whole_sequence, x, w_x, w_h, bias, *states):
 # A short layer call on CUDA is mostly fixed cost on the host: the Python that builds its
 # graph, and MLX's CUDA eval, which spends ~5-15 us of host time per graph node (views
 # included; a chain of 8 tiny adds took 0.115 ms against 0.023 for one, H200 host,
-# 2026-12-04). mx.compile traces the op once per shapes and dtypes and replays the graph:
-# a drop-in LSTM 1x64x64 forward took 0.131 ms so against 0.336 (same process, same
-# machine). Only where the whole-sequence kernels take the call: elsewhere the trace
-# would unroll the step loop (L steps of ops). MLX_FASTRNN_COMPILE=0 turns it off.
+# 2026-12-04). mx.compile traces the op once per shapes and dtypes (and stream) and
+# replays the graph: a drop-in LSTM 1x64x64 forward took 0.131 ms so against 0.336 (same
+# process, same machine). Only where the whole-sequence kernels take the call: elsewhere
+# the trace would unroll the step loop (L steps of ops). Under a gradient transform (or
+# vmap, or a user's compile) the inputs are tracers and MLX runs the function itself.
+# Each new input signature costs a trace (milliseconds), so a compiled op takes at most
+# MAX_SIGNATURES of them (e.g. distinct sequence lengths) and runs directly past that.
+# MLX_FASTRNN_COMPILE=0 turns it off.
+MAX_SIGNATURES = 32
 _COMPILED = {}
 
 
 def _dispatch(cell, core, batch, steps, whole_sequence, x, w_x, w_h, *optional):
     """``core(batch, steps, whole_sequence, x, w_x, w_h, *optional)``, compiled where
-    :func:`_compile_pays` (``optional``: arrays or None, e.g. states not given). The
+    the comment above says (``optional``: arrays or None, e.g. states not given). The
     compiled function is cached per core, ``whole_sequence``, which arrays are None and
-    what the kernels' choice depends on besides shapes (``kernel_choice_key``: the
-    trace freezes that choice); MLX re-traces it per shapes and dtypes. Under a gradient
-    transform MLX runs the function itself (its inputs are tracers), as uncompiled."""
+    what the launch depends on besides shapes (``kernel_choice_key``: the trace freezes
+    it), with the input signatures it has traced."""
     if steps is None and whole_sequence and w_h.ndim == 2 and x.shape[-2] > 1 and compile_enabled() \
             and gpu_target() == "cuda":
         choice = kernel_choice_key()
-        if _kernels_take(cell, batch, x.shape[-2], tuple(w_h.shape), result_dtype(x, w_x, optional[0]),
-                         w_h.dtype, choice):
+        # the recurrence gets W_h in float32 whatever its dtype (ops.sequence)
+        if _kernels_take(cell, batch, x.shape[-2], tuple(w_h.shape), result_dtype(x, w_x, optional[0]), choice):
             present = tuple(a is not None for a in optional)
+            arrays = (x, w_x, w_h, *(a for a in optional if a is not None))
             key = (core, whole_sequence, present, choice)
-            fn = _COMPILED.get(key)
-            if fn is None:
-                fn = _COMPILED[key] = mx.compile(_flat_call(core, whole_sequence, present))
-            return fn(x, w_x, w_h, *(a for a in optional if a is not None))
+            entry = _COMPILED.get(key)
+            if entry is None:
+                entry = _COMPILED[key] = (mx.compile(_flat_call(core, whole_sequence, present)), set())
+            fn, signatures = entry
+            signature = tuple((a.shape, a.dtype) for a in arrays)
+            if signature in signatures or len(signatures) < MAX_SIGNATURES:
+                signatures.add(signature)
+                return fn(*arrays)
     return core(batch, steps, whole_sequence, x, w_x, w_h, *optional)
 
 
@@ -138,17 +147,17 @@ def _flat_call(core, whole_sequence, present):
 
 
 @functools.lru_cache(maxsize=1024)
-def _kernels_take(cell, batch, length, w_shape, xp_dtype, w_dtype, choice):
+def _kernels_take(cell, batch, length, w_shape, xp_dtype, choice):
     """Whether the default steps' whole-sequence kernels take the forward and the
-    backward (``Steps.accepts``) of a [length, batch, G*H] projection (``choice``:
-    ``kernel_choice_key()``, part of the cache key)."""
+    backward (``Steps.accepts``) of a [length, batch, G*H] projection and a float32
+    W_h of ``w_shape`` (``choice``: ``kernel_choice_key()``, part of the cache key)."""
     steps = default_steps(cell, True)
     if steps.accepts is None:
         return False
     n_batch = 1
     for d in batch:
         n_batch *= d
-    return steps.accepts(Operand((length, n_batch, w_shape[0]), xp_dtype, 3), Operand(w_shape, w_dtype, 2))
+    return steps.accepts(Operand((length, n_batch, w_shape[0]), xp_dtype, 3), Operand(w_shape, mx.float32, 2))
 
 
 def compile_enabled():
