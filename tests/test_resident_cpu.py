@@ -400,3 +400,52 @@ def test_nvrtc_large_blocks_stay_launchable(cell, direction):
         ok, log, (regs, *_) = emu.compile_spec(R.kernel_spec(p, mx.float32, True), mx.float32, p.w_bf16)
         assert ok, log[-4000:]
         assert _launchable(regs, p.TPB), (regs, p)
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell,H,xdt,xpf", [("lstm", 20, mx.float32, 2), ("gru", 17, mx.bfloat16, 3),
+                                            ("slstm", 12, mx.float32, 4), ("rnn_tanh", 24, mx.float16, 4)])
+def test_emulated_x_prefetch_distance_is_bit_identical(cell, H, xdt, xpf):
+    """``XPF``: x loaded ``xpf`` steps ahead instead of one gives the same outputs bit for
+    bit, plain and with lengths and reversed problems (rows whose length is shorter than
+    the ring, a sequence shorter than the ring)."""
+    for L in (5, 2):
+        B = 3
+        xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+        runs = [emu.resident_forward(cell, xp, w_h, s0, params, False, SMALL,
+                                     plan=dataclasses.replace(R.plan("forward", cell, H, B, SMALL, xdt, 1), XPF=d))[0]
+                for d in (1, xpf)]
+        for a, b in zip(*runs):
+            assert mx.array_equal(a, b).item()
+    L, B = 5, 3
+    lens = [5, 1, 2, 4, 5, 3]
+    pf = dataclasses.replace(R.plan("forward", cell, H, B, SMALL, xdt, 2), XPF=xpf)
+    pb = R.plan("backward", cell, H, B, SMALL, xdt, 2)
+    for interleaved in (False, True):
+        _check_varlen_plans(cell, L, B, H, xdt, False, lens, 0b10, 2, pf, pb, interleaved=interleaved)
+
+
+def test_prefetch_distance_from_the_environment(monkeypatch):
+    p = R.plan("forward", "lstm", 32, 4, H100)
+    monkeypatch.delenv("MLX_FASTRNN_RESIDENT_XPF", raising=False)
+    assert R.with_prefetch(p).XPF == 1
+    for value, want in (("3", 3), ("9", R.XPF_MAX), ("0", 1), ("x", 1)):
+        monkeypatch.setenv("MLX_FASTRNN_RESIDENT_XPF", value)
+        assert R.with_prefetch(p).XPF == want
+    back = R.plan("backward", "lstm", 32, 4, H100)
+    assert R.with_prefetch(back).XPF == 1  # the backward has its own loads
+    monkeypatch.setenv("MLX_FASTRNN_RESIDENT_XPF", "4")
+    assert R.register_estimate(R.with_prefetch(p)) == R.register_estimate(p) + 3 * p.RPT * (p.G + 1)
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+def test_nvrtc_compiles_the_x_prefetch_without_spills(cell, monkeypatch):
+    monkeypatch.setenv("MLX_FASTRNN_RESIDENT_XPF", "4")
+    for (B, H), xdt, ksp in (((1, 64), mx.float32, 4), ((64, 32), mx.bfloat16, 4), ((16, 16), mx.float32, 1)):
+        p = R.with_registers(R.with_prefetch(R.plan("forward", cell, H, B, H100, xdt, ksp=ksp)), H100)
+        assert p.XPF == 4
+        spec = R.kernel_spec(p, xdt, True)
+        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
+        assert ok, log[-4000:]
+        assert spill_st == 0 and spill_ld == 0 and stack == 0, log

@@ -44,6 +44,7 @@ from .resident_plan import (  # noqa: F401 - the planner's names stay importable
     WREG_MAX_FLOATS,
     WREG_MAX_TPB,
     WREG_OTHER_REGS,
+    XPF_MAX,
     ResidentPlan,
     base_register_estimate,
     plan,
@@ -52,6 +53,7 @@ from .resident_plan import (  # noqa: F401 - the planner's names stay importable
     registers_fit,
     smem_bytes,
     transposed_stride,
+    with_prefetch,
     with_registers,
 )
 
@@ -128,8 +130,11 @@ def forward_body(cell, varlen=False):
       st[rr][q] = ok[rr] ? inits[q][(long long)(r0 + rs + rr * RS) * H + j] : 0.0f;
     }
   }
-  // x of step t is loaded during step t-1 (its latency hidden behind a whole step)
+  // x of step t is loaded XPF steps ahead (its latency hidden behind XPF whole steps):
+  // xq[d] holds the raw x of step t + 1 + d; xq[XPF - 1] is loaded at the start of step t
   float xv[RPT][G];
+  T xq[XPF][RPT][G];
+  bool xlq[XPF][RPT];
 #pragma unroll
   for (int rr = 0; rr < RPT; ++rr) {
     const bool ld = ok[rr] && """ + _active(varlen, "0") + r""";
@@ -137,6 +142,19 @@ def forward_body(cell, varlen=False):
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       xv[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int d = 0; d + 1 < XPF; ++d) {  // steps 1 .. XPF - 1, raw
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      const bool ld = ok[rr] && d + 1 < L && """ + _active(varlen, "d + 1") + r""";
+      const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "d + 1") + " : 0", "r0 + rs + rr * RS") + r""";
+      xlq[d][rr] = ld;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xq[d][rr][g] = x[ld ? row * GH + g * H + j : 0];
+      }
     }
   }
   __syncthreads();
@@ -148,20 +166,17 @@ def forward_body(cell, varlen=False):
   for (int t = 0; t < L; ++t) {
     const float* hcur = hb + (t & 1) * BB * KS;
     float* hnext = hb + ((t + 1) & 1) * BB * KS;
-    // the next step's x raw (its own type), converted at the step's end: a conversion
+    // step t + XPF's x raw (its own type), converted when its step comes: a conversion
     // right after the load would wait for the load before the projection
-    T xn[RPT][G];
-    bool xl[RPT];
     float a[RPT][G];
-    const bool more = t + 1 < L;
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
-      const bool ld = ok[rr] && more && """ + _active(varlen, "t + 1") + r""";
-      const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "t + 1") + " : 0", "r0 + rs + rr * RS") + r""";
-      xl[rr] = ld;
+      const bool ld = ok[rr] && t + XPF < L && """ + _active(varlen, "t + XPF") + r""";
+      const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "t + XPF") + " : 0", "r0 + rs + rr * RS") + r""";
+      xlq[XPF - 1][rr] = ld;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xn[rr][g] = x[ld ? row * GH + g * H + j : 0];
+        xq[XPF - 1][rr][g] = x[ld ? row * GH + g * H + j : 0];
         a[rr][g] = 0.0f;
       }
     }
@@ -205,7 +220,15 @@ def forward_body(cell, varlen=False):
       }
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xv[rr][g] = xl[rr] ? frnn::to_f(xn[rr][g]) : 0.0f;
+        xv[rr][g] = xlq[0][rr] ? frnn::to_f(xq[0][rr][g]) : 0.0f;
+      }
+#pragma unroll
+      for (int d = 0; d + 1 < XPF; ++d) {  // the ring moves a step (register renames)
+        xlq[d][rr] = xlq[d + 1][rr];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          xq[d][rr][g] = xq[d + 1][rr][g];
+        }
       }
     }
     __syncthreads();
@@ -394,6 +417,7 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False):
         ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
         ("NP", p.NP), ("KSP", p.KSP), ("WREG", bool(p.WREG)),
+        *((("XPF", p.XPF),) if fwd else ()),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),
