@@ -130,8 +130,10 @@ def forward_body(cell, varlen=False):
       st[rr][q] = ok[rr] ? inits[q][(long long)(r0 + rs + rr * RS) * H + j] : 0.0f;
     }
   }
-  // x of step t is loaded XPF steps ahead (its latency hidden behind XPF whole steps):
-  // xq[d] holds the raw x of step t + 1 + d; xq[XPF - 1] is loaded at the start of step t
+  // x of step t is loaded at the start of step t - XPF into slot t % XPF, and converted
+  // into xv at the end of step t - 1. The step loop runs in chunks of XPF unrolled steps,
+  // so every slot index is a constant: a ring shifted by copies would wait for each load
+  // at its copy (a loop with __syncthreads is not unrolled as a whole).
   float xv[RPT][G];
   T xq[XPF][RPT][G];
   bool xlq[XPF][RPT];
@@ -145,15 +147,15 @@ def forward_body(cell, varlen=False):
     }
   }
 #pragma unroll
-  for (int d = 0; d + 1 < XPF; ++d) {  // steps 1 .. XPF - 1, raw
+  for (int d = 0; d + 1 < XPF; ++d) {  // steps 1 .. XPF - 1 into slots 1 .. XPF - 1, raw
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
       const bool ld = ok[rr] && d + 1 < L && """ + _active(varlen, "d + 1") + r""";
       const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "d + 1") + " : 0", "r0 + rs + rr * RS") + r""";
-      xlq[d][rr] = ld;
+      xlq[d + 1][rr] = ld;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xq[d][rr][g] = x[ld ? row * GH + g * H + j : 0];
+        xq[d + 1][rr][g] = x[ld ? row * GH + g * H + j : 0];
       }
     }
   }
@@ -163,20 +165,26 @@ def forward_body(cell, varlen=False):
     frnn::resident_w_registers<WNCH, KS, GHP, H, G, KSP, WT>(Wt, j, ks, wr);
   }
 
-  for (int t = 0; t < L; ++t) {
+  for (int t0 = 0; t0 < L; t0 += XPF) {
+#pragma unroll
+  for (int k = 0; k < XPF; ++k) {
+    const int t = t0 + k;
+    if (t >= L) {
+      break;  // the same for every thread of the block
+    }
     const float* hcur = hb + (t & 1) * BB * KS;
     float* hnext = hb + ((t + 1) & 1) * BB * KS;
-    // step t + XPF's x raw (its own type), converted when its step comes: a conversion
-    // right after the load would wait for the load before the projection
+    // step t + XPF's x raw (its own type) into slot k, converted when its step comes: a
+    // conversion right after the load would wait for the load before the projection
     float a[RPT][G];
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
       const bool ld = ok[rr] && t + XPF < L && """ + _active(varlen, "t + XPF") + r""";
       const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "t + XPF") + " : 0", "r0 + rs + rr * RS") + r""";
-      xlq[XPF - 1][rr] = ld;
+      xlq[k][rr] = ld;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xq[XPF - 1][rr][g] = x[ld ? row * GH + g * H + j : 0];
+        xq[k][rr][g] = x[ld ? row * GH + g * H + j : 0];
         a[rr][g] = 0.0f;
       }
     }
@@ -218,20 +226,14 @@ def forward_body(cell, varlen=False):
         }
         hnext[r * KS + j] = st[rr][0];
       }
+      const int next = (k + 1) % XPF;  // step t + 1's slot (a constant once unrolled)
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xv[rr][g] = xlq[0][rr] ? frnn::to_f(xq[0][rr][g]) : 0.0f;
-      }
-#pragma unroll
-      for (int d = 0; d + 1 < XPF; ++d) {  // the ring moves a step (register renames)
-        xlq[d][rr] = xlq[d + 1][rr];
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          xq[d][rr][g] = xq[d + 1][rr][g];
-        }
+        xv[rr][g] = xlq[next][rr] ? frnn::to_f(xq[next][rr][g]) : 0.0f;
       }
     }
     __syncthreads();
+  }
   }
 """
     )

@@ -43,8 +43,8 @@ class ResidentPlan:
     # from the shared copy): the step's projection then loads only its operand.
     # Where it fits (``with_registers``, which the class choice applies).
     WREG: bool = False
-    # Forward: how many steps ahead each step's x is loaded (a register ring of XPF
-    # steps); 1 loads the next step's during the current one. ``with_prefetch``.
+    # Forward: how many steps ahead each step's x load is issued (XPF register slots, the
+    # step loop unrolled in chunks of XPF); 1 loads the next step's during the current one.
     XPF: int = 1
 
     @property
