@@ -90,6 +90,14 @@ def _fresh(m, scale):
     m.update(tree_map(lambda p: p * scale + 0.01, m.parameters()))
 
 
+H, L = 6, 4  # hidden size and length of the parametrized cases
+
+
+def _inputs(kind, batch, given):
+    """x [batch, L, 5] (unbatched when ``batch`` is None) and the states given."""
+    return mx.random.normal((batch, L, 5) if batch else (L, 5)), _states(kind, batch, H, given)
+
+
 CASES = [
     ("gru", (False,)), ("gru", (True,)), ("lstm", (False, False)), ("lstm", (True, True)), ("lstm", (True, False)),
     ("lstm", (False, True)), ("rnn", (False,)), ("rnn", (True,)), ("rnn_relu", (True,)),
@@ -102,12 +110,10 @@ CASES = [
 def test_compiled_forward_replays_match_direct(forced, monkeypatch, kind, given, batch):
     """Three forward calls (one trace, two replays) on new weights and inputs each time."""
     mx.random.seed(11)
-    H, L = 6, 4
     m = _layer(kind, H)
     for call in range(3):
         _fresh(m, 0.9 + 0.1 * call)
-        x = mx.random.normal((batch, L, 5) if batch else (L, 5))
-        states = _states(kind, batch, H, given)
+        x, states = _inputs(kind, batch, given)
         monkeypatch.delenv("MLX_FASTRNN_COMPILE", raising=False)
         got = _call(m, kind, x, states)
         monkeypatch.setenv("MLX_FASTRNN_COMPILE", "0")
@@ -124,10 +130,8 @@ def test_compiled_forward_replays_match_direct(forced, monkeypatch, kind, given,
 @pytest.mark.parametrize("kind,given", CASES)
 def test_compiled_op_value_and_grads_match_direct(forced, monkeypatch, kind, given, batch):
     mx.random.seed(7)
-    H, L = 6, 4
     m = _layer(kind, H)
-    x = mx.random.normal((batch, L, 5) if batch else (L, 5))
-    states = _states(kind, batch, H, given)
+    x, states = _inputs(kind, batch, given)
     value_c, grads_c = _value_and_grads(m, kind, x, states)
     assert R._COMPILED, "the forced dispatch made no compiled entry"
     monkeypatch.setenv("MLX_FASTRNN_COMPILE", "0")
