@@ -3,8 +3,6 @@ and every gradient with the cells' reference steps (computed on the CPU
 stream), several problems in one launch, the class choice, and the drop-in
 layers on each class. Skipped unless MLX's CUDA backend is available."""
 
-import dataclasses
-
 import pytest
 
 import mlx.core as mx
@@ -24,7 +22,7 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1, wreg=False, xpf=1):
+def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1, wreg=False):
     parts = [ref.problem(cell, L, B, H, xdt, seed=3 + k) for k in range(problems)]
     if zero:
         parts = [(x, w, tuple(mx.zeros_like(s) for s in s0), q) for x, w, s0, q in parts]
@@ -42,8 +40,6 @@ def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1, wreg=False, xpf=1):
     if wreg:  # each thread's share of W_h in registers
         pf, pb = (R.with_registers(p, P.device_limits()) for p in (pf, pb))
         assert pf.WREG and pb.WREG
-    if xpf > 1:  # x loaded xpf steps ahead
-        pf = dataclasses.replace(pf, XPF=xpf)
     got = R.run_forward(pf, xp, w, s0, params, zero)
     mx.eval(got)
     need = not zero
@@ -94,15 +90,6 @@ def test_resident_w_in_registers_parity(cell, monkeypatch):
     _check(cell, 20, 3, 16, mx.float32, False, wreg=True)
     _check(cell, 30, 8, 64, mx.float32, False, ksp=4, wreg=True)
     _check(cell, 7, 2, 24, mx.bfloat16, True, problems=2, ksp=2, wreg=True)
-
-
-@pytest.mark.parametrize("cell", ref.CELL_NAMES)
-def test_resident_x_prefetch_parity(cell):
-    """``XPF`` (x loaded 2-4 steps ahead), with and without ``WREG``, a sequence shorter
-    than the ring included, against the CPU."""
-    _check(cell, 20, 3, 16, mx.float32, False, xpf=3)
-    _check(cell, 30, 8, 64, mx.float32, False, ksp=4, wreg=True, xpf=4)
-    _check(cell, 3, 2, 24, mx.bfloat16, True, problems=2, xpf=4)
 
 
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)

@@ -62,7 +62,7 @@ class Operand(NamedTuple):
 _ENV = ("MLX_FASTRNN_KERNEL_CLASS", "MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM",
         "MLX_FASTRNN_PERSISTENT_BLOCKS", "MLX_FASTRNN_PERSISTENT_STREAMED", "MLX_FASTRNN_PERSISTENT_COLSPLIT",
         "MLX_FASTRNN_PERSISTENT_MMA", "MLX_ENABLE_TF32", "MLX_FASTRNN_RESIDENT_WREG",
-        "MLX_FASTRNN_PERSISTENT_EPT_FALLBACK", "MLX_FASTRNN_RESIDENT_XPF")
+        "MLX_FASTRNN_PERSISTENT_EPT_FALLBACK")
 
 
 # os.environ's own mapping and the encoded names, read directly for the cache keys:
@@ -103,7 +103,7 @@ def choose(direction, cell_name, xp, w_h, varlen=False):
 @functools.lru_cache(maxsize=1024)
 def _choose(direction, cell_name, xp, w_h, varlen, limits, selection, env):
     klass, p = _choose_plan(direction, cell_name, xp, w_h, varlen, limits)
-    return klass, (R.with_registers(R.with_prefetch(p), limits) if klass == "resident" else p)
+    return klass, (R.with_registers(p, limits) if klass == "resident" else p)
 
 
 def _choose_plan(direction, cell_name, xp, w_h, varlen, limits):

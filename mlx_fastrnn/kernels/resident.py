@@ -44,7 +44,6 @@ from .resident_plan import (  # noqa: F401 - the planner's names stay importable
     WREG_MAX_FLOATS,
     WREG_MAX_TPB,
     WREG_OTHER_REGS,
-    XPF_MAX,
     ResidentPlan,
     base_register_estimate,
     plan,
@@ -53,7 +52,6 @@ from .resident_plan import (  # noqa: F401 - the planner's names stay importable
     registers_fit,
     smem_bytes,
     transposed_stride,
-    with_prefetch,
     with_registers,
 )
 
@@ -130,13 +128,8 @@ def forward_body(cell, varlen=False):
       st[rr][q] = ok[rr] ? inits[q][(long long)(r0 + rs + rr * RS) * H + j] : 0.0f;
     }
   }
-  // x of step t is loaded at the start of step t - XPF into slot t % XPF, and converted
-  // into xv at the end of step t - 1. The step loop runs in chunks of XPF unrolled steps,
-  // so every slot index is a constant: a ring shifted by copies would wait for each load
-  // at its copy (a loop with __syncthreads is not unrolled as a whole).
+  // x of step t is loaded during step t-1 (its latency hidden behind a whole step)
   float xv[RPT][G];
-  T xq[XPF][RPT][G];
-  bool xlq[XPF][RPT];
 #pragma unroll
   for (int rr = 0; rr < RPT; ++rr) {
     const bool ld = ok[rr] && """ + _active(varlen, "0") + r""";
@@ -146,45 +139,29 @@ def forward_body(cell, varlen=False):
       xv[rr][g] = ld ? frnn::to_f(x[row * GH + g * H + j]) : 0.0f;
     }
   }
-#pragma unroll
-  for (int d = 0; d + 1 < XPF; ++d) {  // steps 1 .. XPF - 1 into slots 1 .. XPF - 1, raw
-#pragma unroll
-    for (int rr = 0; rr < RPT; ++rr) {
-      const bool ld = ok[rr] && d + 1 < L && """ + _active(varlen, "d + 1") + r""";
-      const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "d + 1") + " : 0", "r0 + rs + rr * RS") + r""";
-      xlq[d + 1][rr] = ld;
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        xq[d + 1][rr][g] = x[ld ? row * GH + g * H + j : 0];
-      }
-    }
-  }
   __syncthreads();
   float wr[WNCH][G][4];  // WREG: the thread's share of W_h (else unused)
   if (WREG) {
     frnn::resident_w_registers<WNCH, KS, GHP, H, G, KSP, WT>(Wt, j, ks, wr);
   }
 
-  for (int t0 = 0; t0 < L; t0 += XPF) {
-#pragma unroll
-  for (int k = 0; k < XPF; ++k) {
-    const int t = t0 + k;
-    if (t >= L) {
-      break;  // the same for every thread of the block
-    }
+  for (int t = 0; t < L; ++t) {
     const float* hcur = hb + (t & 1) * BB * KS;
     float* hnext = hb + ((t + 1) & 1) * BB * KS;
-    // step t + XPF's x raw (its own type) into slot k, converted when its step comes: a
-    // conversion right after the load would wait for the load before the projection
+    // the next step's x raw (its own type), converted at the step's end: a conversion
+    // right after the load would wait for the load before the projection
+    T xn[RPT][G];
+    bool xl[RPT];
     float a[RPT][G];
+    const bool more = t + 1 < L;
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
-      const bool ld = ok[rr] && t + XPF < L && """ + _active(varlen, "t + XPF") + r""";
-      const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "t + XPF") + " : 0", "r0 + rs + rr * RS") + r""";
-      xlq[k][rr] = ld;
+      const bool ld = ok[rr] && more && """ + _active(varlen, "t + 1") + r""";
+      const long long row = """ + C.io_row(varlen, "ld ? " + _pos(varlen, "t + 1") + " : 0", "r0 + rs + rr * RS") + r""";
+      xl[rr] = ld;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xq[k][rr][g] = x[ld ? row * GH + g * H + j : 0];
+        xn[rr][g] = x[ld ? row * GH + g * H + j : 0];
         a[rr][g] = 0.0f;
       }
     }
@@ -226,14 +203,12 @@ def forward_body(cell, varlen=False):
         }
         hnext[r * KS + j] = st[rr][0];
       }
-      const int next = (k + 1) % XPF;  // step t + 1's slot (a constant once unrolled)
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        xv[rr][g] = xlq[next][rr] ? frnn::to_f(xq[next][rr][g]) : 0.0f;
+        xv[rr][g] = xl[rr] ? frnn::to_f(xn[rr][g]) : 0.0f;
       }
     }
     __syncthreads();
-  }
   }
 """
     )
@@ -419,7 +394,6 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False):
         ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
         ("NP", p.NP), ("KSP", p.KSP), ("WREG", bool(p.WREG)),
-        *((("XPF", p.XPF),) if fwd else ()),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),

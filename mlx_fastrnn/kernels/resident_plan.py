@@ -7,7 +7,6 @@ tiled class).
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -43,9 +42,6 @@ class ResidentPlan:
     # from the shared copy): the step's projection then loads only its operand.
     # Where it fits (``with_registers``, which the class choice applies).
     WREG: bool = False
-    # Forward: how many steps ahead each step's x load is issued (XPF register slots, the
-    # step loop unrolled in chunks of XPF); 1 loads the next step's during the current one.
-    XPF: int = 1
 
     @property
     def nblocks(self):
@@ -203,8 +199,7 @@ def register_estimate(p):
     base, per_row = WREG_OTHER_REGS[p.direction]
     if p.direction == "backward":
         per_row *= p.G + CELLS[p.cell].num_states
-    ring = (p.XPF - 1) * p.RPT * (p.G + 1) if p.direction == "forward" else 0  # x loaded further ahead
-    return register_floats(p) + base + (p.RPT - 1) * per_row + ring
+    return register_floats(p) + base + (p.RPT - 1) * per_row
 
 
 def with_registers(p, limits):
@@ -222,23 +217,3 @@ def with_registers(p, limits):
             or register_estimate(p) > min(255, limits.regs_per_sm // p.TPB)):
         return p
     return dataclasses.replace(p, WREG=True)
-
-
-XPF_MAX = 4
-
-
-def with_prefetch(p):
-    """``p`` with ``XPF`` from ``MLX_FASTRNN_RESIDENT_XPF`` (forward plans; 1 to
-    :data:`XPF_MAX`, default 1: the next step's x loaded during the current step).
-    Not timed yet: a step of the resident forward is ~1,700 cycles at LSTM 1x64x64
-    (H200, 2026-12-04: 57 us for 64 steps), against a few hundred of projection and cell
-    math, and x's load from L2 is issued only one step ahead; an A/B on the device
-    decides whether loading further ahead pays and where."""
-    if p is None or p.direction != "forward":
-        return p
-    try:
-        xpf = int(os.environ.get("MLX_FASTRNN_RESIDENT_XPF", "1").strip() or 1)
-    except ValueError:
-        xpf = 1
-    xpf = max(1, min(XPF_MAX, xpf))
-    return p if xpf == p.XPF else dataclasses.replace(p, XPF=xpf)
