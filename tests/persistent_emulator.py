@@ -54,6 +54,7 @@ PRELUDE = r"""
 #define __global__
 #define __location__(where)
 #define __launch_bounds__(...)
+#define __cluster_dims__(...)
 #define __device__
 #define __host__
 #define __forceinline__ inline

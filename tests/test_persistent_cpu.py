@@ -18,6 +18,7 @@ import persistent_reference as ref
 from mlx_fastrnn.kernels import cuda_source as S
 from mlx_fastrnn.kernels import persistent as P
 from mlx_fastrnn.kernels import tiled as T
+from mlx_fastrnn.kernels import tiled_plan as TP
 
 H100 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
 SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
@@ -26,7 +27,7 @@ SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
-              "MLX_FASTRNN_PERSISTENT_SWITCHES"):
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_CLUSTER", "MLX_USE_CUDA_GRAPHS"):
         monkeypatch.delenv(k, raising=False)
     # The FMA projection, which these tests compare at float32 rounding; the
     # tensor-core plans (rounded operands): test_mma_cpu.py.
@@ -579,6 +580,119 @@ def test_emulated_lstm_backward_shaped_like_h100_h512(switches, kch, monkeypatch
     expected = ref.forward(cell, xp, w_h, s0, params, False)
     _, sync = _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, plan=p)
     assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [p.NU * L] * p.NBB
+
+
+# --------------------------------------------------------------------- thread-block clusters
+
+H200 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472, cc_major=9)
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("B,H", SHAPES + [(8, 128), (64, 64), (64, 32)])
+def test_cluster_plans(cell, direction, B, H, monkeypatch):
+    """A cluster plan's batch group is one cluster of at most MAX_CLUSTER blocks (backward
+    MAX_CLUSTER_BACKWARD; NU = CL), its model cost no higher than the grid plan's it
+    replaced; no cluster plan before compute capability 9. By default cluster plans only
+    where MLX runs without CUDA graphs (MLX_USE_CUDA_GRAPHS=0), and not there with
+    MLX_FASTRNN_PERSISTENT_CLUSTER=0."""
+    on = P.plan(direction, cell, H, B, H200, cluster=True)
+    off = P.plan(direction, cell, H, B, H200, cluster=False)
+    assert (on is None) == (off is None)
+    if on is None:
+        return
+    assert off.CL == 0
+    assert on.cost <= off.cost
+    if on.CL:
+        most = TP.MAX_CLUSTER if direction == "forward" else TP.MAX_CLUSTER_BACKWARD
+        assert on.NU == on.CL <= most and on.nblocks % on.CL == 0
+        assert on.NU * on.U >= H and (on.NU - 1) * on.U < H and on.N <= P.MAX_N
+    assert P.plan(direction, cell, H, B, P.Limits(**{**H200.__dict__, "cc_major": 8}), cluster=True).CL == 0
+    for graphs, switch, want in ((None, None, off), ("1", "1", off), ("0", None, on), ("0", "0", off),
+                                 ("false", None, on), (" 2", None, off)):
+        for name, value in (("MLX_USE_CUDA_GRAPHS", graphs), ("MLX_FASTRNN_PERSISTENT_CLUSTER", switch)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert P.plan(direction, cell, H, B, H200) == want, (graphs, switch)
+
+
+def test_cluster_plans_where_the_group_fits_a_cluster():
+    """Small-batch H = 96-200 problems (the grid barrier's shapes) get cluster plans;
+    a unit split wider than MAX_N per block does not exist (GRU H = 256 at 8 blocks)."""
+    assert P.plan("forward", "gru", 128, 8, H200, cluster=True).CL > 0
+    assert P.plan("backward", "gru", 128, 8, H200, cluster=True).CL > 0
+    assert P.plan("forward", "rnn_tanh", 200, 32, H200, cluster=True).CL > 0
+    assert all(P.plan("forward", "gru", 256, B, H200, cluster=True).CL == 0 for B in (1, 8, 64))
+
+
+# a small GPU with clusters: few enough SMs that small problems split over several blocks
+CLUSTER_GPU = P.Limits(num_sms=16, smem_per_block=48 * 1024, smem_per_sm=100 * 1024, cc_major=9)
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell,L,B,H,xdt,zero", [
+    ("gru", 5, 3, 40, mx.float32, False), ("lstm", 4, 4, 24, mx.bfloat16, True),
+    ("rnn_tanh", 6, 2, 50, mx.float32, False), ("slstm", 3, 2, 20, mx.float32, False),
+])
+def test_emulated_cluster_plans(cell, L, B, H, xdt, zero, monkeypatch):
+    """The kernels of cluster plans (NU <= 8 blocks a group, wider unit slices) against the
+    reference, forward and backward; the source carries the cluster's size. The emulator
+    runs the group's grid barrier in place of the cluster barrier (no clusters on a CPU):
+    what it checks is the plan's split and its plumbing, the barrier itself the GPU tests."""
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    limits = CLUSTER_GPU
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    if zero:
+        s0 = tuple(mx.zeros_like(s) for s in s0)
+    expected = ref.forward(cell, xp, w_h, s0, params, zero)
+    got, (p, _) = emu.forward(cell, xp, w_h, s0, params, zero, limits)
+    assert p.CL > 0, p
+    assert f"__cluster_dims__({p.CL}, 1, 1)" in P.kernel_spec(p, xdt, zero).header
+    for a, e in zip(got, expected):
+        assert ref.max_rel_err(a, e) < 2e-6
+    pb, _ = _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, not zero, limits)
+    assert pb.CL > 0, pb
+
+
+@needs_cxx
+def test_emulated_cluster_plan_with_lengths_and_directions(monkeypatch):
+    """Two problems (one reversed) with per-row lengths in a cluster plan."""
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    limits = CLUSTER_GPU
+    cell, L, B, H = "gru", 5, 2, 30
+
+    def forward(*args, lens, rev, **kw):
+        p = P.select("forward", cell, args[0], args[1], limits, 64)
+        assert p is not None and p.CL > 0, p
+        out, _ = emu.forward(cell, *args, limits, plan=p, lens=lens, rev=rev, **kw)
+        return out
+
+    def backward(*args, lens, rev, d_out, **kw):
+        p = P.select("backward", cell, args[1], args[5], limits, 64)
+        assert p is not None and p.CL > 0, p
+        out, _ = emu.backward(cell, *args, limits, plan=p, lens=lens, rev=rev, d_out=d_out, **kw)
+        return out
+
+    ref.check_varlen(cell, L, B, H, mx.float32, False, [5, 1, 3, 4], 0b10, 2, forward, backward)
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_cluster_plans(cell, direction):
+    """Cluster plans compile for sm_90 (the cluster barrier's PTX, ``__cluster_dims__``),
+    within the launch bounds, without spills; plain and varlen (two problems)."""
+    for xdt in (mx.float32, mx.bfloat16):
+        for problems, rev in ((1, 0), (2, 0b10)):
+            # the first of these shapes the model gives a cluster plan
+            plans = (P.plan(direction, cell, H, B, H200, x_dtype=xdt, problems=problems, cluster=True, mma=0)
+                     for B, H in ((8, 128), (64, 64), (16, 32), (64, 32)))
+            p = next((q for q in plans if q is not None and q.CL), None)
+            assert p is not None, (cell, direction, xdt, problems)
+            spec = _assert_compiles(p, xdt, lens=bool(rev), rev=rev)
+            assert f"__cluster_dims__({p.CL}, 1, 1)" in spec.header
 
 
 # --------------------------------------------------------------------- several problems in one launch

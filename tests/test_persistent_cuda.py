@@ -17,6 +17,7 @@ import mlx.core as mx
 
 import persistent_reference as ref
 from mlx_fastrnn.kernels import persistent as P
+from mlx_fastrnn.kernels.gpu import mlx_cuda_graphs
 
 
 pytestmark = [
@@ -185,6 +186,115 @@ def test_varlen_parity(case, interleaved):
 
     ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward, on=ref.on_cpu,
                      tol=(ref.gpu_tol(L), 5 * ref.gpu_tol(L)), interleaved=interleaved)
+
+
+# (cell, L, B, H): shapes whose forward and backward plans are clusters on the H200
+CLUSTER_SHAPES = [("gru", 9, 8, 128), ("lstm", 7, 32, 128), ("rnn_tanh", 6, 64, 256), ("rnn_relu", 5, 16, 32),
+                  ("slstm", 4, 16, 32), ("gru", 300, 8, 96)]
+
+# Cluster plans run only where MLX records no CUDA graphs (tiled_plan.clusters_enabled),
+# which MLX decides once per process: these tests run in a subprocess with
+# MLX_USE_CUDA_GRAPHS=0 (test_cluster_plans_without_cuda_graphs) and skip elsewhere.
+needs_no_graphs = pytest.mark.skipif(mlx_cuda_graphs(), reason="cluster plans need MLX_USE_CUDA_GRAPHS=0 "
+                                     "(run by test_cluster_plans_without_cuda_graphs)")
+
+
+@needs_no_graphs
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("cell,L,B,H", CLUSTER_SHAPES)
+def test_parity_cluster_plans(cell, L, B, H, xdt):
+    """Batch groups as thread-block clusters (the cluster barrier instead of the grid
+    barrier) against the reference, forward and backward, and bitwise repeatable (a
+    barrier that let a block read a stale h would differ between runs)."""
+    if P.device_limits().cc_major < 9:
+        pytest.skip("thread-block clusters need compute capability 9")
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    for direction in ("forward", "backward"):
+        p = P.select(direction, cell, xp, w_h)
+        assert p is not None and p.CL > 0, (direction, p)
+    _check_sequence(cell, L, B, H, xdt, h0_zero=False)
+    a = P.persistent_sequence(cell, xp, w_h, s0, params, False)
+    b = P.persistent_sequence(cell, xp, w_h, s0, params, False)
+    mx.eval(a, b)
+    assert all(mx.array_equal(x, y).item() for x, y in zip(a, b))
+
+
+@needs_no_graphs
+def test_varlen_parity_cluster_plans():
+    """Two problems (one reversed) with per-row lengths in one cluster launch."""
+    if P.device_limits().cc_major < 9:
+        pytest.skip("thread-block clusters need compute capability 9")
+    cell, L, B, H = "gru", 37, 8, 128
+
+    def forward(*args, lens, rev, **kw):
+        p = P.select("forward", cell, args[0], args[1])
+        assert p is not None and p.CL > 0, p
+        out = P.persistent_sequence(cell, *args, use_plan=p, lens=lens, rev=rev, **kw)
+        mx.eval(out)
+        return out
+
+    def backward(*args, lens, rev, d_out, **kw):
+        p = P.select("backward", cell, args[1], args[5])
+        assert p is not None and p.CL > 0, p
+        out = P.persistent_backward(cell, *args, use_plan=p, lens=lens, rev=rev, d_out=d_out, **kw)
+        mx.eval(out)
+        return out
+
+    ref.check_varlen(cell, L, B, H, mx.float32, False, seeded_lengths(2 * B, L), 0b10, 2, forward, backward,
+                     on=ref.on_cpu, tol=(ref.gpu_tol(L), 5 * ref.gpu_tol(L)))
+
+
+@needs_no_graphs
+@pytest.mark.parametrize("kind,B,L,H", [("LSTM", 8, 20, 96), ("GRU", 8, 20, 128), ("RNN", 32, 10, 200)])
+def test_layer_cluster_plans(kind, B, L, H):
+    """The drop-in layer where its forward runs a cluster plan: output and every
+    gradient against stock mlx.nn (float32)."""
+    if P.device_limits().cc_major < 9:
+        pytest.skip("thread-block clusters need compute capability 9")
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    import mlx_fastrnn
+    from mlx_fastrnn.kernels import classes
+
+    cell, G = {"LSTM": ("lstm", 4), "GRU": ("gru", 3), "RNN": ("rnn_tanh", 1)}[kind]
+    klass, p = classes.choose("forward", cell, classes.Operand((L, B, G * H), mx.float32, 3),
+                              classes.Operand((G * H, H), mx.float32, 2))
+    assert klass == "tiled" and p.CL > 0, (klass, p)
+    fast = getattr(mlx_fastrnn, kind)(H, H)
+    stock = getattr(nn, kind)(H, H)
+    stock.update(fast.parameters())
+    x = mx.random.normal((B, L, H), key=mx.random.key(3))
+
+    def loss(model, x):
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return (out * mx.cos(mx.arange(out.size).reshape(out.shape) * 0.1)).sum()
+
+    got = nn.value_and_grad(fast, loss)(fast, x)
+    want = nn.value_and_grad(stock, loss)(stock, x)
+    mx.eval(got, want)
+    assert ref.max_rel_err(got[0], want[0]) < 1e-4
+    for (name, g), (_, w) in zip(tree_flatten(got[1]), tree_flatten(want[1])):
+        assert ref.max_rel_err(g, w) < 1e-4, name
+
+
+def test_cluster_plans_without_cuda_graphs():
+    """The cluster tests above in a process where MLX records no CUDA graphs; where it
+    does (this process, by default) no plan is a cluster."""
+    if P.device_limits().cc_major < 9:
+        pytest.skip("thread-block clusters need compute capability 9")
+    if mlx_cuda_graphs():
+        xp, w_h, _, _ = ref.problem("gru", 9, 8, 128)
+        assert P.select("forward", "gru", xp, w_h).CL == 0
+    env = {**os.environ, "MLX_USE_CUDA_GRAPHS": "0"}
+    env.pop("MLX_FASTRNN_PERSISTENT_CLUSTER", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+           os.path.join(ROOT, "tests", "test_persistent_cuda.py"), "-k", "cluster and not without"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env, cwd=ROOT)
+    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    assert res.returncode == 0 and "passed" in summary and "skipped" not in summary, \
+        res.stdout[-4000:] + res.stderr[-2000:]
 
 
 def test_repeatable():

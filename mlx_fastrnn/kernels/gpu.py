@@ -186,6 +186,17 @@ def _env_switch(name):
     return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
 
 
+def mlx_cuda_graphs():
+    """Whether MLX's CUDA backend records kernels into CUDA graphs (``MLX_USE_CUDA_GRAPHS``,
+    MLX's own switch and default: on unless set to what C's ``atoi`` reads as 0, e.g. "0";
+    MLX reads it once per process, at its first kernel, this on every call)."""
+    value = os.environ.get("MLX_USE_CUDA_GRAPHS")
+    if value is None:
+        return True
+    m = re.match(r"\s*[+-]?\d+", value)
+    return m is not None and int(m.group()) != 0
+
+
 def tf32_enabled():
     """Whether MLX runs float32 matmuls in TF32 (``MLX_ENABLE_TF32``, MLX's own switch
     and default: an integer, nonzero = on, default 1; MLX reads it once per process,

@@ -108,7 +108,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
     from . import tiled
 
     header = _with_switches(switches, header)
-    header = _cell_header(header, p.cell)
+    header = _cell_header(header, p.cell, p.CL)
     mod = cell_module(p.cell)
     fwd = p.direction == "forward"
     varlen = bool(lens or rev or interleaved)
@@ -134,6 +134,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
         ("MMA", p.mma),
         ("WLD", p.wld),
         ("HLD", p.hld),
+        ("CLU", bool(p.CL)),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *mod.template_extras(p.cell),
@@ -164,18 +165,27 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
 # signature itself (and defines the template values inside the body, so TPB is not
 # known there), so the bound comes in through ``__global__``, redefined for the one
 # kernel that follows the header (the last thing in the source). 512: the most
-# threads the tuning tools launch.
+# threads the tuning tools launch. A cluster plan (``Plan.CL``) adds the cluster's size
+# there too: MLX's cuda_kernel launches without cluster dimensions, so they are the
+# kernel's compile-time ``__cluster_dims__`` (tests/test_cuda_clusters.py).
 LAUNCH_BOUNDS = """
 #undef __global__
 #define __global__ __location__(global) __launch_bounds__(512, 1)
 """
 
 
+def launch_bounds(cluster=0):
+    """The ``__global__`` redefinition: the launch bounds, and ``cluster`` blocks a cluster."""
+    if not cluster:
+        return LAUNCH_BOUNDS
+    return LAUNCH_BOUNDS.rstrip("\n") + f" __cluster_dims__({int(cluster)}, 1, 1)\n"
+
+
 @functools.lru_cache(maxsize=64)
-def _cell_header(header, cell):
+def _cell_header(header, cell, cluster=0):
     # The shared device code, the cell's point functions, the launch bounds (one
-    # string object per pair).
-    return header + cell_module(cell).POINT + LAUNCH_BOUNDS
+    # string object per triple).
+    return header + cell_module(cell).POINT + launch_bounds(cluster)
 
 
 # --------------------------------------------------------------------------- launching

@@ -232,6 +232,24 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target)
   __syncthreads();
 }
 
+// The batch group's barrier: the grid barrier above, or, in a cluster plan (CLU: the
+// group's NU blocks are one thread-block cluster), the hardware cluster barrier. Its
+// arrive.release / wait.acquire order every thread's earlier writes (global memory too)
+// before every cluster thread's later reads, at cluster scope: what the counter's
+// release / acquire pair gives the grid. Only compute capability 9+ has clusters (the
+// planner makes no cluster plan before); the emulator runs the grid barrier.
+template <bool CLU>
+__device__ __forceinline__ void group_barrier(unsigned* counter, unsigned target) {
+#if defined(__CUDACC__) && __CUDA_ARCH__ >= 900 && !defined(FRNN_DIAG_NO_BARRIER)
+  if (CLU) {
+    asm volatile("barrier.cluster.arrive.release.aligned;" : : : "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;" : : : "memory");
+    return;
+  }
+#endif
+  grid_barrier(counter, target);
+}
+
 // HLD: the row stride of hs (KCH; a tensor-core plan pads it against bank conflicts)
 template <int BBP, int HLD, int KS, int N, typename WT>
 __device__ __forceinline__ void carve(float*& hs, float*& part, WT*& Ws) {
@@ -701,6 +719,7 @@ __device__ __forceinline__ float part_sum(const float* part, int r, int n) {
 #   MMA   the projection on tensor cores (0: float32 FMA; 1 bfloat16, 2 float16, 3 tf32 mma.sync)
 #   WLD   row stride of the W_h slice in shared memory (K; MMA: padded against bank conflicts)
 #   HLD   row stride of the staged rows hs (KCH; MMA: padded)
+#   CLU   the batch group is a thread-block cluster: its barrier is the cluster barrier
 #   H0Z   forward: the initial state is zero (step 0 skips the projection)
 #   NEED_D0  backward: also produce the initial states' cotangents
 #   RELU  RNN: relu instead of tanh

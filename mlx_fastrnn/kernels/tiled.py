@@ -108,7 +108,7 @@ def forward_body(cell, varlen=False):
         const bool ld = ok[e] && """ + _active(varlen, "t + 1") + r""";
         const int pos = ld ? """ + _pos(varlen, "t + 1") + r""" : 0;
 """ + load_x + r"""      }
-      frnn::grid_barrier(counter, (unsigned)(NU * (t + 1)));
+      frnn::group_barrier<CLU>(counter, (unsigned)(NU * (t + 1)));
     }
   }
 """
@@ -225,7 +225,7 @@ def backward_body(cell, varlen=False):
       if (s > 0) {
         fetch(s - 1);
       }
-      frnn::grid_barrier(counter, (unsigned)(NU * (L - s)));
+      frnn::group_barrier<CLU>(counter, (unsigned)(NU * (L - s)));
     }
   }
 """

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .gpu import CELLS, MMA_F16, MMA_NONE, MMA_TF32, _env_int, _env_switch, mma_kind, smem_budget
+from .gpu import CELLS, MMA_F16, MMA_NONE, MMA_TF32, _env_int, _env_switch, mlx_cuda_graphs, mma_kind, smem_budget
 
 SYNC_STRIDE = 32  # uint32 words between the barrier counters of two batch groups (FRNN_SYNC_STRIDE)
 MAX_N = 64  # most projection columns per block (accumulators per lane = RB * N)
@@ -51,6 +51,10 @@ class Plan:
     # The projection on tensor cores (template MMA, ``gpu.MMA_*``; 0: float32 FMA):
     # rows of 8 (RB = 8), the W_h slice in shared memory as the MMA's type (tf32: float32)
     mma: int = 0
+    # Thread-block cluster of the batch group (template CLU; 0: none): the group's NU
+    # blocks are one cluster (NU = CL <= MAX_CLUSTER) and meet at the hardware cluster
+    # barrier instead of the grid barrier's counter in global memory
+    CL: int = 0
 
     @property
     def w_dtype(self):
@@ -146,7 +150,7 @@ def _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, TPB, EPT, w_bytes, w_glob
 
 
 def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights="auto", nbb=None,
-         problems=1, mma=None, ept=None):
+         problems=1, mma=None, ept=None, cluster=None):
     """The cheapest feasible split for one launch, or ``None``.
 
     ``None`` when nothing fits: the W_h slice of the smallest unit split (or
@@ -166,16 +170,77 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     float16's range (1e-7 is common without loss scaling), where bfloat16 and tf32
     keep float32's. ``ept``: the most cell elements per thread instead of the cell's
     own bound for this direction (``CellSpec.max_ept`` / ``max_ept_backward``).
+    ``cluster``: whether batch groups of at most ``MAX_CLUSTER`` blocks (backward
+    ``MAX_CLUSTER_BACKWARD``) may be thread-block clusters (``Plan.CL``), competing on the
+    cost model (default ``clusters_enabled()``); never before compute capability 9.
     """
     if mma is None:
         mma = mma_kind(x_dtype) if weights in ("auto", "mma") else MMA_NONE
     if limits is not None and limits.cc_major < 8 or (mma == MMA_F16 and direction == "backward"):
         mma = MMA_NONE
+    if cluster is None:
+        cluster = clusters_enabled()
+    cluster = bool(cluster) and limits is not None and limits.cc_major >= 9
     # Cached (the search took ~20 us, twice per training call); the env
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
                  _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
-                 column_splits_enabled(), int(mma), ept)
+                 column_splits_enabled(), int(mma), ept, cluster)
+
+
+def clusters_enabled():
+    """Whether the planner may make a batch group a thread-block cluster (``Plan.CL``):
+    only where MLX runs kernels without CUDA graphs (``MLX_USE_CUDA_GRAPHS=0``), and there
+    unless ``MLX_FASTRNN_PERSISTENT_CLUSTER=0``.
+
+    A cluster's size is the kernel's compile-time ``__cluster_dims__`` (MLX's cuda_kernel
+    launches without cluster dimensions). MLX replays a CUDA graph of the same node
+    structure by updating the kernel nodes in place (``cudaGraphExecUpdate``), and such an
+    update does not carry a function's cluster shape (MLX's own comment in
+    ``backend/cuda/device.cpp``, where it keeps cuDNN's subgraphs with clusters out of
+    updates). On the H200 (2026-12-04), ``test_persistent_cuda.py`` and
+    ``test_recurrent_fast_vs_legacy.py`` with cluster plans under CUDA graphs: 38 failures
+    and more (the log was cut), wrong results and launch failures, in later non-cluster
+    kernels too; with ``MLX_USE_CUDA_GRAPHS=0`` all 363 tests passed."""
+    return _env_switch("MLX_FASTRNN_PERSISTENT_CLUSTER") is not False and not mlx_cuda_graphs()
+
+
+# The most blocks of a cluster: the portable size (16 needs a launch attribute MLX's
+# cuda_kernel cannot set); for the backward 4. A/B in alternating rounds on the H200
+# (2026-12-04, MLX_USE_CUDA_GRAPHS=0, benchmarks/RESULTS.md): forward cluster plans of
+# 8 blocks 1.06-1.33x as fast as the grid plans (GRU 8x512x128 1.33x, 16x200x128 1.27x,
+# LSTM 32x100x128 1.19x); backward plans of 8 blocks 0.92x and 0.97x (LSTM 32x40x200,
+# GRU 64x256x256), of 4 blocks 1.00-1.05x.
+MAX_CLUSTER = 8
+MAX_CLUSTER_BACKWARD = 4
+# What a cluster barrier saves against the grid barrier, in the model's cycles per step:
+# on the H200 (2026-12-04, .probe/cluster_probe.py: a DSMEM write and cluster.sync per
+# step, 16 clusters) 0.21 us a step at 1 block, 0.28 at 2, 0.32 at 4, 0.46 at 8, against
+# ~0.6-0.7 us for the grid barrier (RESULTS.md, the kernel-alone table), ~1.9 GHz.
+
+
+def cluster_saving(CL):
+    """Model cycles a step saved by a cluster of ``CL`` blocks (0: no cluster)."""
+    return 0.0 if not CL else 800.0 if CL <= 2 else 700.0 if CL <= 4 else 450.0
+
+
+def _unit_splits(H, max_nu, glob, cluster):
+    """(U, NU, CL) of a batch group to try: the most blocks (``max_nu``), and with
+    ``cluster`` (the most blocks of a cluster, 0: none) each cluster size up to it (one
+    candidate per NU)."""
+    U = -(-H // max_nu)
+    while glob and H % U:  # a streamed W_h: no block with rows past H
+        U += 1
+    splits = [(U, -(-H // U), 0)]
+    if cluster:
+        for cl in (c for c in (2, 4, 8) if c <= cluster):
+            Uc = -(-H // cl)
+            while glob and H % Uc:
+                Uc += 1
+            NUc = -(-H // Uc)
+            if 2 <= NUc <= min(cl, max_nu) and all(NUc != s[2] for s in splits):
+                splits.append((Uc, NUc, NUc))
+    return splits
 
 
 def column_splits_enabled():
@@ -186,7 +251,7 @@ def column_splits_enabled():
 
 @functools.lru_cache(maxsize=256)
 def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit,
-          mma=MMA_NONE, ept=None):
+          mma=MMA_NONE, ept=None, cluster=False):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -212,42 +277,42 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
         max_nu = max_blocks // NBB
         if max_nu < 1:
             continue
-        U = -(-H // max_nu)
-        while glob and H % U:  # a streamed W_h: no block with rows past H
-            U += 1
-        NU = -(-H // U)
-        N = G * U if direction == "forward" else U
-        if N > MAX_N:
-            continue
-        EPT = -(-(BB * U) // tpb)
-        if EPT > (ept or (CELLS[cell].max_ept if direction == "forward" else CELLS[cell].max_ept_backward)):
-            continue
-        if mma and not glob:
-            p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma)
-            if p is not None and (best_mma is None or (p.cost, p.nblocks) < (best_mma.cost, best_mma.nblocks)):
-                best_mma = p
-        for RB, NCS in _task_shapes(N, BB, colsplit):
-            BBP = -(-BB // RB) * RB
-            rg = BBP // RB * NCS  # warp tasks of one K-split
-            for w_bf16 in _weight_options(weights, x_dtype):
-                w_bytes = 0 if glob else 2 if w_bf16 else 4
-                KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
-                room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes, glob)
-                per_k = 4 * (BBP + (N if glob else 0))  # staged bytes per k of a chunk
-                if room < per_k * 32:
-                    continue
-                KCH = K if per_k * K <= room else (room // per_k) // 32 * 32
-                KS = max(1, min(KS, -(-KCH // 32)))
-                smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob)
-                if smem > budget:
-                    continue
-                cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes, glob, NCS)
-                p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
-                         w_bf16, smem, cost, problems, glob, NCS)
-                key = (cost, p.nblocks, w_bf16, NCS)
-                if best is None or key < (best.cost, best.nblocks, best.w_bf16, best.NCS):
-                    best = p
-                break  # float32 fits: no need for bfloat16
+        for U, NU, CL in _unit_splits(H, max_nu, glob,
+                                      cluster and (MAX_CLUSTER if direction == "forward" else MAX_CLUSTER_BACKWARD)):
+            N = G * U if direction == "forward" else U
+            if N > MAX_N:
+                continue
+            EPT = -(-(BB * U) // tpb)
+            if EPT > (ept or (CELLS[cell].max_ept if direction == "forward" else CELLS[cell].max_ept_backward)):
+                continue
+            if mma and not glob:
+                p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma,
+                                   CL)
+                if p is not None and (best_mma is None or (p.cost, p.nblocks) < (best_mma.cost, best_mma.nblocks)):
+                    best_mma = p
+            for RB, NCS in _task_shapes(N, BB, colsplit):
+                BBP = -(-BB // RB) * RB
+                rg = BBP // RB * NCS  # warp tasks of one K-split
+                for w_bf16 in _weight_options(weights, x_dtype):
+                    w_bytes = 0 if glob else 2 if w_bf16 else 4
+                    KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
+                    room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes, glob)
+                    per_k = 4 * (BBP + (N if glob else 0))  # staged bytes per k of a chunk
+                    if room < per_k * 32:
+                        continue
+                    KCH = K if per_k * K <= room else (room // per_k) // 32 * 32
+                    KS = max(1, min(KS, -(-KCH // 32)))
+                    smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob)
+                    if smem > budget:
+                        continue
+                    cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes, glob, NCS)
+                    cost -= cluster_saving(CL)
+                    p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
+                             w_bf16, smem, cost, problems, glob, NCS, CL=CL)
+                    key = (cost, p.nblocks, w_bf16, NCS)
+                    if best is None or key < (best.cost, best.nblocks, best.w_bf16, best.NCS):
+                        best = p
+                    break  # float32 fits: no need for bfloat16
     # The tensor-core plan where its model cost is clearly lower (MMA_MARGIN): at small
     # shapes the two are within the model's error, and the FMA plan wastes no padding.
     if weights == "mma":
@@ -272,7 +337,7 @@ def mma_tiles_per_task(nt):
     return next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if nt % d == 0)
 
 
-def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma):
+def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma, CL=0):
     """The tensor-core plan of one (U, BB) split, or None where its padded W_h slice
     (the MMA's type; tf32 as float32) and a K-chunk of at least 32 do not fit."""
     nw = tpb // 32
@@ -293,9 +358,9 @@ def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, bud
     smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma)
     if smem > budget:
         return None
-    cost = _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma)
+    cost = _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma) - cluster_saving(CL)
     return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32 and
-                mma != MMA_F16, smem, cost, problems, False, 1, mma)
+                mma != MMA_F16, smem, cost, problems, False, 1, mma, CL)
 
 
 def _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma):
