@@ -214,9 +214,10 @@ def clusters_enabled():
 MAX_CLUSTER = 8
 MAX_CLUSTER_BACKWARD = 4
 # What a cluster barrier saves against the grid barrier, in the model's cycles per step:
-# on the H200 (2026-12-04, .probe/cluster_probe.py: a DSMEM write and cluster.sync per
-# step, 16 clusters) 0.21 us a step at 1 block, 0.28 at 2, 0.32 at 4, 0.46 at 8, against
-# ~0.6-0.7 us for the grid barrier (RESULTS.md, the kernel-alone table), ~1.9 GHz.
+# on the H200 (2026-12-04, benchmarks/RESULTS.md, a probe kernel: a DSMEM write and
+# cluster.sync per step, 16 clusters) 0.21 us a step at 1 block, 0.28 at 2, 0.32 at 4,
+# 0.46 at 8, against ~0.6-0.7 us for the grid barrier (RESULTS.md, the kernel-alone
+# table), ~1.9 GHz.
 
 
 def cluster_saving(CL):
