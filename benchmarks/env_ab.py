@@ -54,6 +54,12 @@ def parse_cases(layers, flash):
     return cases
 
 
+# MLX's own switches that it reads once per process (its first kernel): switching them
+# here would change what mlx_fastrnn plans for but not what MLX does (with the graphs
+# switch, cluster plans under CUDA graphs: wrong results).
+READ_ONCE_BY_MLX = ("MLX_USE_CUDA_GRAPHS", "MLX_ENABLE_TF32")
+
+
 def with_env(name, value, fn):
     """``fn()`` with ``name`` set to ``value`` (unset when empty), restored after."""
     old = os.environ.get(name)
@@ -91,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--wait-for", default=None, help="time only once this file exists")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.env in READ_ONCE_BY_MLX:
+        ap.error(f"{args.env} is read once per process by MLX: an in-process A/B cannot switch it")
     values = args.values.split(",")
     if len(values) != 2:
         ap.error("--values takes two comma-separated values")

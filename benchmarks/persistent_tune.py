@@ -109,7 +109,7 @@ def candidate_plans(direction, cell, H, B, limits, x_dtype):
                                        weights=weights, mma=mma)
                             if p is not None:
                                 out.setdefault((p.U, p.NU, p.BB, p.NBB, p.RB, p.NCS, p.KS, p.KCH, p.TPB, p.w_bf16,
-                                                p.mma), p)
+                                                p.mma, p.CL), p)
                         nbb *= 2
     finally:
         if saved is None:

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recurrent_bench  # noqa: E402
 
@@ -125,6 +127,16 @@ def test_env_ab_alternates_the_setting_and_restores_it(tmp_path, monkeypatch):
         ("GRU 2x3x8 float32", "fwd", "", "1"), ("flashrnn lstm B=2 T=4 N=2 D=8 bfloat16", "fwd", "", "1")]
     assert all(r["a_ms"] > 0 and r["b_ms"] > 0 for r in data["results"])
     assert os.environ["FRNN_AB_PROBE"] == "outer"
+
+
+@pytest.mark.parametrize("name", ["MLX_USE_CUDA_GRAPHS", "MLX_ENABLE_TF32"])
+def test_env_ab_refuses_what_mlx_reads_once(name):
+    """Switches MLX reads once per process cannot be A/B'd in one process (for the graphs
+    switch the planner would pick cluster plans MLX then runs under graphs)."""
+    import env_ab
+
+    with pytest.raises(SystemExit):
+        env_ab.main(["--env", name, "--values", ",0", "--layers", "GRU:2x3x8:float32"])
 
 
 def test_report_flashrnn_ratios(tmp_path):

@@ -433,8 +433,9 @@ def nvrtc_paths():
     return lib, hdr, cccl, home
 
 
-def nvrtc_compile(source, arch="sm_90", verbose_ptxas=True, name="frnn.cu"):
-    """Compile ``source`` like MLX's JitModule; returns (ok, log)."""
+def nvrtc_compile(source, arch="sm_90", verbose_ptxas=True, name="frnn.cu", want_ptx=False):
+    """Compile ``source`` like MLX's JitModule; returns (ok, log), with ``want_ptx`` (ok,
+    log, PTX text) (``arch`` then a virtual one, e.g. compute_90)."""
     paths = nvrtc_paths()
     if paths is None:
         raise RuntimeError("NVRTC not configured (MLX_FASTRNN_NVRTC, MLX_FASTRNN_JIT_HEADERS)")
@@ -465,7 +466,15 @@ def nvrtc_compile(source, arch="sm_90", verbose_ptxas=True, name="frnn.cu"):
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     buf = ctypes.create_string_buffer(size.value + 1)
     lib.nvrtcGetProgramLog(prog, buf)
+    ptx = ""
+    if want_ptx and rc == 0:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        code = ctypes.create_string_buffer(size.value + 1)
+        lib.nvrtcGetPTX(prog, code)
+        ptx = code.value.decode("utf-8", "replace")
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    if want_ptx:
+        return rc == 0, buf.value.decode("utf-8", "replace"), ptx
     return rc == 0, buf.value.decode("utf-8", "replace")
 
 
@@ -480,10 +489,10 @@ def ptxas_info(log):
             int(stack[-1]) if stack else None)
 
 
-def compile_spec(spec, x_dtype, w_bf16):
+def compile_spec(spec, x_dtype, w_bf16, ptx=False):
     """NVRTC + ptxas of a kernel spec of either class, with its inputs' dtypes and
     ranks as the launch gives them. Returns (ok, log, (registers, spill stores,
-    spill loads, stack bytes))."""
+    spill loads, stack bytes)); with ``ptx``, the PTX for compute_90 instead (ok, log, PTX)."""
     def dtype(n):
         if n == "x":
             return x_dtype
@@ -501,6 +510,8 @@ def compile_spec(spec, x_dtype, w_bf16):
     odts = [mx.uint32 if n == "sync" else mx.float32 for n in spec.output_names]
     _, src = S.generate_source(spec, [dtype(n) for n in spec.input_names], [rank(n) for n in spec.input_names],
                                odts)
+    if ptx:
+        return nvrtc_compile(src, arch="compute_90", verbose_ptxas=False, want_ptx=True)
     ok, log = nvrtc_compile(src)
     return ok, log, ptxas_info(log)
 

@@ -139,6 +139,7 @@ EMU_CASES = [
     ("rnn_relu", 3, 3, 50, mx.float32, False, LIM, "N % 16 != 0"),
     ("rnn_tanh", 2, 72, 16, mx.float32, False, LIM, "row-tile groups"),  # one batch group: 9 row tiles
     ("gru", 3, 4, 64, mx.bfloat16, False, CHUNKED, "K-chunks"),
+    ("lstm", 3, 10, 24, mx.float32, False, LIM, "cluster plans"),  # the cluster's kernel, grid barrier emulated
 ]
 
 
@@ -157,6 +158,7 @@ def _plan_shows(p, what):
         "N % 16 != 0": p.N % 16 != 0,
         "row-tile groups": NT // TP.mma_tiles_per_task(NT) >= 2,
         "K-chunks": p.KCH < p.K,
+        "cluster plans": p.CL > 0,
     }[what]
 
 
@@ -168,9 +170,10 @@ def test_emulated_mma_forward_backward(case):
     if zero:
         s0 = tuple(mx.zeros_like(s) for s in s0)
     nbb = 1 if what == "row-tile groups" else None
-    pf = TP.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights="mma", nbb=nbb)
+    cluster = what == "cluster plans"
+    pf = TP.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights="mma", nbb=nbb, cluster=cluster)
     # a float16 backward keeps the FMA projection (its cotangents would underflow)
-    pb = TP.plan("backward", cell, H, B, limits, x_dtype=xdt, tpb=64, nbb=nbb,
+    pb = TP.plan("backward", cell, H, B, limits, x_dtype=xdt, tpb=64, nbb=nbb, cluster=cluster,
                  **({"mma": 0} if xdt == mx.float16 else {"weights": "mma"}))
     assert pf is not None and pb is not None and pf.mma == KIND[xdt]
     assert pb.mma == (0 if xdt == mx.float16 else KIND[xdt])

@@ -18,6 +18,7 @@ import persistent_reference as ref
 from mlx_fastrnn.kernels import cuda_source as S
 from mlx_fastrnn.kernels import persistent as P
 from mlx_fastrnn.kernels import tiled as T
+from mlx_fastrnn.kernels import gpu as G
 from mlx_fastrnn.kernels import tiled_plan as TP
 
 H100 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472)
@@ -29,6 +30,7 @@ def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
               "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_CLUSTER", "MLX_USE_CUDA_GRAPHS"):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])  # each test a process of its own for the graphs switch
     # The FMA projection, which these tests compare at float32 rounding; the
     # tensor-core plans (rounded operands): test_mma_cpu.py.
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_MMA", "0")
@@ -609,13 +611,29 @@ def test_cluster_plans(cell, direction, B, H, monkeypatch):
         assert on.NU * on.U >= H and (on.NU - 1) * on.U < H and on.N <= P.MAX_N
     assert P.plan(direction, cell, H, B, P.Limits(**{**H200.__dict__, "cc_major": 8}), cluster=True).CL == 0
     for graphs, switch, want in ((None, None, off), ("1", "1", off), ("0", None, on), ("0", "0", off),
-                                 ("false", None, on), (" 2", None, off)):
+                                 (" 00", None, on), ("false", None, off), (" 2", None, off)):
         for name, value in (("MLX_USE_CUDA_GRAPHS", graphs), ("MLX_FASTRNN_PERSISTENT_CLUSTER", switch)):
             if value is None:
                 monkeypatch.delenv(name, raising=False)
             else:
                 monkeypatch.setenv(name, value)
+        monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])  # a process whose first question is this
         assert P.plan(direction, cell, H, B, H200) == want, (graphs, switch)
+
+
+def test_graphs_switched_off_in_process_still_count_as_on(monkeypatch):
+    """MLX reads MLX_USE_CUDA_GRAPHS once, at its first kernel: a process that first
+    ran with graphs and then set the variable to 0 may still be recording graphs, so
+    no cluster plan (e.g. an in-process A/B of the variable)."""
+    monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
+    monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])
+    assert G.mlx_cuda_graphs() and not TP.clusters_enabled()
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    assert G.mlx_cuda_graphs() and not TP.clusters_enabled()
+    assert P.plan("forward", "gru", 128, 8, H200).CL == 0
+    monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])  # a process started with it at 0
+    assert not G.mlx_cuda_graphs() and TP.clusters_enabled()
+    assert P.plan("forward", "gru", 128, 8, H200).CL > 0
 
 
 def test_cluster_plans_where_the_group_fits_a_cluster():
@@ -693,6 +711,12 @@ def test_nvrtc_compiles_cluster_plans(cell, direction):
             assert p is not None, (cell, direction, xdt, problems)
             spec = _assert_compiles(p, xdt, lens=bool(rev), rev=rev)
             assert f"__cluster_dims__({p.CL}, 1, 1)" in spec.header
+            # the cluster barrier, not the grid barrier's counter, in the PTX
+            ok, log, ptx = emu.compile_spec(spec, xdt, p.w_dtype, ptx=True)
+            assert ok, log[-3000:]
+            assert f".reqnctapercluster {p.CL}, 1, 1" in ptx
+            assert "barrier.cluster.arrive" in ptx and "barrier.cluster.wait" in ptx
+            assert "red.release" not in ptx and "ld.acquire" not in ptx
 
 
 # --------------------------------------------------------------------- several problems in one launch

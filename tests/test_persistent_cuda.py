@@ -6,6 +6,7 @@ co-residency, repeatability, and a deadlock guard that runs the kernels in a
 subprocess with a timeout. Skipped unless MLX's CUDA backend is available.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
-              "MLX_FASTRNN_PERSISTENT_SWITCHES"):
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_CLUSTER"):
         monkeypatch.delenv(k, raising=False)
     # The FMA projection, compared at float32 rounding; the tensor-core plans (whose
     # operands are rounded to bfloat16 / float16 / tf32): test_mma_cuda.py.
@@ -192,6 +193,18 @@ def test_varlen_parity(case, interleaved):
 CLUSTER_SHAPES = [("gru", 9, 8, 128), ("lstm", 7, 32, 128), ("rnn_tanh", 6, 64, 256), ("rnn_relu", 5, 16, 32),
                   ("slstm", 4, 16, 32), ("gru", 300, 8, 96)]
 
+def _cluster_plan_or_skip(direction, cell, xp, w_h):
+    """The selected plan, which on the H200 (the shapes' reference GPU) must be a cluster
+    plan; on another GPU a grid plan skips the test."""
+    p = P.select(direction, cell, xp, w_h)
+    assert p is not None
+    if not p.CL:
+        lim = P.device_limits()
+        assert (lim.num_sms, lim.cc_major) != (132, 9), (direction, p)
+        pytest.skip(f"no cluster plan for this shape on this GPU ({lim.num_sms} SMs)")
+    return p
+
+
 # Cluster plans run only where MLX records no CUDA graphs (tiled_plan.clusters_enabled),
 # which MLX decides once per process: these tests run in a subprocess with
 # MLX_USE_CUDA_GRAPHS=0 (test_cluster_plans_without_cuda_graphs) and skip elsewhere.
@@ -210,8 +223,7 @@ def test_parity_cluster_plans(cell, L, B, H, xdt):
         pytest.skip("thread-block clusters need compute capability 9")
     xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
     for direction in ("forward", "backward"):
-        p = P.select(direction, cell, xp, w_h)
-        assert p is not None and p.CL > 0, (direction, p)
+        _cluster_plan_or_skip(direction, cell, xp, w_h)
     _check_sequence(cell, L, B, H, xdt, h0_zero=False)
     a = P.persistent_sequence(cell, xp, w_h, s0, params, False)
     b = P.persistent_sequence(cell, xp, w_h, s0, params, False)
@@ -227,21 +239,53 @@ def test_varlen_parity_cluster_plans():
     cell, L, B, H = "gru", 37, 8, 128
 
     def forward(*args, lens, rev, **kw):
-        p = P.select("forward", cell, args[0], args[1])
-        assert p is not None and p.CL > 0, p
+        p = _cluster_plan_or_skip("forward", cell, args[0], args[1])
         out = P.persistent_sequence(cell, *args, use_plan=p, lens=lens, rev=rev, **kw)
         mx.eval(out)
         return out
 
     def backward(*args, lens, rev, d_out, **kw):
-        p = P.select("backward", cell, args[1], args[5])
-        assert p is not None and p.CL > 0, p
+        p = _cluster_plan_or_skip("backward", cell, args[1], args[5])
         out = P.persistent_backward(cell, *args, use_plan=p, lens=lens, rev=rev, d_out=d_out, **kw)
         mx.eval(out)
         return out
 
     ref.check_varlen(cell, L, B, H, mx.float32, False, seeded_lengths(2 * B, L), 0b10, 2, forward, backward,
                      on=ref.on_cpu, tol=(ref.gpu_tol(L), 5 * ref.gpu_tol(L)))
+
+
+@needs_no_graphs
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("H,B,blocks,weights,xdt", [(9, 4, 3, "auto", mx.float32), (128, 8, 8, "auto", mx.float32),
+                                                    (40, 9, 5, "mma", mx.bfloat16)],
+                         ids=["3-blocks", "8-blocks", "5-blocks-tensor-cores"])
+def test_cluster_barrier_equals_grid_barrier(cell, H, B, blocks, weights, xdt, monkeypatch):
+    """The same split (one batch group of ``blocks`` blocks) with the grid barrier and as a
+    cluster (CL = NU: 3, 5 and 8 blocks; FMA and tensor-core projections): bitwise equal
+    results forward and backward, so the cluster barrier orders what the grid barrier does."""
+    if P.device_limits().cc_major < 9:
+        pytest.skip("thread-block clusters need compute capability 9")
+    if weights == "mma":
+        monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_MMA")  # the fixture's FMA pin
+    L = 7
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    lim = P.Limits(**{**P.device_limits().__dict__, "num_sms": blocks})
+    runs = []
+    for cluster in (False, True):
+        pf = P.plan("forward", cell, H, B, lim, x_dtype=xdt, nbb=1, weights=weights, cluster=False)
+        pb = P.plan("backward", cell, H, B, lim, x_dtype=xdt, nbb=1, weights=weights, cluster=False)
+        assert pf.NU == pb.NU == blocks and pf.NBB == pb.NBB == 1 and (weights == "auto") == (pf.mma == 0)
+        if cluster:
+            pf, pb = dataclasses.replace(pf, CL=pf.NU), dataclasses.replace(pb, CL=pb.NU)
+        out = P.persistent_sequence(cell, xp, w_h, s0, params, False, use_plan=pf)
+        seqs, hp = out[:-1], out[-1]
+        prevs = ref.prevs_of(s0, seqs)
+        back = P.persistent_backward(cell, ref.cotangents(cell, L, B, H), xp, hp, prevs, params, w_h, True,
+                                     use_plan=pb)
+        mx.eval(out, back)
+        runs.append([*out, back[0], back[1], *back[2]])
+    for a, b in zip(*runs):
+        assert mx.array_equal(a, b).item()
 
 
 @needs_no_graphs

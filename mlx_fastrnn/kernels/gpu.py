@@ -186,15 +186,24 @@ def _env_switch(name):
     return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
 
 
+# MLX_USE_CUDA_GRAPHS at this process's first question (mlx_cuda_graphs)
+_GRAPHS_AT_FIRST_USE = []
+
+
 def mlx_cuda_graphs():
-    """Whether MLX's CUDA backend records kernels into CUDA graphs (``MLX_USE_CUDA_GRAPHS``,
-    MLX's own switch and default: on unless set to what C's ``atoi`` reads as 0, e.g. "0";
-    MLX reads it once per process, at its first kernel, this on every call)."""
+    """Whether MLX's CUDA backend may be recording kernels into CUDA graphs
+    (``MLX_USE_CUDA_GRAPHS``, MLX's own switch and default: on unless set to what C's
+    ``atoi`` reads as 0). Off here only for an integer 0 ("0", " 00"; MLX's atoi also
+    reads "false" or "" as 0: counted as on, the safe side). MLX reads it once per
+    process, at its first kernel; this answers "off" only while the variable says off
+    now and said off at this process's first question too, so that a value changed
+    in-process (after MLX may have read it) never counts as off."""
     value = os.environ.get("MLX_USE_CUDA_GRAPHS")
-    if value is None:
-        return True
-    m = re.match(r"\s*[+-]?\d+", value)
-    return m is not None and int(m.group()) != 0
+    m = re.match(r"\s*[+-]?\d+", value) if value is not None else None
+    now = m is None or int(m.group()) != 0
+    if not _GRAPHS_AT_FIRST_USE:
+        _GRAPHS_AT_FIRST_USE.append(now)
+    return now or _GRAPHS_AT_FIRST_USE[0]
 
 
 def tf32_enabled():

@@ -46,6 +46,7 @@ from .gpu import (  # noqa: F401 - the kernels' names stay importable from here
     cuda_available,
     device_limits,
     enabled,
+    mlx_cuda_graphs,
     query_cuda_limits,
     register_cell,
     smem_budget,
@@ -310,6 +311,9 @@ def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, wei
     p = use_plan
     if (p.direction, p.cell, p.H, p.B, p.NP) != (direction, cell_name, H, B, NP) or p.nblocks > lim.num_sms:
         raise ValueError(f"plan {p} does not fit this {direction} {cell_name} problem (B={B}, H={H}, NP={NP})")
+    if p.CL and (p.NU != p.CL or lim.cc_major < 9 or mlx_cuda_graphs()):
+        raise ValueError(f"cluster plan {p}: needs NU == CL, compute capability 9+ and MLX without CUDA graphs "
+                         "(tiled_plan.clusters_enabled)")
     return p
 
 

@@ -241,7 +241,8 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target)
 // arrive.release / wait.acquire order every thread's earlier writes (global memory too)
 // before every cluster thread's later reads, at cluster scope: what the counter's
 // release / acquire pair gives the grid. Only compute capability 9+ has clusters (the
-// planner makes no cluster plan before); the emulator runs the grid barrier.
+// planner makes no cluster plan before); the emulator runs the grid barrier. The grid
+// barrier's switches (FRNN_BARRIER_FENCE) do not apply to it.
 template <bool CLU>
 __device__ __forceinline__ void group_barrier(unsigned* counter, unsigned target) {
 #if defined(__CUDACC__) && __CUDA_ARCH__ >= 900 && !defined(FRNN_DIAG_NO_BARRIER)

@@ -227,8 +227,9 @@ def cluster_saving(CL):
 
 def _unit_splits(H, max_nu, glob, cluster):
     """(U, NU, CL) of a batch group to try: the most blocks (``max_nu``), and with
-    ``cluster`` (the most blocks of a cluster, 0: none) each cluster size up to it (one
-    candidate per NU)."""
+    ``cluster`` (the most blocks of a cluster, 0: none) the splits into at most 2, 4, 8
+    blocks up to it as clusters (NU = CL: 3, 5-7 where H divides so; one candidate per
+    cluster size, the grid split of the same NU kept beside it)."""
     U = -(-H // max_nu)
     while glob and H % U:  # a streamed W_h: no block with rows past H
         U += 1
