@@ -199,10 +199,16 @@ def _cluster_plan_or_skip(direction, cell, xp, w_h):
     p = P.select(direction, cell, xp, w_h)
     assert p is not None
     if not p.CL:
-        lim = P.device_limits()
-        assert (lim.num_sms, lim.cc_major) != (132, 9), (direction, p)
-        pytest.skip(f"no cluster plan for this shape on this GPU ({lim.num_sms} SMs)")
+        assert not _on_h200(), (direction, p)
+        pytest.skip("no cluster plan for this shape on this GPU")
     return p
+
+
+def _on_h200():
+    """Whether the GPU is H200 / H100-like (132 SMs, compute capability 9): the cluster
+    tests' shapes are cluster plans there."""
+    lim = P.device_limits()
+    return (lim.num_sms, lim.cc_major) == (132, 9)
 
 
 # Cluster plans run only where MLX records no CUDA graphs (tiled_plan.clusters_enabled),
@@ -304,7 +310,9 @@ def test_layer_cluster_plans(kind, B, L, H):
     cell, G = {"LSTM": ("lstm", 4), "GRU": ("gru", 3), "RNN": ("rnn_tanh", 1)}[kind]
     klass, p = classes.choose("forward", cell, classes.Operand((L, B, G * H), mx.float32, 3),
                               classes.Operand((G * H, H), mx.float32, 2))
-    assert klass == "tiled" and p.CL > 0, (klass, p)
+    if not (klass == "tiled" and p.CL > 0):
+        assert not _on_h200(), (klass, p)
+        pytest.skip("no cluster plan for this layer on this GPU")
     fast = getattr(mlx_fastrnn, kind)(H, H)
     stock = getattr(nn, kind)(H, H)
     stock.update(fast.parameters())
@@ -337,7 +345,7 @@ def test_cluster_plans_without_cuda_graphs():
            os.path.join(ROOT, "tests", "test_persistent_cuda.py"), "-k", "cluster and not without"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env, cwd=ROOT)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    assert res.returncode == 0 and "passed" in summary and "skipped" not in summary, \
+    assert res.returncode == 0 and "passed" in summary and ("skipped" not in summary or not _on_h200()), \
         res.stdout[-4000:] + res.stderr[-2000:]
 
 
