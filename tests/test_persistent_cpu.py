@@ -9,6 +9,8 @@
   and MLX's device headers (see ``persistent_emulator``).
 """
 
+import os
+
 import pytest
 
 import mlx.core as mx
@@ -30,7 +32,9 @@ def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
               "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_CLUSTER", "MLX_USE_CUDA_GRAPHS"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])  # each test a process of its own for the graphs switch
+    # each test a process of its own for the graphs switch, started with the environment it sets
+    monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])
+    monkeypatch.setattr(G, "_starting_env", lambda name: os.environ.get(name))
     # The FMA projection, which these tests compare at float32 rounding; the
     # tensor-core plans (rounded operands): test_mma_cpu.py.
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_MMA", "0")
@@ -634,6 +638,25 @@ def test_graphs_switched_off_in_process_still_count_as_on(monkeypatch):
     monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])  # a process started with it at 0
     assert not G.mlx_cuda_graphs() and TP.clusters_enabled()
     assert P.plan("forward", "gru", 128, 8, H200).CL > 0
+    # a process started without it that set it to 0 before its first question (MLX may
+    # have run a kernel, with graphs, before that)
+    monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])
+    monkeypatch.setattr(G, "_starting_env", lambda name: None)
+    assert G.mlx_cuda_graphs() and P.plan("forward", "gru", 128, 8, H200).CL == 0
+
+
+def test_starting_environment_is_read_from_the_process():
+    """``gpu._starting_env`` reads the environment the process started with, not
+    os.environ's later changes."""
+    import subprocess
+    import sys
+
+    code = ("import os; from mlx_fastrnn.kernels import gpu; os.environ['FRNN_PROBE_B'] = 'later'; "
+            "print(gpu._starting_env('FRNN_PROBE_A'), gpu._starting_env('FRNN_PROBE_B'))")
+    env = {**os.environ, "FRNN_PROBE_A": "0"}
+    env.pop("FRNN_PROBE_B", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "None"]
 
 
 def test_cluster_plans_where_the_group_fits_a_cluster():

@@ -186,23 +186,41 @@ def _env_switch(name):
     return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
 
 
-# MLX_USE_CUDA_GRAPHS at this process's first question (mlx_cuda_graphs)
+def _starting_env(name):
+    """``name``'s value in the environment this process started with (Linux:
+    /proc/self/environ; os.environ's changes are not there), or what os.environ says
+    where that cannot be read."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return os.environ.get(name)
+    key = name.encode() + b"="
+    return next((e[len(key):].decode(errors="replace") for e in entries if e.startswith(key)), None)
+
+
+def _graphs_on(value):
+    """MLX_USE_CUDA_GRAPHS's value read as MLX reads it (C atoi, nonzero or unset: on), except
+    that only an integer counts as 0 ("false" or "" are atoi's 0 too: counted as on)."""
+    m = re.match(r"\s*[+-]?\d+", value) if value is not None else None
+    return m is None or int(m.group()) != 0
+
+
+# whether graphs were (possibly) on at this process's first question (mlx_cuda_graphs)
 _GRAPHS_AT_FIRST_USE = []
 
 
 def mlx_cuda_graphs():
     """Whether MLX's CUDA backend may be recording kernels into CUDA graphs
-    (``MLX_USE_CUDA_GRAPHS``, MLX's own switch and default: on unless set to what C's
-    ``atoi`` reads as 0). Off here only for an integer 0 ("0", " 00"; MLX's atoi also
-    reads "false" or "" as 0: counted as on, the safe side). MLX reads it once per
-    process, at its first kernel; this answers "off" only while the variable says off
-    now and said off at this process's first question too, so that a value changed
-    in-process (after MLX may have read it) never counts as off."""
-    value = os.environ.get("MLX_USE_CUDA_GRAPHS")
-    m = re.match(r"\s*[+-]?\d+", value) if value is not None else None
-    now = m is None or int(m.group()) != 0
+    (``MLX_USE_CUDA_GRAPHS``, MLX's own switch and default: on unless 0). MLX reads it
+    once per process, at its first kernel, which may come before this is asked. So it
+    counts as off only where it is an integer 0 in the environment the process started
+    with, at this process's first question and now: a value set in-process (e.g.
+    ``os.environ`` after MLX ran a kernel) does not turn it off. (Switched to 1 and
+    back to 0 in-process around MLX's first kernel, it would: do not.)"""
+    now = _graphs_on(os.environ.get("MLX_USE_CUDA_GRAPHS"))
     if not _GRAPHS_AT_FIRST_USE:
-        _GRAPHS_AT_FIRST_USE.append(now)
+        _GRAPHS_AT_FIRST_USE.append(now or _graphs_on(_starting_env("MLX_USE_CUDA_GRAPHS")))
     return now or _GRAPHS_AT_FIRST_USE[0]
 
 

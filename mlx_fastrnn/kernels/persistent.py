@@ -46,13 +46,12 @@ from .gpu import (  # noqa: F401 - the kernels' names stay importable from here
     cuda_available,
     device_limits,
     enabled,
-    mlx_cuda_graphs,
     query_cuda_limits,
     register_cell,
     smem_budget,
 )
 from .persistent_header import HEADER
-from .tiled_plan import MAX_N, SYNC_STRIDE, Plan, plan, smem_bytes  # noqa: F401
+from .tiled_plan import MAX_CLUSTER, MAX_N, SYNC_STRIDE, Plan, clusters_enabled, plan, smem_bytes  # noqa: F401
 
 X_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 INDEX_LIMIT = 2**31 - 1
@@ -311,9 +310,9 @@ def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, wei
     p = use_plan
     if (p.direction, p.cell, p.H, p.B, p.NP) != (direction, cell_name, H, B, NP) or p.nblocks > lim.num_sms:
         raise ValueError(f"plan {p} does not fit this {direction} {cell_name} problem (B={B}, H={H}, NP={NP})")
-    if p.CL and (p.NU != p.CL or lim.cc_major < 9 or mlx_cuda_graphs()):
-        raise ValueError(f"cluster plan {p}: needs NU == CL, compute capability 9+ and MLX without CUDA graphs "
-                         "(tiled_plan.clusters_enabled)")
+    if p.CL and (p.NU != p.CL or p.CL > MAX_CLUSTER or lim.cc_major < 9 or not clusters_enabled()):
+        raise ValueError(f"cluster plan {p}: needs NU == CL <= {MAX_CLUSTER}, compute capability 9+ and "
+                         "tiled_plan.clusters_enabled() (MLX without CUDA graphs)")
     return p
 
 
