@@ -230,18 +230,17 @@ def _unit_splits(H, max_nu, glob, cluster):
     ``cluster`` (the most blocks of a cluster, 0: none) the splits into at most 2, 4, 8
     blocks up to it as clusters (NU = CL: 3, 5-7 where H divides so; one candidate per
     cluster size, the grid split of the same NU kept beside it)."""
-    U = -(-H // max_nu)
-    while glob and H % U:  # a streamed W_h: no block with rows past H
-        U += 1
-    splits = [(U, -(-H // U), 0)]
-    if cluster:
-        for cl in (c for c in (2, 4, 8) if c <= cluster):
-            Uc = -(-H // cl)
-            while glob and H % Uc:
-                Uc += 1
-            NUc = -(-H // Uc)
-            if 2 <= NUc <= min(cl, max_nu) and all(NUc != s[2] for s in splits):
-                splits.append((Uc, NUc, NUc))
+    def units(blocks):  # hidden units per block for at most ``blocks`` blocks
+        U = -(-H // blocks)
+        while glob and H % U:  # a streamed W_h: no block with rows past H
+            U += 1
+        return U, -(-H // U)
+
+    splits = [(*units(max_nu), 0)]
+    for cl in (c for c in (2, 4, 8) if c <= cluster):
+        U, NU = units(cl)
+        if 2 <= NU <= min(cl, max_nu) and all(NU != s[2] for s in splits):
+            splits.append((U, NU, NU))
     return splits
 
 
