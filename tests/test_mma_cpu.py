@@ -34,7 +34,7 @@ KIND = {mx.bfloat16: gpu.MMA_BF16, mx.float16: gpu.MMA_F16, mx.float32: gpu.MMA_
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
-              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA"):
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA", "MLX_FASTRNN_PERSISTENT_MMA_FIT"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLX_ENABLE_TF32", "1")
 
@@ -128,6 +128,68 @@ def test_mma_plans_only_where_the_padded_slice_fits():
         TP.plan("forward", "gru", 64, 4, H200, weights="tensor")
 
 
+def test_fewer_k_splits_where_the_warp_filling_split_does_not_fit(monkeypatch):
+    # LSTM H = 1024 at B = 128 in bfloat16, 8 units a block: the W slice (32 rows) fits,
+    # but not beside the partial sums of two K-splits; one K-split does
+    monkeypatch.delenv("MLX_FASTRNN_PERSISTENT_MMA_FIT", raising=False)
+    p = TP.plan("forward", "lstm", 1024, 128, H200, x_dtype=mx.bfloat16, weights="mma")
+    assert p is not None and p.mma == gpu.MMA_BF16 and not p.w_global and p.smem <= P.smem_budget(H200)
+    w_bytes, budget = 2, P.smem_budget(H200)
+    assert p.KS == 1 and TP._mma_chunk(p.K, p.N, p.BBP, 2, w_bytes, budget, p.mma, False) is None  # two: no room
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_MMA_FIT", "0")  # the plans of before
+    assert TP.plan("forward", "lstm", 1024, 128, H200, x_dtype=mx.bfloat16, weights="mma") is None
+    assert TP.plan("forward", "lstm", 1024, 128, H200, x_dtype=mx.bfloat16).mma == 0
+    assert TP.plan("forward", "lstm", 2048, 8, H200, x_dtype=mx.bfloat16, weights="global").mma == 0
+
+
+def _select(direction, cell, B, H, xdt):
+    from mlx_fastrnn.kernels.classes import Operand
+    G = gpu.CELLS[cell].num_gates
+    return P.select(direction, cell, Operand((50, B, G * H), xdt, 3), Operand((G * H, H), mx.float32, 2), H200)
+
+
+def test_streamed_tensor_cores_where_the_slice_starves_or_none_fits(monkeypatch):
+    """``select``'s streamed tensor-core plans (H200 limits): in place of a slice plan
+    the shared memory starves (LSTM 128 x 1024 bfloat16: the backward's FMA plan of 64
+    staged columns a chunk), of a streamed FMA plan, and of the per-step cells only
+    within the grid's L2 bound (LSTM 64 x 1536's backward: four batch groups each
+    reading all of W_h: the per-step cells); MLX_FASTRNN_PERSISTENT_MMA_FIT=0 keeps
+    the plans of before."""
+    for k in ("MLX_FASTRNN_PERSISTENT_MMA_FIT", "MLX_FASTRNN_PERSISTENT_STREAMED"):
+        monkeypatch.delenv(k, raising=False)
+    for direction in ("forward", "backward"):
+        p = _select(direction, "lstm", 128, 1024, mx.bfloat16)
+        assert p.w_global and p.mma == gpu.MMA_BF16
+        slice_plan = TP.plan(direction, "lstm", 1024, 128, H200, x_dtype=mx.bfloat16)
+        assert not slice_plan.w_global and slice_plan.cost > P.STREAMED_MIN_CYCLES
+        assert p.cost < TP.MMA_MARGIN * slice_plan.cost
+        assert not _select(direction, "lstm", 16, 1024, mx.bfloat16).w_global  # the slice plan is fine there
+        q = _select(direction, "gru", 64, 1536, mx.float32)
+        assert q.w_global and q.mma == gpu.MMA_TF32
+        if direction == "backward":  # the streamed FMA plan would run there: replaced whatever the bytes
+            assert P._streamed_fma_runs(direction, "gru", 1536, 64, H200, mx.float32, 256, 1)
+        else:  # the per-step cells, replaced within the bound
+            assert not P._streamed_fma_runs(direction, "gru", 1536, 64, H200, mx.float32, 256, 1)
+            assert q.step_l2_bytes <= P.STREAMED_MMA_MAX_L2_BYTES
+    for xdt in (mx.float32, mx.bfloat16):
+        f = _select("forward", "lstm", 64, 1536, xdt)
+        assert f.w_global and f.mma and f.step_l2_bytes <= P.STREAMED_MMA_MAX_L2_BYTES
+        g = TP.plan("backward", "lstm", 1536, 64, H200, x_dtype=xdt, weights="global")
+        assert g.mma and g.step_l2_bytes > P.STREAMED_MMA_MAX_L2_BYTES and g.NBB > 1
+        assert _select("backward", "lstm", 64, 1536, xdt) is None  # the per-step cells
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_MMA_FIT", "0")
+    assert _select("forward", "lstm", 128, 1024, mx.bfloat16).mma == 0
+    assert _select("forward", "lstm", 128, 1024, mx.float32) is None
+    assert not _select("forward", "lstm", 8, 2048, mx.bfloat16).mma
+
+
+def test_step_l2_bytes():
+    p = TP.plan("backward", "lstm", 1536, 64, H200, x_dtype=mx.bfloat16, weights="mma_global")
+    assert p.step_l2_bytes == p.nblocks * p.BBP * 4 * 1536 * 4 + p.NBB * 4 * 1536 * 1536 * 2
+    q = TP.plan("forward", "lstm", 256, 64, H200, x_dtype=mx.bfloat16, problems=4)
+    assert not q.w_global and q.step_l2_bytes == q.nblocks * q.BBP * 256 * 4
+
+
 # --------------------------------------------------------------------------- emulated kernels
 
 # (cell, L, B, H, x dtype, zero initial state, limits, what the plans must show)
@@ -140,6 +202,13 @@ EMU_CASES = [
     ("rnn_tanh", 2, 72, 16, mx.float32, False, LIM, "row-tile groups"),  # one batch group: 9 row tiles
     ("gru", 3, 4, 64, mx.bfloat16, False, CHUNKED, "K-chunks"),
     ("lstm", 3, 10, 24, mx.float32, False, LIM, "cluster plans"),  # the cluster's kernel, grid barrier emulated
+    # W_h streamed (each K-chunk of the block's rows staged in the slice's padded layout)
+    ("lstm", 3, 10, 24, mx.float32, False, LIM, "streamed W_h, N % 16 != 0"),  # tf32, 16-byte staging
+    ("gru", 3, 9, 20, mx.bfloat16, False, LIM, "streamed W_h, element staging"),  # K % 8 != 0
+    ("gru", 3, 4, 64, mx.bfloat16, False, CHUNKED, "streamed W_h in K-chunks"),  # cp.async staging
+    ("slstm", 3, 17, 32, mx.bfloat16, True, CHUNKED, "streamed W_h in K-chunks"),
+    ("rnn_tanh", 3, 9, 40, mx.float16, False, CHUNKED, "streamed W_h, K % 16 != 0"),
+    ("lstm", 3, 6, 30, mx.float32, False, LIM, "streamed W_h, element staging"),  # tf32: rounded there
 ]
 
 
@@ -159,6 +228,10 @@ def _plan_shows(p, what):
         "row-tile groups": NT // TP.mma_tiles_per_task(NT) >= 2,
         "K-chunks": p.KCH < p.K,
         "cluster plans": p.CL > 0,
+        "streamed W_h, N % 16 != 0": p.w_global and p.mma and p.N % 16 != 0,
+        "streamed W_h, element staging": p.w_global and p.mma and p.K % (16 // p.w_dtype.size) != 0,
+        "streamed W_h in K-chunks": p.w_global and p.mma and p.KCH < p.K and p.K % p.KCH != 0,
+        "streamed W_h, K % 16 != 0": p.w_global and p.mma and p.K % 16 != 0,
     }[what]
 
 
@@ -171,12 +244,16 @@ def test_emulated_mma_forward_backward(case):
         s0 = tuple(mx.zeros_like(s) for s in s0)
     nbb = 1 if what == "row-tile groups" else None
     cluster = what == "cluster plans"
-    pf = TP.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights="mma", nbb=nbb, cluster=cluster)
+    streamed = what.startswith("streamed")
+    mma_w = "mma_global" if streamed else "mma"
+    pf = TP.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights=mma_w, nbb=nbb, cluster=cluster)
     # a float16 backward keeps the FMA projection (its cotangents would underflow)
     pb = TP.plan("backward", cell, H, B, limits, x_dtype=xdt, tpb=64, nbb=nbb, cluster=cluster,
-                 **({"mma": 0} if xdt == mx.float16 else {"weights": "mma"}))
+                 **({"mma": 0, "weights": "global" if streamed else "auto"} if xdt == mx.float16
+                    else {"weights": mma_w}))
     assert pf is not None and pb is not None and pf.mma == KIND[xdt]
     assert pb.mma == (0 if xdt == mx.float16 else KIND[xdt])
+    assert pf.w_global == streamed and pb.w_global == streamed
     assert any(_plan_shows(p, what) for p in (pf, pb)), (what, pf, pb)
     got, (_, sync) = emu.forward(cell, xp, w_h, s0, params, zero, limits, plan=pf)
     assert [int(v) for v in sync.tolist()[:: P.SYNC_STRIDE]] == [pf.NU * (L - 1)] * pf.NBB
@@ -254,6 +331,43 @@ def test_emulated_mma_lengths_directions_problems(case):
                      tol=(2e-6, tol_bwd), interleaved=xil, mma=kind)
 
 
+@needs_cxx
+def test_emulated_streamed_mma_staging_through_registers(monkeypatch):
+    """The 16-byte staging of a 16-bit streamed chunk without cp.async (``ldcg_staging``:
+    float4 loads and stores of the raw bits) gives the same results."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_SWITCHES", "ldcg_staging")
+    test_emulated_mma_forward_backward(("gru", 3, 4, 64, mx.bfloat16, False, CHUNKED, "streamed W_h in K-chunks"))
+
+
+STREAMED_VARLEN_CASES = [
+    ("lstm", 4, 6, 24, mx.bfloat16, False, [4, 1, 3, 2, 4, 2] * 2, 0b10, 2, True),
+    ("gru", 3, 5, 32, mx.float32, True, None, 0b01, 2, False),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", STREAMED_VARLEN_CASES, ids=lambda c: f"{c[0]}-np{c[8]}-rev{c[7]}-xil{int(c[9])}")
+def test_emulated_streamed_mma_lengths_directions_problems(case):
+    """The streamed tensor-core kernels (each problem's rows of its own W_h staged per
+    K-chunk) with lengths, reversed problems, two problems and interleaved I/O."""
+    cell, L, B, H, xdt, zero, lens, rev, problems, xil = case
+    kind = KIND[xdt]
+
+    def plan(direction):
+        p = TP.plan(direction, cell, H, B, CHUNKED, x_dtype=xdt, tpb=64, weights="mma_global", problems=problems)
+        assert p is not None and p.mma == kind and p.w_global
+        return p
+
+    def forward(*args, lens, rev, **kw):
+        return emu.forward(cell, *args, CHUNKED, plan=plan("forward"), lens=lens, rev=rev, **kw)[0]
+
+    def backward(*args, lens, rev, d_out, **kw):
+        return emu.backward(cell, *args, CHUNKED, plan=plan("backward"), lens=lens, rev=rev, d_out=d_out, **kw)[0]
+
+    ref.check_varlen(cell, L, B, H, xdt, zero, lens, rev, problems, forward, backward,
+                     tol=(2e-6, {1: 3e-2, 3: 5e-3}[kind]), interleaved=xil, mma=kind)
+
+
 # --------------------------------------------------------------------------- NVRTC
 
 
@@ -270,6 +384,28 @@ def test_nvrtc_compiles_mma_without_spills(cell, direction):
             assert p is None  # the FMA backward (the planner's float16 rule)
             continue
         assert p is not None and p.mma == KIND[xdt]
+        _assert_compiles(p, xdt)
+        if NP > 1:
+            _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_streamed_mma(cell, direction):
+    """The streamed tensor-core kernels of H200 plans (H = 1024-2048), plain and as
+    two problems with lengths, directions and interleaved I/O."""
+    from test_persistent_cpu import _assert_compiles
+
+    for (B, H, NP), xdt in (((128, 1024, 1), mx.bfloat16), ((128, 1024, 1), mx.float32), ((8, 2048, 1), mx.bfloat16),
+                            ((16, 1024, 2), mx.bfloat16), ((4, 1024, 1), mx.float16)):
+        p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights="mma_global", problems=NP)
+        if xdt == mx.float16 and direction == "backward":
+            assert p is None  # the FMA backward (the planner's float16 rule)
+            continue
+        if p is None and cell == "slstm" and direction == "backward" and B == 128:
+            continue  # 2 elements a thread at most (MAX_EPT_BACKWARD): B = 128 needs 4
+        assert p is not None and p.mma == KIND[xdt] and p.w_global
         _assert_compiles(p, xdt)
         if NP > 1:
             _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)

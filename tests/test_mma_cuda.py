@@ -44,14 +44,28 @@ def _stacked(cell, L, B, H, xdt, problems):
 @pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16, mx.float16], ids=["tf32", "bf16", "f16"])
 @pytest.mark.parametrize("L,B,H,problems", [(9, 20, 96, 1), (6, 64, 64, 4), (5, 3, 200, 1)])
 def test_mma_parity(cell, xdt, L, B, H, problems):
+    _check_parity(cell, xdt, L, B, H, problems, "mma")
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16, mx.float16], ids=["tf32", "bf16", "f16"])
+@pytest.mark.parametrize("L,B,H,problems", [(9, 20, 96, 1), (6, 16, 64, 2), (4, 8, 1024, 1)])
+def test_streamed_mma_parity(cell, xdt, L, B, H, problems):
+    """W_h streamed, each K-chunk of the block's rows staged for the tensor cores."""
+    _check_parity(cell, xdt, L, B, H, problems, "mma_global")
+
+
+def _check_parity(cell, xdt, L, B, H, problems, weights):
     kind = KIND[xdt]
     xp, w, s0, params = _stacked(cell, L, B, H, xdt, problems)
-    pf = P.select("forward", cell, xp, w, weights="mma")
+    pf = P.select("forward", cell, xp, w, weights=weights)
     # float16: the backward keeps the FMA projection (its cotangents would underflow)
-    pb = P.select("backward", cell, xp, w, weights="auto" if kind == gpu.MMA_F16 else "mma")
+    pb = P.select("backward", cell, xp, w, weights=("global" if weights == "mma_global" else "auto")
+                  if kind == gpu.MMA_F16 else weights)
     if pf is None or pb is None:
         pytest.skip("no tensor-core plan fits")
     assert pf.mma == kind and pb.mma == (0 if kind == gpu.MMA_F16 else kind)
+    assert pf.w_global == (weights == "mma_global") and pb.w_global == pf.w_global
     got = P.persistent_sequence(cell, xp, w, s0, params, False, use_plan=pf)
     mx.eval(got)
     rows = xp.shape[1] // problems
@@ -83,21 +97,23 @@ def test_mma_parity(cell, xdt, L, B, H, problems):
             assert ref.max_rel_err(a[sl], e) < tol, pb
 
 
+@pytest.mark.parametrize("weights", ["mma", "mma_global"])
 @pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["tf32", "bf16"])
-def test_mma_lengths_and_directions(xdt):
-    """Two reversed / forward problems with per-row lengths, problem-interleaved I/O."""
+def test_mma_lengths_and_directions(xdt, weights):
+    """Two reversed / forward problems with per-row lengths, problem-interleaved I/O
+    (W_h a slice, or streamed)."""
     kind = KIND[xdt]
     cell, L, B, H, problems = "lstm", 7, 16, 64, 2
     lens = [7, 3, 1, 5] * 8
 
     def forward(*args, lens, rev, interleaved):
-        p = P.select("forward", cell, args[0], args[1], weights="mma")
-        assert p is not None and p.mma == kind
+        p = P.select("forward", cell, args[0], args[1], weights=weights)
+        assert p is not None and p.mma == kind and p.w_global == (weights == "mma_global")
         return P.persistent_sequence(cell, *args, use_plan=p, lens=lens, rev=rev, interleaved=interleaved)
 
     def backward(*args, lens, rev, d_out, interleaved):
-        p = P.select("backward", cell, args[1], args[5], weights="mma")
-        assert p is not None and p.mma == kind
+        p = P.select("backward", cell, args[1], args[5], weights=weights)
+        assert p is not None and p.mma == kind and p.w_global == (weights == "mma_global")
         return P.persistent_backward(cell, *args, use_plan=p, lens=lens, rev=rev, d_out=d_out,
                                      interleaved=interleaved)
 

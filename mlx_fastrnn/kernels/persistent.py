@@ -51,7 +51,8 @@ from .gpu import (  # noqa: F401 - the kernels' names stay importable from here
     smem_budget,
 )
 from .persistent_header import HEADER
-from .tiled_plan import MAX_CLUSTER, MAX_N, SYNC_STRIDE, Plan, clusters_enabled, plan, smem_bytes  # noqa: F401
+from .tiled_plan import (  # noqa: F401
+    MAX_CLUSTER, MAX_N, MMA_MARGIN, SYNC_STRIDE, Plan, clusters_enabled, plan, smem_bytes)
 
 X_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 INDEX_LIMIT = 2**31 - 1
@@ -229,11 +230,19 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
     p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights=weights, problems=NP)
     if p is None and weights == "auto" and ept_fallback_enabled():
         p = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, problems=NP, ept=MAX_EPT)
-    if p is None and weights == "auto":
+    if weights == "auto" and (p is None or p.cost > STREAMED_MIN_CYCLES):
         mode = streamed_mode()
         g = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights="global",
                  problems=NP) if mode != "off" else None
-        if g is not None and (mode == "on" or g.cost <= STREAMED_MAX_CYCLES):
+        if g is None:
+            pass
+        elif p is None:
+            p = g if mode == "on" or g.cost <= STREAMED_MAX_CYCLES and (
+                not g.mma or g.step_l2_bytes <= STREAMED_MMA_MAX_L2_BYTES
+                or _streamed_fma_runs(direction, cell_name, H, B, limits, xp.dtype, tpb, NP)) else None
+        elif g.mma and g.cost < MMA_MARGIN * p.cost:
+            # a streamed tensor-core plan against a slice plan the shared memory starves
+            # (e.g. an FMA plan of a few staged columns per chunk): the tensor-core margin
             p = g
     if p is None or p.nblocks > limits.num_sms or p.NU * (L + 1) >= 2**31:
         return None
@@ -262,6 +271,20 @@ def ept_fallback_enabled():
 # 0.65-0.67x, GRU 128x50x1024 0.66-0.82x), slower at LSTM 64x50x1536 (plans of 203,888
 # and 236,236: 1.58-1.72x, where cuBLAS's GEMM per step wins). The bound sits between.
 STREAMED_MAX_CYCLES = 186_000
+# A streamed tensor-core plan's per-step model counts one block's reads, not the grid's:
+# where no slice plan exists and no streamed FMA plan would run either, it replaces the
+# per-step cells (one GEMM a step, reading W_h once) only while the whole grid reads at
+# most this many bytes from L2 a step (``Plan.step_l2_bytes``: every block's staged rows,
+# each batch group's W_h). On the H200 (2026-12-04, against the per-step cells): faster at
+# 52-88 MB (LSTM 128x50x1024 float32 forward 0.42x in alternating rounds, GRU 64x50x1536
+# bfloat16 forward 0.52x, LSTM 64x50x1536 float32 forward 0.96x), slower at 201 MB (LSTM
+# 64x50x1536 float32's backward, whose four batch groups each read all of W_h: forward +
+# backward 1.09x) and at 125 MB (its bfloat16 backward, against another lease's sweep).
+STREAMED_MMA_MAX_L2_BYTES = 110_000_000
+# A plan whose W_h slice fits shared memory is compared with the streamed tensor-core plan
+# only above this modelled cost per step (below it the slice's plan is kept unasked: the
+# streamed plan reads all of W_h from L2 every step).
+STREAMED_MIN_CYCLES = 40_000
 
 
 def streamed_mode():
@@ -297,6 +320,14 @@ def multi_problem_enabled(kind="directions"):
     if kind not in MULTI_PROBLEM_KINDS:
         raise ValueError(f"kind must be one of {MULTI_PROBLEM_KINDS}, not {kind!r}")
     return _env_switch("MLX_FASTRNN_PERSISTENT_PROBLEMS") is not False
+
+
+def _streamed_fma_runs(direction, cell_name, H, B, limits, x_dtype, tpb, NP):
+    """Whether the streamed FMA plan would run where no tensor-core plan may (the
+    plans of before ``tiled_plan.mma_fit_enabled``): its streamed tensor-core
+    counterpart replaces it whatever the grid's L2 traffic (the same bytes a step)."""
+    f = plan(direction, cell_name, H, B, limits, x_dtype=x_dtype, tpb=tpb, weights="global", problems=NP, mma=0)
+    return f is not None and f.cost <= STREAMED_MAX_CYCLES
 
 
 def _given_or_selected(use_plan, direction, cell_name, xp, w_h, limits, tpb, weights):
@@ -357,7 +388,7 @@ def backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h):
         return None
     d_outs = tuple(d if d.dtype == mx.float32 else d.astype(mx.float32) for d in d_outs)
     if p.w_global:  # the backward streams W_h's columns: as the rows of W_h^T
-        return d_outs, prevs, params, mx.contiguous(w_h.swapaxes(-1, -2))
+        return d_outs, prevs, params, mx.contiguous(_w_operand(p, w_h.swapaxes(-1, -2)))
     return d_outs, prevs, params, _w_operand(p, w_h)
 
 

@@ -19,6 +19,7 @@ Layout of the dynamic shared memory of one block (``carve``), in this order:
   Ws   WT    [NR][WLD]        the block's slice of W_h (rows, or transposed columns; NR = N,
                               WLD = K, a tensor-core plan pads both with zeros);
                               a streamed W_h (WG): float [N][KCH], the rows' current K-chunk
+                              (a tensor-core plan: WT [NR][WLD], the chunk padded as a slice)
 Python's ``smem_bytes`` computes the same total. The projection runs on CUDA cores
 (``matvec_chunk``, float32 FMA) or on tensor cores (``mma_chunk``, MMA > 0): that code is
 :mod:`.projection_header`'s, spliced in after the primitives and staging here.

@@ -4,7 +4,8 @@ Per step a block multiplies its staged rows of h_{t-1} (backward: dhp_{t+1}) by 
 of W_h: ``matvec_chunk`` on CUDA cores (float32 FMA, a warp per task, lanes over K, a
 halving-butterfly reduction) or ``mma_chunk`` on tensor cores (mma.sync tiles; ``MMA``
 1-3), K-chunk by K-chunk (``project``), with a streamed W_h's chunks staged by
-``stage_w``; ``part_sum`` adds a unit's K-split partial sums. Inside ``namespace frnn``,
+``stage_w`` (float32, FMA) or ``stage_w_mma`` (the slice's padded layout and the MMA's
+type); ``part_sum`` adds a unit's K-split partial sums. Inside ``namespace frnn``,
 after the primitives of ``persistent_header`` (loads, barriers, staging), which it uses.
 """
 
@@ -320,24 +321,84 @@ __device__ __forceinline__ void stage_w(float* Wc, const WT* W, int k0, int klen
   }
 }
 
+// Wc[n * WLD + k] = W's row n (rows as stage_w's) at column k0 + k for n < N, k < klen,
+// zero elsewhere (n < NR, k < KCHP): a streamed W_h's K-chunk for the tensor-core
+// projection, in the slice's padded layout and the MMA's type (tf32: float32, rounded
+// here as load_w_rows rounds a slice), so mma_chunk reads it as it reads a slice.
+// 16-byte copies when the rows allow (cp.async for the 16-bit types: the global W_h is
+// already the MMA's type), else element by element.
+template <int K, int KCH, int N, int NR, int WLD, int TPB, int RU, int GS, int MMA, typename WT>
+__device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int klen) {
+  constexpr int KCHP = ((KCH + 15) / 16) * 16;
+  constexpr int V = 16 / (int)sizeof(WT);  // elements of a 16-byte copy
+  if ((KCHP % V) == 0 && (K % V) == 0 && (GS % V) == 0 && (WLD % V) == 0 && (k0 % V) == 0 &&
+      (reinterpret_cast<unsigned long long>(W) % 16) == 0 &&
+      (reinterpret_cast<unsigned long long>(Wc) % 16) == 0) {
+    // K % V == 0 and k0 % V == 0: klen is a multiple of V, a copy is all in or all out
+    constexpr int KV = KCHP / V;
+    for (int i = threadIdx.x; i < NR * KV; i += TPB) {
+      const int n = i / KV;
+      const int k = V * (i - n * KV);
+      const bool in = n < N && k < klen;
+      // a copy of nothing still needs a valid source address (see stage_rows)
+      const WT* src = W + ((in ? n : 0) / RU) * GS + ((in ? n : 0) % RU) * K + k0 + (in ? k : 0);
+#if defined(FRNN_CP_ASYNC)
+      if (MMA != 3) {
+        cp_async16(Wc + n * WLD + k, reinterpret_cast<const float*>(src), in ? 16 : 0);
+        continue;
+      }
+#endif
+      float4 v;
+      v.x = v.y = v.z = v.w = 0.0f;
+      if (in) {
+        v = ldcg4(reinterpret_cast<const float*>(src));
+      }
+      if (MMA == 3) {  // float32 values: rounded to tf32
+        v.x = tf32_round(v.x);
+        v.y = tf32_round(v.y);
+        v.z = tf32_round(v.z);
+        v.w = tf32_round(v.w);
+      }
+      *reinterpret_cast<float4*>(Wc + n * WLD + k) = v;
+    }
+#if defined(FRNN_CP_ASYNC)
+    cp_async_wait_all();
+#endif
+  } else {
+    for (int i = threadIdx.x; i < NR * KCHP; i += TPB) {
+      const int n = i / KCHP;
+      const int k = i - n * KCHP;
+      Wc[n * WLD + k] = (n < N && k < klen)
+          ? slice_value<MMA == 3>(W[(n / RU) * GS + (n % RU) * K + k0 + k]) : zero<WT>();
+    }
+  }
+}
+
 // part <- the block's rows of src (rows r0.., row stride ld, K columns) times
 // Ws^T, K-chunk by K-chunk. Ends with __syncthreads: part is ready to read.
 // STREAM_W: Ws is W_h in global memory (rows as matvec_chunk's RU / GS say), each
 // K-chunk staged into Wc (shared, [N][KCH]) with the rows' chunk.
-// MMA (1-3): the tensor-core projection (mma_chunk) on the padded slice (WLD, HLD).
+// MMA (1-3): the tensor-core projection (mma_chunk) on the padded slice (WLD, HLD); with
+// STREAM_W on each staged K-chunk (stage_w_mma: the slice's layout, WLD its row stride).
 template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, int RU = N, int GS = 0,
           bool STREAM_W = false, int NCS = 1, int MMA = 0, int WLD = K, int HLD = KCH, typename WT>
 __device__ __forceinline__ void project(
     const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part, float* Wc = nullptr) {
-  static_assert(MMA == 0 || (!STREAM_W && RU == N), "tensor-core plans keep the W_h slice in shared memory");
+  static_assert(MMA == 0 || STREAM_W || RU == N, "a tensor-core slice holds the block's rows consecutively");
+  constexpr int NR = ((N + 15) / 16) * 16;  // a tensor-core chunk's rows: whole 16-row tiles
   for (int k0 = 0; k0 < K; k0 += KCH) {
     const int klen = imin(KCH, K - k0);
     stage_rows<BBP, KCH, TPB, HLD>(hs, src, ld, nrows, k0, klen);
-    if (STREAM_W) {
+    if (STREAM_W && MMA != 0) {
+      stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA>(reinterpret_cast<WT*>(Wc), Ws, k0, klen);
+    } else if (STREAM_W) {
       stage_w<K, KCH, N, TPB, RU, GS>(Wc, Ws, k0, klen);
     }
     __syncthreads();
-    if (MMA != 0) {
+    if (MMA != 0 && STREAM_W) {
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, WT>(hs, reinterpret_cast<const WT*>(Wc), 0, klen, part,
+                                                         k0 > 0);
+    } else if (MMA != 0) {
       mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, WT>(hs, Ws, k0, klen, part, k0 > 0);
     } else if (STREAM_W) {
       matvec_chunk<KCH, KCH, BBP, N, RB, KS, TPB, float, N, 0, NCS>(hs, Wc, 0, klen, part, k0 > 0);

@@ -65,8 +65,9 @@ class Plan:
 
     @property
     def wld(self):
-        """Row stride of the W_h slice in shared memory (template WLD)."""
-        return mma_strides(self.mma, self.K, self.KCH)[0]
+        """Row stride of the W_h slice in shared memory (template WLD; a streamed tensor-core
+        plan's staged K-chunk: its width is KCH)."""
+        return mma_strides(self.mma, self.KCH if self.w_global and self.mma else self.K, self.KCH)[0]
 
     @property
     def hld(self):
@@ -82,6 +83,15 @@ class Plan:
         return self.G * self.U if self.direction == "forward" else self.U
 
     @property
+    def step_l2_bytes(self):
+        """Bytes the whole grid reads from L2 a step: every block's staged rows (BBP x K
+        float32) and, streamed, each batch group's copy of its problem's W_h."""
+        staged = self.nblocks * self.BBP * self.K * 4
+        if not self.w_global:
+            return staged
+        return staged + self.NBB * self.NP * self.G * self.H * self.H * self.w_dtype.size
+
+    @property
     def nblocks(self):
         return self.NU * self.NBB * self.NP
 
@@ -93,9 +103,10 @@ class Plan:
 def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False, mma=0):
     """Shared memory of one block (``frnn::carve``'s layout); ``w_global``: a
     streamed W_h, whose rows' K-chunk ([N][KCH] float) is staged instead of a slice;
-    ``mma``: a tensor-core plan's padded slice (whole 16-row tiles, ``mma_strides``)."""
+    ``mma``: a tensor-core plan's padded slice (whole 16-row tiles, ``mma_strides``),
+    streamed: its K-chunk in the same padded layout (row stride from KCH)."""
     if mma:
-        wld, hld = mma_strides(mma, K, KCH)
+        wld, hld = mma_strides(mma, KCH if w_global else K, KCH)
         return 4 * (BBP * hld + KS * BBP * N) + _cdiv(N, 16) * 16 * wld * w_bytes
     return 4 * (BBP * KCH + KS * BBP * N) + (4 * N * KCH if w_global else N * K * w_bytes)
 
@@ -114,14 +125,15 @@ def mma_strides(mma, K, KCH):
 
 
 def _weight_options(weights, x_dtype):
-    if weights == "mma":
+    if weights in ("mma", "mma_global"):
         return ()  # no FMA candidates
     if weights in ("float32", "global"):
         return (False,)
     if weights == "bfloat16":
         return (True,)
     if weights != "auto":
-        raise ValueError(f"weights must be 'auto', 'float32', 'bfloat16', 'global' or 'mma', not {weights!r}")
+        raise ValueError(f"weights must be 'auto', 'float32', 'bfloat16', 'global', 'mma' or 'mma_global', "
+                         f"not {weights!r}")
     # bfloat16 W only when float32 does not fit and the input is already half.
     return (False, True) if x_dtype in (mx.float16, mx.bfloat16) else (False,)
 
@@ -159,12 +171,15 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     ``problems`` independent problems of ``B`` rows each share the launch: each
     gets ``1/problems`` of the blocks. ``weights="global"``: W_h streamed from
     global memory every step (``Plan.w_global``; hidden units per block a divisor
-    of H), shared memory only for the staged rows and partial sums.
+    of H), shared memory only for the staged rows and partial sums (and each K-chunk
+    of the block's W_h rows).
     ``mma``: the tensor-core operand type the candidates may use (``gpu.MMA_*``;
-    default ``gpu.mma_kind(x_dtype)`` with ``weights="auto"``, else none); the
-    FMA candidates compete with them on the cost model. ``mma=0``: FMA only.
+    default ``gpu.mma_kind(x_dtype)`` with ``weights="auto"``, and with ``"global"``
+    where ``mma_fit_enabled()``, else none); the FMA candidates compete with them on
+    the cost model. ``mma=0``: FMA only.
     ``weights="mma"``: tensor-core candidates only (``mma`` or, by default,
-    ``gpu.mma_kind(x_dtype)``; None where that is none). No tensor-core plans on a GPU
+    ``gpu.mma_kind(x_dtype)``; None where that is none); ``"mma_global"``: the same
+    with W_h streamed. No tensor-core plans on a GPU
     before compute capability 8 (or an unknown one: ``Limits.cc_major``), and none for
     a float16 backward: its cotangents (the rounded operand) can lie far below
     float16's range (1e-7 is common without loss scaling), where bfloat16 and tf32
@@ -175,7 +190,8 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     cost model (default ``clusters_enabled()``); never before compute capability 9.
     """
     if mma is None:
-        mma = mma_kind(x_dtype) if weights in ("auto", "mma") else MMA_NONE
+        mma = mma_kind(x_dtype) if weights in ("auto", "mma", "mma_global") or (
+            weights == "global" and mma_fit_enabled()) else MMA_NONE
     if limits is not None and limits.cc_major < 8 or (mma == MMA_F16 and direction == "backward"):
         mma = MMA_NONE
     if cluster is None:
@@ -185,7 +201,7 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
                  _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
-                 column_splits_enabled(), int(mma), ept, cluster)
+                 column_splits_enabled(), int(mma), ept, cluster, mma_fit_enabled())
 
 
 def clusters_enabled():
@@ -244,6 +260,15 @@ def _unit_splits(H, max_nu, glob, cluster):
     return splits
 
 
+def mma_fit_enabled():
+    """Whether tensor-core plans may take fewer K-splits than warps where the warp-filling
+    split's partial sums leave no room (e.g. LSTM H = 1024 at B = 128 in bfloat16), and may
+    stream W_h (``Plan.w_global`` with ``mma``: H >= 1024, where no slice fits or the one
+    that fits starves the staging); ``MLX_FASTRNN_PERSISTENT_MMA_FIT=0`` keeps the plans
+    of before (the warp-filling split only, a shared-memory slice only)."""
+    return _env_switch("MLX_FASTRNN_PERSISTENT_MMA_FIT") is not False
+
+
 def column_splits_enabled():
     """Whether the planner may split the projection's warp tasks by columns (``Plan.NCS``);
     ``MLX_FASTRNN_PERSISTENT_COLSPLIT=0`` keeps whole-column tasks (the kernels before)."""
@@ -252,7 +277,7 @@ def column_splits_enabled():
 
 @functools.lru_cache(maxsize=256)
 def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit,
-          mma=MMA_NONE, ept=None, cluster=False):
+          mma=MMA_NONE, ept=None, cluster=False, mma_fit=True):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -264,7 +289,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
     if max_blocks < 1 or budget <= 0:
         return None
     nw = tpb // 32
-    glob = weights == "global"
+    glob = weights in ("global", "mma_global")
     best = best_mma = None
     seen = set()
     nbb_try = 1
@@ -286,9 +311,9 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
             EPT = -(-(BB * U) // tpb)
             if EPT > (ept or (CELLS[cell].max_ept if direction == "forward" else CELLS[cell].max_ept_backward)):
                 continue
-            if mma and not glob:
+            if mma:
                 p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma,
-                                   CL)
+                                   CL, glob, mma_fit)
                 if p is not None and (best_mma is None or (p.cost, p.nblocks) < (best_mma.cost, best_mma.nblocks)):
                     best_mma = p
             for RB, NCS in _task_shapes(N, BB, colsplit):
@@ -316,7 +341,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
                     break  # float32 fits: no need for bfloat16
     # The tensor-core plan where its model cost is clearly lower (MMA_MARGIN): at small
     # shapes the two are within the model's error, and the FMA plan wastes no padding.
-    if weights == "mma":
+    if weights in ("mma", "mma_global"):
         return best_mma
     if best_mma is not None and (best is None or best_mma.cost < MMA_MARGIN * best.cost):
         return best_mma
@@ -338,30 +363,51 @@ def mma_tiles_per_task(nt):
     return next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if nt % d == 0)
 
 
-def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma, CL=0):
+def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma, CL=0,
+                   glob=False, fit=True):
     """The tensor-core plan of one (U, BB) split, or None where its padded W_h slice
-    (the MMA's type; tf32 as float32) and a K-chunk of at least 32 do not fit."""
+    (the MMA's type; tf32 as float32) and a K-chunk of at least 32 do not fit; ``glob``:
+    W_h streamed (``Plan.w_global``), each K-chunk of its rows staged in the slice's
+    layout beside the chunk of h. The K-split that gives every warp a task where it
+    fits, else (``fit``) the most that fits (its partial sums take shared memory too)."""
     nw = tpb // 32
     kstep = 8 if mma == MMA_TF32 else 16
     w_bytes = 4 if mma == MMA_TF32 else 2
     BBP = _cdiv(BB, 8) * 8
     MT = _cdiv(N, 16)
     tiles = MT * (BBP // 8 // mma_tiles_per_task(BBP // 8))  # warp tasks of one K-split
-    KS = 1 if tiles >= nw else max(1, min(nw // tiles, _cdiv(K, kstep)))
+    ks_warps = 1 if tiles >= nw else max(1, min(nw // tiles, _cdiv(K, kstep)))
+    for KS in range(ks_warps, 0 if fit else ks_warps - 1, -1):
+        KCH = _mma_chunk(K, N, BBP, KS, w_bytes, budget, mma, glob)
+        if KCH is None:
+            continue
+        KS = max(1, min(KS, _cdiv(KCH, kstep)))
+        smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma)
+        cost = _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma) - cluster_saving(CL)
+        if glob:
+            cost += N * K * w_bytes / 32.0  # the rows' read from L2 every step, as _cost's
+        return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32 and
+                    mma != MMA_F16, smem, cost, problems, glob, 1, mma, CL)
+    return None
+
+
+def _mma_chunk(K, N, BBP, KS, w_bytes, budget, mma, glob):
+    """The K-chunk of a tensor-core plan: all of K (in whole 16s) where it fits, else the
+    most multiples of 32 that do (at least 32), or None."""
     KCH = _cdiv(K, 16) * 16
-    if smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma) > budget:
+    if smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma) <= budget:
+        return KCH
+    if not glob:  # only the staged rows scale with the chunk
         pad = mma_strides(mma, K, 0)[1]  # the staged rows' padding (HLD - KCH)
         fixed = smem_bytes(K, N, BBP, 0, KS, w_bytes, mma=mma) - 4 * BBP * pad  # without the staged rows
         KCH = ((budget - fixed) // (4 * BBP) - pad) // 32 * 32
-        if KCH < 32:
-            return None
-    KS = max(1, min(KS, _cdiv(KCH, kstep)))
-    smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma)
-    if smem > budget:
-        return None
-    cost = _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma) - cluster_saving(CL)
-    return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32 and
-                mma != MMA_F16, smem, cost, problems, False, 1, mma, CL)
+        return KCH if KCH >= 32 and smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma) <= budget else None
+    # streamed: the staged rows and the W chunk both scale with it (a few padded strides)
+    per_k = 4 * BBP + _cdiv(N, 16) * 16 * w_bytes
+    KCH = min(KCH // 32 * 32, max(0, budget - 4 * KS * BBP * N) // per_k // 32 * 32)
+    while KCH >= 32 and smem_bytes(K, N, BBP, KCH, KS, w_bytes, True, mma) > budget:
+        KCH -= 32
+    return KCH if KCH >= 32 else None
 
 
 def _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma):
