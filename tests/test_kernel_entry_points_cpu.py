@@ -106,7 +106,7 @@ def test_pytorch_layer_on_the_default_cuda_path(emulated_gpu, monkeypatch, klass
     """A float32 bidirectional ``mlx_fastrnn.pytorch`` layer on the CUDA path as
     dispatched by default (``classes.accepts``: both directions as one
     two-problem launch, the second reversed in the kernel; on the tiled class by
-    the default of ``persistent.multi_problem_enabled``), kernels
+    the default of ``tiled_select.multi_problem_enabled``), kernels
     emulated: outputs, final states and every gradient equal the CPU path's."""
     import mlx_fastrnn.pytorch as ptl
     from mlx.utils import tree_flatten

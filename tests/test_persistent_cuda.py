@@ -121,7 +121,7 @@ def test_parity_bf16_weight_slices(cell):
 @pytest.mark.parametrize("cell,H", [("lstm", 1024), ("gru", 1536), ("rnn_tanh", 2048)])
 def test_parity_streamed_weights(cell, H):
     """W_h streamed from global memory every step (``weights="global"``): shapes no
-    shared-memory slice holds (the layers use it where ``persistent.STREAMED_MAX_CYCLES``
+    shared-memory slice holds (the layers use it where ``tiled_select.STREAMED_MAX_CYCLES``
     says it pays)."""
     _check_sequence(cell, 6, 4, H, mx.float32, h0_zero=False, weights="global")
 

@@ -222,7 +222,7 @@ def accepts(cell_name, xp, w_h, varlen=False, kind="directions", forward_only=Fa
     step loop of problems, e.g. the sLSTM's, whose backward holds fewer elements per
     thread): NP stacked problems when ``w_h`` is [NP, G*H, H]
     (the resident class always may: its blocks never wait on each other; the
-    tiled class as ``persistent.multi_problem_enabled`` says for this ``kind``
+    tiled class as ``tiled_select.multi_problem_enabled`` says for this ``kind``
     of problems, ``"heads"`` or ``"directions"``, and for directions by default
     only where one launch pays over ``xp``'s length L: pass the real L), and
     with ``varlen`` per-row lengths / reversed problems. Cached as ``choose``."""
