@@ -34,7 +34,8 @@ KIND = {mx.bfloat16: gpu.MMA_BF16, mx.float16: gpu.MMA_F16, mx.float32: gpu.MMA_
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
-              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA", "MLX_FASTRNN_PERSISTENT_MMA_FIT"):
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA", "MLX_FASTRNN_PERSISTENT_MMA_FIT",
+              "MLX_FASTRNN_PERSISTENT_PIPELINE", "MLX_FASTRNN_PERSISTENT_STREAMED"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLX_ENABLE_TF32", "1")
 
@@ -232,6 +233,8 @@ def _plan_shows(p, what):
         "streamed W_h, element staging": p.w_global and p.mma and p.K % (16 // p.w_dtype.size) != 0,
         "streamed W_h in K-chunks": p.w_global and p.mma and p.KCH < p.K and p.K % p.KCH != 0,
         "streamed W_h, K % 16 != 0": p.w_global and p.mma and p.K % 16 != 0,
+        "pipelined": p.pipe and not p.w_global,
+        "streamed W_h, pipelined": p.pipe and p.w_global,
     }[what]
 
 
@@ -339,6 +342,38 @@ def test_emulated_streamed_mma_staging_through_registers(monkeypatch):
     test_emulated_mma_forward_backward(("gru", 3, 4, 64, mx.bfloat16, False, CHUNKED, "streamed W_h in K-chunks"))
 
 
+SMALL12 = P.Limits(num_sms=8, smem_per_block=12 * 1024, smem_per_sm=26 * 1024, cc_major=9)
+SMALL8 = P.Limits(num_sms=8, smem_per_block=8 * 1024, smem_per_sm=18 * 1024, cc_major=9)
+PIPELINED_CASES = [  # cases of test_emulated_mma_forward_backward whose plans are pipelined
+    ("gru", 3, 4, 64, mx.bfloat16, False, SMALL12, "pipelined"),  # the backward: a slice, K = 192 in 3 chunks
+    ("slstm", 3, 17, 32, mx.bfloat16, True, SMALL8, "pipelined"),  # the backward: two K-splits, 4 chunks
+    ("gru", 3, 4, 96, mx.bfloat16, False, SMALL12, "streamed W_h, pipelined"),  # K = 288: a partial last chunk
+    ("lstm", 3, 6, 40, mx.float32, False, SMALL12, "streamed W_h, pipelined"),  # tf32: register staging
+    ("rnn_tanh", 2, 9, 128, mx.float32, False, SMALL12, "streamed W_h, pipelined"),  # both directions
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", PIPELINED_CASES, ids=_emu_id)
+def test_emulated_pipelined_projection(case, monkeypatch):
+    """``MLX_FASTRNN_PERSISTENT_PIPELINE=1``: tensor-core plans of several K-chunks stage
+    chunk c + 1 into the other buffers while chunk c's MMAs run (``Plan.pipe``), on the
+    split the unpipelined plan has (at most its K-splits: the chunk is smaller); the
+    kernels pass the unpipelined kernels' checks."""
+    cell, L, B, H, xdt, zero, limits, what = case
+    weights = "mma_global" if what.startswith("streamed") else "mma"
+    for direction in ("forward", "backward"):
+        monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PIPELINE", "0")
+        q = TP.plan(direction, cell, H, B, limits, x_dtype=xdt, tpb=64, weights=weights)
+        monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PIPELINE", "1")
+        p = TP.plan(direction, cell, H, B, limits, x_dtype=xdt, tpb=64, weights=weights)
+        assert not q.pipe and (q.U, q.NU, q.BB, q.cost) == (p.U, p.NU, p.BB, p.cost) and p.KS <= q.KS
+        assert (not p.pipe or q.KCH < q.K) and p.smem <= P.smem_budget(limits)
+        assert p.pipe or p == q  # one chunk, or no pipelined chunk of 32 fits: the plan of before
+        assert not p.pipe or p.KCH < p.K and p.KS <= -(-p.KCH // (8 if p.mma == gpu.MMA_TF32 else 16))
+    test_emulated_mma_forward_backward(case)
+
+
 STREAMED_VARLEN_CASES = [
     ("lstm", 4, 6, 24, mx.bfloat16, False, [4, 1, 3, 2, 4, 2] * 2, 0b10, 2, True),
     ("gru", 3, 5, 32, mx.float32, True, None, 0b01, 2, False),
@@ -409,3 +444,26 @@ def test_nvrtc_compiles_streamed_mma(cell, direction):
         _assert_compiles(p, xdt)
         if NP > 1:
             _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_pipelined_mma(cell, direction, monkeypatch):
+    """The pipelined tensor-core kernels (``MLX_FASTRNN_PERSISTENT_PIPELINE=1``) of H200
+    plans, streamed and slice, plain and as two problems with lengths and directions."""
+    from test_persistent_cpu import _assert_compiles
+
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PIPELINE", "1")
+    compiled = 0
+    for (B, H, NP), xdt, weights in (((8, 1024, 1), mx.float32, "mma_global"), ((128, 1024, 1), mx.bfloat16,
+                                     "mma_global"), ((64, 256, 4), mx.float32, "mma"), ((16, 512, 2), mx.bfloat16,
+                                     "mma_global")):
+        p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights=weights, problems=NP)
+        if p is None or not p.pipe:
+            continue
+        _assert_compiles(p, xdt)
+        if NP > 1:
+            _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)
+        compiled += 1
+    assert compiled  # every cell and direction has a pipelined plan among these shapes

@@ -29,7 +29,8 @@ TOL = {gpu.MMA_BF16: 3e-3, gpu.MMA_F16: 1e-3, gpu.MMA_TF32: 1e-3}
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
-              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA"):
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA", "MLX_FASTRNN_PERSISTENT_MMA_FIT",
+              "MLX_FASTRNN_PERSISTENT_PIPELINE", "MLX_FASTRNN_PERSISTENT_STREAMED"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLX_ENABLE_TF32", "1")  # our planner reads it per call (MLX's own matmuls: once)
 
@@ -53,6 +54,20 @@ def test_mma_parity(cell, xdt, L, B, H, problems):
 def test_streamed_mma_parity(cell, xdt, L, B, H, problems):
     """W_h streamed, each K-chunk of the block's rows staged for the tensor cores."""
     _check_parity(cell, xdt, L, B, H, problems, "mma_global")
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["tf32", "bf16"])
+@pytest.mark.parametrize("L,B,H,problems,weights", [(4, 8, 1024, 1, "mma_global"), (5, 64, 256, 4, "mma"),
+                                                    (3, 128, 1024, 1, "mma_global")])
+def test_pipelined_mma_parity(cell, xdt, L, B, H, problems, weights, monkeypatch):
+    """``MLX_FASTRNN_PERSISTENT_PIPELINE=1``: the next K-chunk staged while this one's MMAs run."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PIPELINE", "1")
+    xp, w, s0, params = _stacked(cell, L, B, H, xdt, problems)
+    plans = [P.select(d, cell, xp, w, weights=weights) for d in ("forward", "backward")]
+    if not any(p is not None and p.pipe for p in plans):
+        pytest.skip("no pipelined plan for this shape")
+    _check_parity(cell, xdt, L, B, H, problems, weights)
 
 
 def _check_parity(cell, xdt, L, B, H, problems, weights):

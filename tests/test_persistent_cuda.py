@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
-              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_CLUSTER"):
+              "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_CLUSTER", "MLX_FASTRNN_PERSISTENT_MMA_FIT",
+              "MLX_FASTRNN_PERSISTENT_PIPELINE"):
         monkeypatch.delenv(k, raising=False)
     # The FMA projection, compared at float32 rounding; the tensor-core plans (whose
     # operands are rounded to bfloat16 / float16 / tf32): test_mma_cuda.py.

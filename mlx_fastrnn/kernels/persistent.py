@@ -148,6 +148,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
         ("WLD", p.wld),
         ("HLD", p.hld),
         ("CLU", bool(p.CL)),
+        ("PIPE", p.pipe),
         ("H0Z" if fwd else "NEED_D0", bool(flag)),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *mod.template_extras(p.cell),

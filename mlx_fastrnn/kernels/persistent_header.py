@@ -14,12 +14,14 @@ of this header and every cell body run unchanged on the host under test.
 
 Layout of the dynamic shared memory of one block (``carve``), in this order:
   hs   float [BBP][HLD]       the block's rows of the projected operand (one K-chunk, KCH
-                              of each row's HLD: HLD = KCH, padded for a tensor-core plan)
+                              of each row's HLD: HLD = KCH, padded for a tensor-core plan;
+                              PIPE: two such buffers)
   part float [KS][BBP][N]     per-K-split partial sums of the projection
   Ws   WT    [NR][WLD]        the block's slice of W_h (rows, or transposed columns; NR = N,
                               WLD = K, a tensor-core plan pads both with zeros);
                               a streamed W_h (WG): float [N][KCH], the rows' current K-chunk
-                              (a tensor-core plan: WT [NR][WLD], the chunk padded as a slice)
+                              (a tensor-core plan: WT [NR][WLD], the chunk padded as a slice;
+                              PIPE: two such buffers)
 Python's ``smem_bytes`` computes the same total. The projection runs on CUDA cores
 (``matvec_chunk``, float32 FMA) or on tensor cores (``mma_chunk``, MMA > 0): that code is
 :mod:`.projection_header`'s, spliced in after the primitives and staging here.
@@ -102,6 +104,15 @@ __device__ __forceinline__ void cp_async16(void* dst, const float* src, int src_
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" : : "r"(s), "l"(src), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" : : : "memory"); }
+// Groups (a pipelined projection, PIPE): the copies issued since the last commit form a
+// group; wait_group<N> returns once at most N groups are still in flight.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" : : : "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" : : "n"(N) : "memory"); }
+#else
+__device__ __forceinline__ void cp_async_commit() {}  // the register staging paths copy at once
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {}
 #endif
 __device__ __forceinline__ void fail() { __trap(); }
 __device__ __forceinline__ void spin_pause() {}
@@ -171,6 +182,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const float* src, int src_
   }
 }
 __device__ __forceinline__ void cp_async_wait_all() {}
+__device__ __forceinline__ void cp_async_commit() {}  // the emulator copies at issue
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {}
 __device__ __forceinline__ void red_release(unsigned* p, unsigned v) { __atomic_fetch_add(p, v, __ATOMIC_RELEASE); }
 __device__ __forceinline__ unsigned long long now_ns() { return frnn_emu::now_ns(); }
 __device__ __forceinline__ void fail() { frnn_emu::fail(); }
@@ -256,12 +270,13 @@ __device__ __forceinline__ void group_barrier(unsigned* counter, unsigned target
   grid_barrier(counter, target);
 }
 
-// HLD: the row stride of hs (KCH; a tensor-core plan pads it against bank conflicts)
-template <int BBP, int HLD, int KS, int N, typename WT>
+// HLD: the row stride of hs (KCH; a tensor-core plan pads it against bank conflicts);
+// PIPE: two hs buffers (a pipelined projection stages the next K-chunk into the other)
+template <int BBP, int HLD, int KS, int N, bool PIPE = false, typename WT>
 __device__ __forceinline__ void carve(float*& hs, float*& part, WT*& Ws) {
   unsigned char* base = dyn_smem();
   hs = reinterpret_cast<float*>(base);
-  part = hs + BBP * HLD;
+  part = hs + (PIPE ? 2 : 1) * BBP * HLD;
   Ws = reinterpret_cast<WT*>(part + KS * BBP * N);
 }
 
@@ -304,7 +319,7 @@ __device__ __forceinline__ void load_w_cols(WT* Ws, const WT* w, int j0) {
 // hs[r*HLD + k] = src[r*ld + k0 + k] for r < nrows, k < klen; 0 elsewhere (k < KCH).
 // 16-byte loads when every row start is 16-byte aligned (KCH, HLD, ld, k0 and the
 // pointer multiples of 4 floats), else scalar loads.
-template <int BBP, int KCH, int TPB, int HLD = KCH>
+template <int BBP, int KCH, int TPB, int HLD = KCH, bool WAIT = true>
 __device__ __forceinline__ void stage_rows(
     float* hs, const float* src, int ld, int nrows, int k0, int klen) {
 #if defined(FRNN_DIAG_NO_STAGE)
@@ -328,7 +343,9 @@ __device__ __forceinline__ void stage_rows(
       const int kc = k < klen ? k : 0;
       cp_async16(hs + r * HLD + k, src + (long long)rc * ld + k0 + kc, 4 * n);
     }
-    cp_async_wait_all();
+    if (WAIT) {  // else the caller commits the copies as a group and waits for it
+      cp_async_wait_all();
+    }
 #else
 #pragma unroll 4
     for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
@@ -414,7 +431,7 @@ def block_prologue(direction, gates):
   float* hs;
   float* part;
   WT* Ws;
-  frnn::carve<BBP, HLD, KS, {width}>(hs, part, Ws);
+  frnn::carve<BBP, HLD, KS, {width}, PIPE>(hs, part, Ws);
   constexpr int NR = MMA ? (({width} + 15) / 16) * 16 : {width};  // W_h slice rows (MMA: whole 16-row tiles)
   // WG: W_h streamed from global memory (L2) every step instead of a shared-memory slice
   static_assert(!WG || H % U == 0, "a streamed W_h needs U | H: no block has rows past H");

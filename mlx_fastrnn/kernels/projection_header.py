@@ -327,7 +327,7 @@ __device__ __forceinline__ void stage_w(float* Wc, const WT* W, int k0, int klen
 // here as load_w_rows rounds a slice), so mma_chunk reads it as it reads a slice.
 // 16-byte copies when the rows allow (cp.async for the 16-bit types: the global W_h is
 // already the MMA's type), else element by element.
-template <int K, int KCH, int N, int NR, int WLD, int TPB, int RU, int GS, int MMA, typename WT>
+template <int K, int KCH, int N, int NR, int WLD, int TPB, int RU, int GS, int MMA, bool WAIT = true, typename WT>
 __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int klen) {
   constexpr int KCHP = ((KCH + 15) / 16) * 16;
   constexpr int V = 16 / (int)sizeof(WT);  // elements of a 16-byte copy
@@ -362,7 +362,9 @@ __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int kle
       *reinterpret_cast<float4*>(Wc + n * WLD + k) = v;
     }
 #if defined(FRNN_CP_ASYNC)
-    cp_async_wait_all();
+    if (WAIT) {  // else the caller commits the copies as a group and waits for it
+      cp_async_wait_all();
+    }
 #endif
   } else {
     for (int i = threadIdx.x; i < NR * KCHP; i += TPB) {
@@ -380,12 +382,46 @@ __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int kle
 // K-chunk staged into Wc (shared, [N][KCH]) with the rows' chunk.
 // MMA (1-3): the tensor-core projection (mma_chunk) on the padded slice (WLD, HLD); with
 // STREAM_W on each staged K-chunk (stage_w_mma: the slice's layout, WLD its row stride).
+// PIPE (tensor-core plans of several K-chunks): two buffers of staged rows (and of a
+// streamed W_h's chunk); chunk c + 1's copies are in flight while chunk c's MMAs run.
+// One barrier a chunk: after it chunk c's data is visible to every thread and every
+// thread is done with chunk c - 1's MMAs, so c + 1 may go into that chunk's buffers.
 template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, int RU = N, int GS = 0,
-          bool STREAM_W = false, int NCS = 1, int MMA = 0, int WLD = K, int HLD = KCH, typename WT>
+          bool STREAM_W = false, int NCS = 1, int MMA = 0, int WLD = K, int HLD = KCH, bool PIPE = false,
+          typename WT>
 __device__ __forceinline__ void project(
     const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part, float* Wc = nullptr) {
   static_assert(MMA == 0 || STREAM_W || RU == N, "a tensor-core slice holds the block's rows consecutively");
+  static_assert(!PIPE || (MMA != 0 && K > KCH), "a pipelined projection: tensor cores, several K-chunks");
   constexpr int NR = ((N + 15) / 16) * 16;  // a tensor-core chunk's rows: whole 16-row tiles
+  if constexpr (PIPE) {
+    WT* wc = reinterpret_cast<WT*>(Wc);
+    // chunk c's buffers: hs + (c & 1) * BBP * HLD, wc + (c & 1) * NR * WLD
+    stage_rows<BBP, KCH, TPB, HLD, false>(hs, src, ld, nrows, 0, KCH);
+    if (STREAM_W) {
+      stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA, false>(wc, Ws, 0, KCH);
+    }
+    cp_async_commit();
+    int c = 0;
+    for (int k0 = 0; k0 < K; k0 += KCH, ++c) {
+      const int klen = imin(KCH, K - k0);
+      const int b = c & 1;
+      cp_async_wait_group<0>();  // this chunk's copies (the only group in flight)
+      __syncthreads();
+      if (k0 + KCH < K) {  // the next chunk into the other buffers, in flight during the MMAs
+        const int nlen = imin(KCH, K - k0 - KCH);
+        stage_rows<BBP, KCH, TPB, HLD, false>(hs + (1 - b) * BBP * HLD, src, ld, nrows, k0 + KCH, nlen);
+        if (STREAM_W) {
+          stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA, false>(wc + (1 - b) * NR * WLD, Ws, k0 + KCH, nlen);
+        }
+        cp_async_commit();
+      }
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, WT>(hs + b * BBP * HLD, STREAM_W ? wc + b * NR * WLD : Ws,
+                                                         STREAM_W ? 0 : k0, klen, part, k0 > 0);
+    }
+    __syncthreads();  // part is complete
+    return;
+  }
   for (int k0 = 0; k0 < K; k0 += KCH) {
     const int klen = imin(KCH, K - k0);
     stage_rows<BBP, KCH, TPB, HLD>(hs, src, ld, nrows, k0, klen);

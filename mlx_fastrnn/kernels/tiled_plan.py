@@ -55,6 +55,10 @@ class Plan:
     # blocks are one cluster (NU = CL <= MAX_CLUSTER) and meet at the hardware cluster
     # barrier instead of the grid barrier's counter in global memory
     CL: int = 0
+    # A pipelined projection (template PIPE; tensor-core plans of several K-chunks): two
+    # buffers of staged rows (and of a streamed W_h's chunk), the next chunk's copies in
+    # flight while this chunk's MMAs run
+    pipe: bool = False
 
     @property
     def w_dtype(self):
@@ -100,14 +104,17 @@ class Plan:
         return self.NBB * self.NP * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
 
 
-def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False, mma=0):
+def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False, mma=0, pipe=False):
     """Shared memory of one block (``frnn::carve``'s layout); ``w_global``: a
     streamed W_h, whose rows' K-chunk ([N][KCH] float) is staged instead of a slice;
     ``mma``: a tensor-core plan's padded slice (whole 16-row tiles, ``mma_strides``),
-    streamed: its K-chunk in the same padded layout (row stride from KCH)."""
+    streamed: its K-chunk in the same padded layout (row stride from KCH); ``pipe``
+    (tensor-core plans): two buffers of staged rows (streamed: and of the W chunk)."""
     if mma:
         wld, hld = mma_strides(mma, KCH if w_global else K, KCH)
-        return 4 * (BBP * hld + KS * BBP * N) + _cdiv(N, 16) * 16 * wld * w_bytes
+        nb = 2 if pipe else 1
+        w = _cdiv(N, 16) * 16 * wld * w_bytes
+        return 4 * (nb * BBP * hld + KS * BBP * N) + (nb * w if w_global else w)
     return 4 * (BBP * KCH + KS * BBP * N) + (4 * N * KCH if w_global else N * K * w_bytes)
 
 
@@ -201,7 +208,7 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
                  _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
-                 column_splits_enabled(), int(mma), ept, cluster, mma_fit_enabled())
+                 column_splits_enabled(), int(mma), ept, cluster, mma_fit_enabled(), pipeline_enabled())
 
 
 def clusters_enabled():
@@ -269,6 +276,13 @@ def mma_fit_enabled():
     return _env_switch("MLX_FASTRNN_PERSISTENT_MMA_FIT") is not False
 
 
+def pipeline_enabled():
+    """Whether tensor-core plans of several K-chunks stage the next chunk while this one's
+    MMAs run (``Plan.pipe``: two buffers, so half the chunk). Off until measured:
+    ``MLX_FASTRNN_PERSISTENT_PIPELINE=1`` turns it on (for the A/B)."""
+    return _env_switch("MLX_FASTRNN_PERSISTENT_PIPELINE") is True
+
+
 def column_splits_enabled():
     """Whether the planner may split the projection's warp tasks by columns (``Plan.NCS``);
     ``MLX_FASTRNN_PERSISTENT_COLSPLIT=0`` keeps whole-column tasks (the kernels before)."""
@@ -277,7 +291,7 @@ def column_splits_enabled():
 
 @functools.lru_cache(maxsize=256)
 def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit,
-          mma=MMA_NONE, ept=None, cluster=False, mma_fit=True):
+          mma=MMA_NONE, ept=None, cluster=False, mma_fit=True, pipelined=False):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -313,7 +327,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
                 continue
             if mma:
                 p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma,
-                                   CL, glob, mma_fit)
+                                   CL, glob, mma_fit, pipelined)
                 if p is not None and (best_mma is None or (p.cost, p.nblocks) < (best_mma.cost, best_mma.nblocks)):
                     best_mma = p
             for RB, NCS in _task_shapes(N, BB, colsplit):
@@ -364,12 +378,14 @@ def mma_tiles_per_task(nt):
 
 
 def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma, CL=0,
-                   glob=False, fit=True):
+                   glob=False, fit=True, pipelined=False):
     """The tensor-core plan of one (U, BB) split, or None where its padded W_h slice
     (the MMA's type; tf32 as float32) and a K-chunk of at least 32 do not fit; ``glob``:
     W_h streamed (``Plan.w_global``), each K-chunk of its rows staged in the slice's
     layout beside the chunk of h. The K-split that gives every warp a task where it
-    fits, else (``fit``) the most that fits (its partial sums take shared memory too)."""
+    fits, else (``fit``) the most that fits (its partial sums take shared memory too).
+    ``pipelined``: a plan of several K-chunks takes the pipelined form (``Plan.pipe``)
+    where its smaller chunk is at least 32."""
     nw = tpb // 32
     kstep = 8 if mma == MMA_TF32 else 16
     w_bytes = 4 if mma == MMA_TF32 else 2
@@ -382,13 +398,35 @@ def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, bud
         if KCH is None:
             continue
         KS = max(1, min(KS, _cdiv(KCH, kstep)))
-        smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma)
         cost = _cost_mma(direction, G, K, N, BBP, BB, KS, KCH, EPT, mma) - cluster_saving(CL)
         if glob:
             cost += N * K * w_bytes / 32.0  # the rows' read from L2 every step, as _cost's
+        pipe = False
+        if pipelined and KCH < K:
+            # several chunks: the pipelined form, costed as the unpipelined one (the switch
+            # changes the kernel of a split, not which split is chosen: an A/B of the form)
+            KCH2 = _mma_chunk_pipelined(K, N, BBP, KS, w_bytes, budget, mma, glob)
+            if KCH2 is not None:
+                KS2 = max(1, min(KS, _cdiv(KCH2, kstep)))  # no K-split without a k-step of the chunk
+                if KS2 < KS:  # fewer partial sums: room for a larger chunk
+                    KCH2 = _mma_chunk_pipelined(K, N, BBP, KS2, w_bytes, budget, mma, glob) or KCH2
+                KCH, KS, pipe = KCH2, KS2, True
+        smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma, pipe)
         return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32 and
-                    mma != MMA_F16, smem, cost, problems, glob, 1, mma, CL)
+                    mma != MMA_F16, smem, cost, problems, glob, 1, mma, CL, pipe)
     return None
+
+
+def _mma_chunk_pipelined(K, N, BBP, KS, w_bytes, budget, mma, glob):
+    """The K-chunk of a pipelined tensor-core plan (two buffers of staged rows, and of
+    the W chunk when streamed): the most multiples of 32 below K that fit, or None."""
+    nr = _cdiv(N, 16) * 16
+    per_k = 2 * 4 * BBP + (2 * nr * w_bytes if glob else 0)
+    fixed = 4 * KS * BBP * N + (0 if glob else nr * mma_strides(mma, K, 0)[0] * w_bytes)
+    KCH = min((K - 1) // 32 * 32, max(0, budget - fixed) // per_k // 32 * 32)
+    while KCH >= 32 and smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma, True) > budget:
+        KCH -= 32
+    return KCH if KCH >= 32 else None
 
 
 def _mma_chunk(K, N, BBP, KS, w_bytes, budget, mma, glob):
