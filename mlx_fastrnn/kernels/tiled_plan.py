@@ -278,7 +278,7 @@ def mma_fit_enabled():
 
 def pipeline_enabled():
     """Whether tensor-core plans of several K-chunks stage the next chunk while this one's
-    MMAs run (``Plan.pipe``: two buffers, so half the chunk). Off until measured:
+    MMAs run (``Plan.pipe``: two buffers, so a smaller chunk). Off until measured:
     ``MLX_FASTRNN_PERSISTENT_PIPELINE=1`` turns it on (for the A/B)."""
     return _env_switch("MLX_FASTRNN_PERSISTENT_PIPELINE") is True
 
