@@ -406,12 +406,20 @@ def test_emulated_streamed_mma_lengths_directions_problems(case):
 # --------------------------------------------------------------------------- NVRTC
 
 
+def _compiles_plain_and_varlen(p, xdt):
+    """NVRTC + ptxas of plan ``p``'s kernel, and with several problems also its varlen
+    form (lengths, the second problem reversed, interleaved I/O)."""
+    from test_persistent_cpu import _assert_compiles
+
+    _assert_compiles(p, xdt)
+    if p.NP > 1:
+        _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_nvrtc_compiles_mma_without_spills(cell, direction):
-    from test_persistent_cpu import _assert_compiles
-
     for (B, H, NP), xdt in (((64, 256, 4), mx.float32), ((64, 256, 4), mx.bfloat16), ((16, 128, 1), mx.float16),
                             ((256, 128, 1), mx.bfloat16)):
         p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights="mma", problems=NP)
@@ -419,9 +427,7 @@ def test_nvrtc_compiles_mma_without_spills(cell, direction):
             assert p is None  # the FMA backward (the planner's float16 rule)
             continue
         assert p is not None and p.mma == KIND[xdt]
-        _assert_compiles(p, xdt)
-        if NP > 1:
-            _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)
+        _compiles_plain_and_varlen(p, xdt)
 
 
 @needs_nvrtc
@@ -430,8 +436,6 @@ def test_nvrtc_compiles_mma_without_spills(cell, direction):
 def test_nvrtc_compiles_streamed_mma(cell, direction):
     """The streamed tensor-core kernels of H200 plans (H = 1024-2048), plain and as
     two problems with lengths, directions and interleaved I/O."""
-    from test_persistent_cpu import _assert_compiles
-
     for (B, H, NP), xdt in (((128, 1024, 1), mx.bfloat16), ((128, 1024, 1), mx.float32), ((8, 2048, 1), mx.bfloat16),
                             ((16, 1024, 2), mx.bfloat16), ((4, 1024, 1), mx.float16)):
         p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights="mma_global", problems=NP)
@@ -441,9 +445,7 @@ def test_nvrtc_compiles_streamed_mma(cell, direction):
         if p is None and cell == "slstm" and direction == "backward" and B == 128:
             continue  # 2 elements a thread at most (MAX_EPT_BACKWARD): B = 128 needs 4
         assert p is not None and p.mma == KIND[xdt] and p.w_global
-        _assert_compiles(p, xdt)
-        if NP > 1:
-            _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)
+        _compiles_plain_and_varlen(p, xdt)
 
 
 @needs_nvrtc
@@ -452,8 +454,6 @@ def test_nvrtc_compiles_streamed_mma(cell, direction):
 def test_nvrtc_compiles_pipelined_mma(cell, direction, monkeypatch):
     """The pipelined tensor-core kernels (``MLX_FASTRNN_PERSISTENT_PIPELINE=1``) of H200
     plans, streamed and slice, plain and as two problems with lengths and directions."""
-    from test_persistent_cpu import _assert_compiles
-
     monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PIPELINE", "1")
     compiled = 0
     for (B, H, NP), xdt, weights in (((8, 1024, 1), mx.float32, "mma_global"), ((128, 1024, 1), mx.bfloat16,
@@ -462,8 +462,6 @@ def test_nvrtc_compiles_pipelined_mma(cell, direction, monkeypatch):
         p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights=weights, problems=NP)
         if p is None or not p.pipe:
             continue
-        _assert_compiles(p, xdt)
-        if NP > 1:
-            _assert_compiles(p, xdt, lens=True, rev=0b10, interleaved=True)
+        _compiles_plain_and_varlen(p, xdt)
         compiled += 1
     assert compiled  # every cell and direction has a pipelined plan among these shapes
