@@ -208,7 +208,9 @@ __host__ __device__ constexpr int mma_tiles_per_task(int nt) {
 // type at the fragment load (the state itself stays float32); a tf32 plan's W slice was
 // rounded once, when loaded.
 // Each lane owns the same part elements in every chunk, as in matvec_chunk.
-template <int KCH, int BBP, int N, int KS, int TPB, int MMA, int WLD, int HLD, typename WT>
+// RAW_W (tf32): the W tiles hold float32 values as loaded (a pipelined streamed chunk,
+// copied by cp.async), rounded to tf32 here at the fragment load instead.
+template <int KCH, int BBP, int N, int KS, int TPB, int MMA, int WLD, int HLD, bool RAW_W = false, typename WT>
 __device__ __forceinline__ void mma_chunk(
     const float* hs, const WT* Ws, int k0, int klen, float* part, bool accumulate) {
 #if defined(FRNN_DIAG_NO_MATVEC)
@@ -243,7 +245,12 @@ __device__ __forceinline__ void mma_chunk(
     const float* hb = hs + (ng * NTT * 8 + g) * HLD;  // tile j's row g at + j * 8 * HLD
     for (int k = kb; k < ke; k += KSTEP) {
       unsigned a[4];
-      if (MMA == 3) {  // the slice holds tf32 values already (slice_value)
+      if (MMA == 3 && RAW_W) {  // float32 as loaded: rounded as a slice is (slice_value)
+        a[0] = tf32_bits(to_f(wa[k + t]));
+        a[1] = tf32_bits(to_f(wa[8 * WLD + k + t]));
+        a[2] = tf32_bits(to_f(wa[k + t + 4]));
+        a[3] = tf32_bits(to_f(wa[8 * WLD + k + t + 4]));
+      } else if (MMA == 3) {  // the slice holds tf32 values already (slice_value)
         a[0] = float_bits(to_f(wa[k + t]));
         a[1] = float_bits(to_f(wa[8 * WLD + k + t]));
         a[2] = float_bits(to_f(wa[k + t + 4]));
@@ -327,7 +334,9 @@ __device__ __forceinline__ void stage_w(float* Wc, const WT* W, int k0, int klen
 // here as load_w_rows rounds a slice), so mma_chunk reads it as it reads a slice.
 // 16-byte copies when the rows allow (cp.async for the 16-bit types: the global W_h is
 // already the MMA's type), else element by element.
-template <int K, int KCH, int N, int NR, int WLD, int TPB, int RU, int GS, int MMA, bool WAIT = true, typename WT>
+// RAW (tf32): the float32 values as they are, by cp.async too (mma_chunk's RAW_W rounds them).
+template <int K, int KCH, int N, int NR, int WLD, int TPB, int RU, int GS, int MMA, bool WAIT = true,
+          bool RAW = false, typename WT>
 __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int klen) {
   constexpr int KCHP = ((KCH + 15) / 16) * 16;
   constexpr int V = 16 / (int)sizeof(WT);  // elements of a 16-byte copy
@@ -343,7 +352,7 @@ __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int kle
       // a copy of nothing still needs a valid source address (see stage_rows)
       const WT* src = W + ((in ? n : 0) / RU) * GS + ((in ? n : 0) % RU) * K + k0 + (in ? k : 0);
 #if defined(FRNN_CP_ASYNC)
-      if (MMA != 3) {
+      if (MMA != 3 || RAW) {
         cp_async16(Wc + n * WLD + k, reinterpret_cast<const float*>(src), in ? 16 : 0);
         continue;
       }
@@ -353,7 +362,7 @@ __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int kle
       if (in) {
         v = ldcg4(reinterpret_cast<const float*>(src));
       }
-      if (MMA == 3) {  // float32 values: rounded to tf32
+      if (MMA == 3 && !RAW) {  // float32 values: rounded to tf32
         v.x = tf32_round(v.x);
         v.y = tf32_round(v.y);
         v.z = tf32_round(v.z);
@@ -371,7 +380,7 @@ __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int kle
       const int n = i / KCHP;
       const int k = i - n * KCHP;
       Wc[n * WLD + k] = (n < N && k < klen)
-          ? slice_value<MMA == 3>(W[(n / RU) * GS + (n % RU) * K + k0 + k]) : zero<WT>();
+          ? slice_value<MMA == 3 && !RAW>(W[(n / RU) * GS + (n % RU) * K + k0 + k]) : zero<WT>();
     }
   }
 }
@@ -398,8 +407,8 @@ __device__ __forceinline__ void project(
     WT* wc = reinterpret_cast<WT*>(Wc);
     // chunk c's buffers: hs + (c & 1) * BBP * HLD, wc + (c & 1) * NR * WLD
     stage_rows<BBP, KCH, TPB, HLD, false>(hs, src, ld, nrows, 0, KCH);
-    if (STREAM_W) {
-      stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA, false>(wc, Ws, 0, KCH);
+    if (STREAM_W) {  // tf32: raw float32 by cp.async, rounded at the fragment load (RAW_W)
+      stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA, false, true>(wc, Ws, 0, KCH);
     }
     cp_async_commit();
     int c = 0;
@@ -412,12 +421,13 @@ __device__ __forceinline__ void project(
         const int nlen = imin(KCH, K - k0 - KCH);
         stage_rows<BBP, KCH, TPB, HLD, false>(hs + (1 - b) * BBP * HLD, src, ld, nrows, k0 + KCH, nlen);
         if (STREAM_W) {
-          stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA, false>(wc + (1 - b) * NR * WLD, Ws, k0 + KCH, nlen);
+          stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA, false, true>(wc + (1 - b) * NR * WLD, Ws, k0 + KCH, nlen);
         }
         cp_async_commit();
       }
-      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, WT>(hs + b * BBP * HLD, STREAM_W ? wc + b * NR * WLD : Ws,
-                                                         STREAM_W ? 0 : k0, klen, part, k0 > 0);
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, STREAM_W, WT>(hs + b * BBP * HLD,
+                                                                   STREAM_W ? wc + b * NR * WLD : Ws,
+                                                                   STREAM_W ? 0 : k0, klen, part, k0 > 0);
     }
     __syncthreads();  // part is complete
     return;
@@ -432,10 +442,10 @@ __device__ __forceinline__ void project(
     }
     __syncthreads();
     if (MMA != 0 && STREAM_W) {
-      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, WT>(hs, reinterpret_cast<const WT*>(Wc), 0, klen, part,
-                                                         k0 > 0);
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, false, WT>(hs, reinterpret_cast<const WT*>(Wc), 0, klen, part,
+                                                                k0 > 0);
     } else if (MMA != 0) {
-      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, WT>(hs, Ws, k0, klen, part, k0 > 0);
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, false, WT>(hs, Ws, k0, klen, part, k0 > 0);
     } else if (STREAM_W) {
       matvec_chunk<KCH, KCH, BBP, N, RB, KS, TPB, float, N, 0, NCS>(hs, Wc, 0, klen, part, k0 > 0);
     } else {
