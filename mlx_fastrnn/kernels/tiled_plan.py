@@ -417,33 +417,31 @@ def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, bud
     return None
 
 
-def _mma_chunk_pipelined(K, N, BBP, KS, w_bytes, budget, mma, glob):
-    """The K-chunk of a pipelined tensor-core plan (two buffers of staged rows, and of
-    the W chunk when streamed): the most multiples of 32 below K that fit, or None."""
-    nr = _cdiv(N, 16) * 16
-    per_k = 2 * 4 * BBP + (2 * nr * w_bytes if glob else 0)
-    fixed = 4 * KS * BBP * N + (0 if glob else nr * mma_strides(mma, K, 0)[0] * w_bytes)
-    KCH = min((K - 1) // 32 * 32, max(0, budget - fixed) // per_k // 32 * 32)
-    while KCH >= 32 and smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma, True) > budget:
-        KCH -= 32
-    return KCH if KCH >= 32 else None
-
-
 def _mma_chunk(K, N, BBP, KS, w_bytes, budget, mma, glob):
     """The K-chunk of a tensor-core plan: all of K (in whole 16s) where it fits, else the
     most multiples of 32 that do (at least 32), or None."""
     KCH = _cdiv(K, 16) * 16
     if smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma) <= budget:
         return KCH
-    if not glob:  # only the staged rows scale with the chunk
-        pad = mma_strides(mma, K, 0)[1]  # the staged rows' padding (HLD - KCH)
-        fixed = smem_bytes(K, N, BBP, 0, KS, w_bytes, mma=mma) - 4 * BBP * pad  # without the staged rows
-        KCH = ((budget - fixed) // (4 * BBP) - pad) // 32 * 32
-        return KCH if KCH >= 32 and smem_bytes(K, N, BBP, KCH, KS, w_bytes, mma=mma) <= budget else None
-    # streamed: the staged rows and the W chunk both scale with it (a few padded strides)
-    per_k = 4 * BBP + _cdiv(N, 16) * 16 * w_bytes
-    KCH = min(KCH // 32 * 32, max(0, budget - 4 * KS * BBP * N) // per_k // 32 * 32)
-    while KCH >= 32 and smem_bytes(K, N, BBP, KCH, KS, w_bytes, True, mma) > budget:
+    return _fitting_chunk(K, N, BBP, KS, w_bytes, budget, mma, glob, False, KCH)
+
+
+def _mma_chunk_pipelined(K, N, BBP, KS, w_bytes, budget, mma, glob):
+    """The K-chunk of a pipelined tensor-core plan (two buffers of staged rows, and of
+    the W chunk when streamed): the most multiples of 32 below K that fit, or None."""
+    return _fitting_chunk(K, N, BBP, KS, w_bytes, budget, mma, glob, True, K - 1)
+
+
+def _fitting_chunk(K, N, BBP, KS, w_bytes, budget, mma, glob, pipe, most):
+    """The most multiples of 32 up to ``most`` whose tensor-core plan fits ``budget``
+    (at least 32), or None: an estimate from the bytes per k of the buffers that scale
+    with the chunk (the staged rows; streamed, the W chunk), less the padded strides."""
+    nb = 2 if pipe else 1
+    nr = _cdiv(N, 16) * 16
+    per_k = nb * 4 * BBP + (nb * nr * w_bytes if glob else 0)
+    fixed = 4 * KS * BBP * N + (0 if glob else nr * mma_strides(mma, K, 0)[0] * w_bytes)
+    KCH = min(most // 32 * 32, max(0, budget - fixed) // per_k // 32 * 32)
+    while KCH >= 32 and smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma, pipe) > budget:
         KCH -= 32
     return KCH if KCH >= 32 else None
 

@@ -54,13 +54,12 @@ def select(direction, cell_name, xp, w_h, limits=None, tpb=256, weights="auto"):
         mode = streamed_mode()
         g = plan(direction, cell_name, H, B, limits, x_dtype=xp.dtype, tpb=tpb, weights="global",
                  problems=NP) if mode != "off" else None
-        if g is None:
-            pass
-        elif p is None:
-            p = g if mode == "on" or g.cost <= STREAMED_MAX_CYCLES and (
-                not g.mma or g.step_l2_bytes <= STREAMED_MMA_MAX_L2_BYTES
-                or _streamed_fma_runs(direction, cell_name, H, B, limits, xp.dtype, tpb, NP)) else None
-        elif g.mma and g.cost < MMA_MARGIN * p.cost:
+        if g is not None and p is None:
+            if mode == "on" or g.cost <= STREAMED_MAX_CYCLES and (
+                    not g.mma or g.step_l2_bytes <= STREAMED_MMA_MAX_L2_BYTES
+                    or _streamed_fma_runs(direction, cell_name, H, B, limits, xp.dtype, tpb, NP)):
+                p = g
+        elif g is not None and g.mma and g.cost < MMA_MARGIN * p.cost:
             # a streamed tensor-core plan against a slice plan the shared memory starves
             # (e.g. an FMA plan of a few staged columns per chunk): the tensor-core margin
             p = g
