@@ -77,21 +77,24 @@ def per_step_fns(cell_name, xp, w_h, states0, params, cots):
 
 
 def persistent_fns(cell_name, xp, w_h, states0, params, cots):
+    """As the layers run them without initial states: no state arrays (``ZS``), the
+    backward shifting each state's own sequence (:mod:`mlx_fastrnn.kernels.contract`)."""
     n = CELLS[cell_name].num_states
+    none = (None,) * n
 
     def fwd():
-        out = P.persistent_sequence(cell_name, xp, w_h, states0, params, True)
+        out = P.persistent_sequence(cell_name, xp, w_h, none, params, True)
         return out[:n]
 
     def fwdbwd():
-        out = P.persistent_sequence(cell_name, xp, w_h, states0, params, True)
+        out = P.persistent_sequence(cell_name, xp, w_h, none, params, True)
         seqs, hp = out[:n], out[n]
-        prevs = tuple(mx.concatenate([s0[None], s[:-1]], axis=0) for s0, s in zip(states0, seqs))
-        dx, dhp, _ = P.persistent_backward(cell_name, cots, xp, hp, prevs, params, w_h, False)
+        dx, dhp, _ = P.persistent_backward(cell_name, cots, xp, hp, seqs, params, w_h, False,
+                                           zero_states=(1 << n) - 1)
         L, B, GH = dhp.shape
         H = w_h.shape[1]
         if L > 1:  # the driver's dW_h: one matmul, the zero first state left out
-            dw = dhp[1:].reshape(-1, GH).T @ prevs[0][1:].reshape(-1, H)
+            dw = dhp[1:].reshape(-1, GH).T @ seqs[0][:-1].reshape(-1, H)
         else:
             dw = mx.zeros_like(w_h)
         return (*seqs, dx.astype(xp.dtype), dw)

@@ -372,14 +372,15 @@ def forward(cell, xp, w_h, states0, params, h0_is_zero, limits, tpb=64, weights=
 
 
 def backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, tpb=64, weights="auto",
-             plan=None, lens=None, rev=0, d_out=None, interleaved=False):
+             plan=None, lens=None, rev=0, d_out=None, interleaved=False, zero_states=0):
     """``persistent_backward`` with the launch replaced by the emulator (``plan``:
     use this plan instead of the selected one)."""
     p = plan or P.select("backward", cell, xp, w_h, limits, tpb, weights)
     if p is None:
         return None, None
     spec, inputs, shapes, dtypes = P.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
-                                                     lens, rev, d_out, interleaved=interleaved)
+                                                     lens, rev, d_out, interleaved=interleaved,
+                                                     zero_states=zero_states)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
     varlen = P.is_varlen(lens, rev, interleaved)
     return P.backward_results(cell, res, need_d_state0, varlen), (p, res[-1])
@@ -534,7 +535,7 @@ def resident_forward(cell, xp, w_h, states0, params, h0_is_zero, limits, plan=No
 
 
 def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, limits, plan=None,
-                      lens=None, rev=0, d_out=None, interleaved=False):
+                      lens=None, rev=0, d_out=None, interleaved=False, zero_states=0):
     """``resident.run_backward`` with the launch replaced by the emulator."""
     from mlx_fastrnn.kernels import resident as R
 
@@ -542,6 +543,6 @@ def resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need_d_state0, l
     if p is None:
         return None, None
     spec, inputs, shapes, dtypes = R.backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
-                                                     lens, rev, d_out, interleaved)
+                                                     lens, rev, d_out, interleaved, zero_states)
     res = emulate(spec, list(inputs), list(zip(shapes, dtypes)))
     return P.backward_results(cell, res, need_d_state0, P.is_varlen(lens, rev, interleaved)), p

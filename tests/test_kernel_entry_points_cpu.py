@@ -300,3 +300,212 @@ def test_grown_resident_blocks_keep_within_their_registers():
         tuned = R.plan("backward", cell, 128, 64, h200, mx.bfloat16, 16, 1, 1)
         p = C._one_block_per_sm(tuned, 64, "backward", cell, 128, 64, h200, mx.bfloat16, 16)
         assert (p.BB, p.RPT, p.nblocks) == (8, rpt, 128) and R.registers_fit(p, h200)
+
+
+# (cell, ZS mask of the zero initial states, lengths, REV mask, problems)
+ZERO_STATE_CASES = [
+    ("lstm", 0b11, None, 0, 1),        # neither state given: the drop-in layer's usual call
+    ("lstm", 0b10, None, 0, 1),        # h_0 given, c_0 zero
+    ("gru", 0b1, [4, 1, 3], 1, 1),     # lengths, reversed
+    ("rnn_relu", 0b1, None, 0, 1),
+    ("slstm", 0b0101, [2, 4, 4, 1], 0b10, 2),  # y, n zero; two problems, the second reversed
+]
+
+
+@pytest.mark.parametrize("klass", ["resident", "tiled"])
+@pytest.mark.parametrize("cell,mask,lens,rev,problems", ZERO_STATE_CASES)
+def test_zero_initial_states_take_no_arrays(emulated_gpu, monkeypatch, klass, cell, mask, lens, rev, problems):
+    """A zero initial state is no array (kernels/contract.py's ZS): the forward gets
+    None for it and reads a one-element placeholder never; the backward takes the
+    state sequence itself as that state's ``prevs`` (shifted by a step inside the
+    kernel, zero at step 0) instead of ``concat(zeros, seq[:-1])``. Outputs, dx,
+    dhp and the given states' cotangents equal the reference's with zero arrays.
+    The placeholder is NaN here, so a kernel that read it would give NaN. (A read
+    before ``prevs`` at step 0 is out of bounds: MLX_FASTRNN_EMU_SANITIZE=1 checks it.)"""
+    monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", klass)
+    poison = mx.full((4096,), float("nan"))
+    monkeypatch.setattr(P, "zero_operand", lambda: poison)
+    inputs = []
+    launch = P.launch
+
+    def recording(spec, ins, shapes, dtypes):
+        inputs.append([tuple(a.shape) for a in ins])
+        return launch(spec, ins, shapes, dtypes)
+
+    monkeypatch.setattr(P, "launch", recording)
+    monkeypatch.setattr(R, "launch", recording)
+    L, B, H = 4, 2 if problems == 2 else 3, 12
+    if problems == 1:
+        xp, w, s0, params = ref.problem(cell, L, B, H)
+    else:
+        _, (xp, w, s0, params) = ref.stacked_problems(cell, problems, L, B, H, mx.float32, False)
+    zero = tuple((mask >> q) & 1 == 1 for q in range(len(s0)))
+    s0 = tuple(mx.zeros_like(s) if z else s for s, z in zip(s0, zero))
+    lens = None if lens is None else mx.array(lens, mx.int32)
+    varlen = lens is not None or bool(rev)
+    kw = dict(lens=lens, rev=rev) if varlen else {}
+    given = tuple(None if z else s for s, z in zip(s0, zero))
+
+    got = C.sequence(cell, xp, w, given, params, zero[0], **kw)
+    want = C.sequence(cell, xp, w, s0, params, zero[0], **kw)  # zero arrays, read
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        assert ref.max_rel_err(a, e) == 0.0
+    if not varlen:
+        expected = ref.forward(cell, xp, w, s0, params, zero[0])
+        for a, e in zip(got, expected):
+            assert ref.max_rel_err(a, e) < 2e-6
+    n = len(s0)
+    state_inputs = inputs[0][2:2 + n]
+    assert [s == (4096,) for s in state_inputs] == list(zero)  # placeholders only where zero
+
+    seqs, hp = got[:n], got[n]
+    d_outs = ref.cotangents(cell, L, xp.shape[1], H)
+    d_out = ref.cotangents(cell, L, xp.shape[1], H, seed=5)[0] if varlen else None
+    bkw = dict(kw, d_out=d_out) if varlen else {}
+    need = not all(zero)
+    shifted = tuple(seq if z else p for seq, p, z in zip(seqs, ref.prevs_of(s0, seqs), zero))
+    got_b = C.backward(cell, d_outs, xp, hp, shifted, params, w, need, zero_states=mask, **bkw)
+    want_b = C.backward(cell, d_outs, xp, hp, ref.prevs_of(s0, seqs), params, w, need, **bkw)
+    for a, e in zip(got_b[:2], want_b[:2]):
+        assert ref.max_rel_err(a, e) == 0.0
+    if need:
+        for a, e, z in zip(got_b[2], want_b[2], zero):
+            assert ref.max_rel_err(a, e) == 0.0
+    if not varlen:
+        rdx, rdhp, _ = ref.backward(cell, d_outs, xp, hp, ref.prevs_of(s0, seqs), params, w, need)
+        assert ref.max_rel_err(got_b[0], rdx) < 2e-6 and ref.max_rel_err(got_b[1], rdhp) < 2e-6
+
+
+@pytest.mark.parametrize("klass", ["resident", "tiled"])
+@pytest.mark.parametrize("states", ["none", "hidden", "cell", "both"])
+def test_dropin_lstm_on_the_cuda_path_with_states_given_or_not(emulated_gpu, monkeypatch, klass, states):
+    """The drop-in LSTM on the CUDA path (kernels emulated, the compiled op off: the
+    emulator evaluates its inputs), with no state, h_0 only, c_0 only, or both: outputs
+    and every gradient (weights, input, the given states) equal stock ``mlx.nn``'s."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    import mlx_fastrnn
+    import mlx_fastrnn.ops.recurrent as OR
+
+    monkeypatch.setenv("MLX_FASTRNN_KERNEL_CLASS", klass)
+    monkeypatch.setenv("MLX_FASTRNN_COMPILE", "0")
+    L, B, I, H = 5, 3, 4, 12
+    mx.random.seed(3)
+    layer = mlx_fastrnn.LSTM(I, H)
+    stock = nn.LSTM(I, H)
+    stock.update(layer.parameters())
+    x = mx.random.normal((B, L, I), key=mx.random.key(1))
+    h0 = mx.random.normal((B, H), key=mx.random.key(2)) if states in ("hidden", "both") else None
+    c0 = mx.random.normal((B, H), key=mx.random.key(3)) if states in ("cell", "both") else None
+
+    def run(m):
+        def loss(params, x, h0, c0):
+            m.update(params)
+            h, c = m(x, h0, c0)
+            return (h * mx.cos(h)).sum() + (c ** 2).sum()
+
+        argnums = (0, 1) + ((2,) if h0 is not None else ()) + ((3,) if c0 is not None else ())
+        value, grads = mx.value_and_grad(loss, argnums=argnums)(m.trainable_parameters(), x, h0, c0)
+        flat = [value, *(v for _, v in tree_flatten(grads))]
+        mx.eval(flat)
+        return flat
+
+    want = run(stock)
+    monkeypatch.setattr(OR, "default_steps", lambda cell, whole=True: cell.kernel_steps("cuda", whole))
+    got = run(layer)
+    prefix = "frnn_res_" if klass == "resident" else "frnn_"
+    assert len(emulated_gpu) == 2 and all(n.startswith(prefix) for n in emulated_gpu)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        scale = max(1.0, mx.abs(b).max().item())
+        assert mx.abs(a - b).max().item() <= 2e-5 * scale
+
+
+H100 = P.Limits(num_sms=132, smem_per_block=232448, smem_per_sm=233472, cc_major=9)
+
+
+@pytest.mark.skipif(emu.nvrtc_paths() is None, reason="MLX_FASTRNN_NVRTC / MLX_FASTRNN_JIT_HEADERS not set")
+@pytest.mark.parametrize("klass", ["resident", "tiled"])
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_nvrtc_compiles_zero_initial_states(klass, cell, varlen):
+    """Every initial state zero (``ZS`` all ones), forward and backward: the kernels
+    compile under NVRTC with no more spills than with every state read (the tiled
+    class within its 128 registers)."""
+    S = P.CELLS[cell].num_states
+    kw = dict(lens=varlen, rev=0b10 if varlen else 0)
+    for direction in ("forward", "backward"):
+        if klass == "resident":
+            p = R.plan(direction, cell, 32, 8, H100, mx.float32, 2 if varlen else 1)
+            specs = [R.kernel_spec(p, mx.float32, flag, **kw, zero_states=zs)
+                     for flag, zs in ((0, 0), ((1 << S) - 1, 0)) if direction == "forward"] or \
+                    [R.kernel_spec(p, mx.float32, True, **kw, zero_states=zs) for zs in (0, (1 << S) - 1)]
+            w_dtype = p.w_bf16
+        else:
+            p = P.plan(direction, cell, 200, 32, H100, x_dtype=mx.float32, problems=2 if varlen else 1)
+            specs = [P.kernel_spec(p, mx.float32, flag, **kw, zero_states=zs)
+                     for flag, zs in ((0, 0), ((1 << S) - 1, 0)) if direction == "forward"] or \
+                    [P.kernel_spec(p, mx.float32, True, **kw, zero_states=zs) for zs in (0, (1 << S) - 1)]
+            w_dtype = p.w_dtype
+        assert specs[0].name != specs[1].name or specs[0].template != specs[1].template
+        (ok0, log0, base), (ok1, log1, masked) = (emu.compile_spec(s, mx.float32, w_dtype) for s in specs)
+        assert ok0 and ok1, (log0 + log1)[-4000:]
+        # (registers, spill stores, spill loads, stack bytes): the mask only leaves loads out
+        assert all(m <= b for m, b in zip(masked[1:], base[1:])), (base, masked)
+        assert klass == "resident" or masked[0] <= 128, masked
+
+
+def test_a_call_without_states_makes_no_zero_arrays(monkeypatch, tmp_path):
+    """The drop-in LSTM / GRU on the CUDA path, no initial state, the launch stubbed:
+    the graph of its kernels' inputs (forward, and forward + backward of a loss of h
+    and c) holds no fill (Full) and no join (Concatenate), except, for the LSTM's
+    backward, the one zero cotangent MLX's autodiff makes for the output the loss
+    does not use (c's sequence: here the loss uses h only)."""
+    import collections
+    import math
+    import re
+
+    from mlx.utils import tree_flatten
+
+    import mlx_fastrnn
+    import mlx_fastrnn.ops.recurrent as OR
+
+    launched = []
+
+    def launch(spec, inputs, output_shapes, output_dtypes):
+        launched.extend(inputs)
+        # stand-in outputs no real op makes (an Arange each)
+        return [mx.arange(math.prod(s)).reshape(s).astype(d) for s, d in zip(output_shapes, output_dtypes)]
+
+    monkeypatch.setattr(P, "launch", launch)
+    monkeypatch.setattr(R, "launch", launch)
+    monkeypatch.setattr(P, "cuda_available", lambda: True)
+    monkeypatch.setattr(P, "device_limits", lambda: H100)
+    monkeypatch.setattr(OR, "default_steps", lambda cell, whole=True: cell.kernel_steps("cuda", whole))
+    monkeypatch.setenv("MLX_FASTRNN_COMPILE", "0")
+
+    def nodes(outs, path):
+        path = str(tmp_path / path)
+        mx.export_to_dot(path, *outs, *launched)
+        launched.clear()
+        return collections.Counter(re.findall(r'label ="([A-Za-z]+)', open(path).read()))
+
+    for name in ("LSTM", "GRU"):
+        layer = getattr(mlx_fastrnn, name)(16, 16)
+        x = mx.random.normal((3, 6, 16))
+        mx.eval(x, layer.parameters())
+        out = layer(x)
+        fwd = nodes(list(out) if isinstance(out, tuple) else [out], "fwd.dot")
+        assert fwd["Full"] == 0 and fwd["Concatenate"] == 0, fwd
+
+        def loss(params, x):
+            layer.update(params)
+            o = layer(x)
+            return (o[0] if isinstance(o, tuple) else o).sum()
+
+        value, grads = mx.value_and_grad(loss, argnums=(0, 1))(layer.trainable_parameters(), x)
+        both = nodes([value, *(g for _, g in tree_flatten(grads))], "fwdbwd.dot")
+        assert both["Concatenate"] == 0, both
+        assert both["Full"] == (1 if name == "LSTM" else 0), both

@@ -166,12 +166,12 @@ def test_generated_source_matches_mlx_layout():
     fname, src = S.generate_source(spec, [mx.bfloat16, mx.float32, mx.float32, mx.float32],
                                    [3, 2, 2, 1], [mx.float32, mx.float32, mx.uint32])
     assert fname.startswith("custom_kernel_" + spec.name + "_bfloat16_float32_33_")
-    assert fname.endswith("_t")
+    assert fname.endswith("_1")  # the last template argument: ZS = 1 (h_0 zero)
     assert src.startswith(S.MLX_DEFAULT_HEADER + P.HEADER)
     assert "__global__ void " + fname + "(\n    const __nv_bfloat16* x,\n" \
            "    const __grid_constant__ Shape x_shape,\n    const float* w,\n" in src
     assert "    uint32_t* sync) {\n" in src
-    assert "  using T = __nv_bfloat16;\n" in src and "  constexpr bool H0Z = true;\n" in src
+    assert "  using T = __nv_bfloat16;\n" in src and "  constexpr int ZS = 1;\n" in src
     assert "w_shape" not in src and "h0_shape" not in src and "_strides" not in src
     assert src.endswith("\n}\n\n} // namespace mlx::core::cu\n")
 
@@ -338,6 +338,9 @@ def test_emulated_streamed_weights(case):
     limits = P.Limits(num_sms=sms, smem_per_block=smem, smem_per_sm=2 * smem + 2048)
     problem = ref.problem(cell, L, B, H, xdt)
     xp, w_h, s0, params = problem
+    if zero:  # h_0 zero (the kernels' ZS bit 0: never read)
+        s0 = (mx.zeros_like(s0[0]), *s0[1:])
+        problem = (xp, w_h, s0, params)
     for direction in ("forward", "backward"):
         p = P.plan(direction, cell, H, B, limits, x_dtype=xdt, tpb=64, weights="global")
         assert p is not None and p.w_global and H % p.U == 0 and p.NU > 1

@@ -36,9 +36,9 @@ def _emulated_steps(cell, calls, problems, varlen):
                            interleaved=interleaved)[0]
 
     def backward_sequence_kernel(d_outs, xp, hp, prevs, params, w_h, need, lens=None, rev=0, d_out=None,
-                                 interleaved=False):
+                                 interleaved=False, zero_states=0):
         return emu.backward(cell.name, d_outs, xp, hp, prevs, params, w_h, need, LIMITS,
-                            lens=lens, rev=rev, d_out=d_out, interleaved=interleaved)[0]
+                            lens=lens, rev=rev, d_out=d_out, interleaved=interleaved, zero_states=zero_states)[0]
 
     def accepts(xp, w_h, varlen=False, kind="directions"):
         if (w_h.ndim == 3 and not problems) or (varlen and not accept_varlen):

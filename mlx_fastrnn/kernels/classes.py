@@ -175,17 +175,19 @@ def sequence(cell_name, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, 
 
 
 def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
-             interleaved=False):
+             interleaved=False, zero_states=0):
     """``persistent.persistent_backward``'s contract, on the chosen class."""
     if not P.cuda_available():
         return None
     varlen = P.is_varlen(lens, rev, interleaved)
     klass, p = choose("backward", cell_name, xp, w_h, varlen)
     if klass == "resident":
-        return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, interleaved)
+        return R.run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, interleaved,
+                              zero_states)
     if klass == "tiled":
         return P.persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0,
-                                     use_plan=p, lens=lens, rev=rev, d_out=d_out, interleaved=interleaved)
+                                     use_plan=p, lens=lens, rev=rev, d_out=d_out, interleaved=interleaved,
+                                     zero_states=zero_states)
     return None
 
 
@@ -196,7 +198,7 @@ def backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=
 # (2026-12-03, 2-layer bidirectional float32): the one launch won at 32x40x200 (model:
 # ~0.07M extra cycles over the sequence forward) and 1x256x256 (~0.06M) and lost ~25%
 # at 16x1024x512 (~8.7M); one launch of those short shapes took 0.3-0.5 ms of which the
-# kernels' steps were ~0.1 ms (benchmarks/RESULTS.md). ~0.15 ms at ~1.7 GHz:
+# kernels' steps were ~0.1 ms (git history of benchmarks/RESULTS.md). ~0.15 ms at ~1.7 GHz:
 LAUNCH_COST_CYCLES = 250_000
 
 

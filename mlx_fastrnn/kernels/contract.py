@@ -11,6 +11,15 @@ I/O (both classes; ``S`` states, ``NPRM`` per-unit parameters of the cell):
   (varlen: ``lens``), ``prm0..`` -> ``dx`` [L, B, G*H], (``dhp`` where it
   differs from ``dx``), ``dinit0..`` [B, H], ``sync``.
 
+Zero operands are not arrays (each array a layer call makes is a graph node,
+a fill on the GPU): template ``ZS`` (both directions), bit q set = initial
+state q is zero. The forward then never reads ``init<q>`` (bit 0 also skips
+the first step's recurrent product); the backward's ``prev<q>`` is then the
+state sequence itself, the state entering step s its row s - 1 (zero at
+step 0), instead of ``concat(init, seq[:-1])``. An ``init<q>`` not read is
+a one-element placeholder. (A zero cotangent cannot be left out so: MLX's
+autodiff hands a custom VJP a zeros array for an output nobody used.)
+
 Varlen (the PyTorch-compatible layers): a per-row length ``lens[b]``
 (template ``LENS``; every row has length L otherwise, and lengths are clamped
 to 0..L so none can send an access out of bounds) and per-problem directions
@@ -84,6 +93,20 @@ def prev_used(cell):
     (``PREV_USED`` in its ``persistent.py``; all of them when it does not say)."""
     mod, S, _ = cell_counts(cell)
     return tuple(getattr(mod, "PREV_USED", (True,) * S))
+
+
+def zero_bit(mask, q):
+    """C++ expression: whether bit ``q`` of template ``mask`` (``ZS``) is set."""
+    return f"((({mask}) >> ({q})) & 1) != 0"
+
+
+def previous_state(q, cond, row):
+    """C++ expression: the state ``q`` entering step ``s`` (``row``: the step's row of the
+    [L, B, H] sequences) where ``cond`` holds, else 0: ``prevs[q]`` at ``row``, or under
+    ``ZS`` bit q (zero initial state, ``prevs[q]`` the state sequence) at ``row - B``,
+    zero at step 0 (never an access before the array)."""
+    shifted = f"({cond} && s > 0 ? prevs[{q}][({row} - B) * H + j] : 0.0f)"
+    return f"({zero_bit('ZS', q)} ? {shifted} : ({cond} ? prevs[{q}][{row} * H + j] : 0.0f))"
 
 
 def row_direction():

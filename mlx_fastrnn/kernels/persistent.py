@@ -103,8 +103,10 @@ def _with_switches(value, header):
 # --------------------------------------------------------------------------- sources
 
 
-def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0, interleaved=False):
-    """The kernel for plan ``p``: ``flag`` is H0Z (forward) or NEED_D0 (backward);
+def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0, interleaved=False, zero_states=0):
+    """The kernel for plan ``p``: ``flag`` is the forward's ``ZS`` mask (an int; True:
+    h_0 zero) or the backward's NEED_D0, ``zero_states`` the backward's ``ZS`` mask
+    (:mod:`.contract`, :func:`flag_template`);
     ``lens`` (per-row lengths) / ``rev`` (bit p: problem p reversed) /
     ``interleaved`` (problem-interleaved x, out, dx, gout: ``XIL``) select the
     varlen body (:mod:`.tiled`, :mod:`.contract`).
@@ -112,12 +114,23 @@ def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0, interleaved=
     ``header`` replaces the shared device code (the tuning tools prepend the
     ``FRNN_*`` switches documented in ``persistent_header``). Cached: a launch
     pays a lookup, not the ~20 us of assembling the spec."""
-    return _kernel_spec(p, x_dtype, bool(flag), header, os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", ""),
-                        bool(lens), int(rev), bool(interleaved))
+    return _kernel_spec(p, x_dtype, int(flag), header, os.environ.get("MLX_FASTRNN_PERSISTENT_SWITCHES", ""),
+                        bool(lens), int(rev), bool(interleaved), int(zero_states))
+
+
+def flag_template(forward, flag, zero_states=0):
+    """The template arguments of a kernel's zero initial states and their cotangents:
+    forward ``ZS`` (``flag``: the zero initial states' mask), backward ``NEED_D0``
+    (``flag``) and ``ZS`` (:mod:`.contract`)."""
+    if forward:
+        if zero_states:
+            raise ValueError("a forward kernel takes its zero states' mask as flag, not zero_states")
+        return (("ZS", int(flag)),)
+    return (("NEED_D0", bool(flag)), ("ZS", int(zero_states)))
 
 
 @functools.lru_cache(maxsize=512)
-def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
+def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved, zero_states):
     from . import tiled
 
     header = _with_switches(switches, header)
@@ -149,7 +162,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved):
         ("HLD", p.hld),
         ("CLU", bool(p.CL)),
         ("PIPE", p.pipe),
-        ("H0Z" if fwd else "NEED_D0", bool(flag)),
+        *flag_template(fwd, flag, zero_states),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *mod.template_extras(p.cell),
     )
@@ -234,20 +247,44 @@ def _problem_params(params, p, H):
     return tuple(q if p.NP == 1 else q.reshape(p.NP * H) for q in params)
 
 
+_ZERO_OPERAND = []
+
+
+def zero_operand():
+    """The operand a kernel is given for a zero initial state it never reads
+    (:mod:`.contract`'s ZS): a zero state made per call would be a graph node and a
+    fill on the GPU. Evaluated once, so no trace (``mx.compile``) holds its fill."""
+    if not _ZERO_OPERAND:
+        z = mx.zeros((1,), mx.float32)
+        mx.eval(z)
+        _ZERO_OPERAND.append(z)
+    return _ZERO_OPERAND[0]
+
+
+def zero_states_mask(states0, h0_is_zero=False):
+    """The ``ZS`` mask of the initial states given as None (bit 0 also for ``h0_is_zero``)."""
+    mask = 1 if h0_is_zero else 0
+    for q, s in enumerate(states0):
+        if s is None:
+            mask |= 1 << q
+    return mask
+
+
 def forward_operands(p, cell_name, xp, w_h, states0, params):
     """``(states0, params, w)`` as a forward kernel of plan ``p`` (either class)
-    reads them, or ``None`` when their count or shapes do not match."""
+    reads them (a state given as None, zero, by a placeholder), or ``None`` when
+    their count or shapes do not match."""
     cs = CELLS[cell_name]
     B, H = xp.shape[1], w_h.shape[-1]  # B: all rows (NP problems)
     states0, params = tuple(states0), tuple(params)
     if len(states0) != cs.num_states or len(params) != cs.num_params:
         return None
-    if not all(_shape_ok(s, (B, H)) for s in states0):
+    if not all(s is None or _shape_ok(s, (B, H)) for s in states0):
         return None
     params = _problem_params(params, p, H)
     if params is None:
         return None
-    return states0, params, _w_operand(p, w_h)
+    return tuple(zero_operand() if s is None else s for s in states0), params, _w_operand(p, w_h)
 
 
 def backward_operands(p, cell_name, d_outs, xp, hp, prevs, params, w_h):
@@ -363,20 +400,25 @@ def backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, syn
 
 
 def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, header=HEADER, interleaved=False):
-    """``(spec, inputs, output shapes, output dtypes)`` of the tiled forward, or None."""
+    """``(spec, inputs, output shapes, output dtypes)`` of the tiled forward, or None
+    (a state given as None is zero, and so is h_0 with ``h0_is_zero``: not read)."""
     arrays = forward_arrays(p, xp, w_h, states0, params, lens, rev, p.sync_words, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, h0_is_zero, header, lens is not None, rev, interleaved), *arrays)
+    flag = zero_states_mask(states0, h0_is_zero)
+    return (kernel_spec(p, xp.dtype, flag, header, lens is not None, rev, interleaved), *arrays)
 
 
 def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
-                    header=HEADER, interleaved=False):
-    """``(spec, inputs, output shapes, output dtypes)`` of the tiled backward, or None."""
+                    header=HEADER, interleaved=False, zero_states=0):
+    """``(spec, inputs, output shapes, output dtypes)`` of the tiled backward, or None.
+    ``zero_states`` (``ZS``): bit q set = state q started at zero and ``prevs[q]`` is its
+    state sequence (not shifted by a step: :mod:`.contract`)."""
     arrays = backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, p.sync_words, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, need_d_state0, header, lens is not None, rev, interleaved), *arrays)
+    return (kernel_spec(p, xp.dtype, need_d_state0, header, lens is not None, rev, interleaved, zero_states),
+            *arrays)
 
 
 def backward_results(cell, outs, need_d_state0, varlen=False):
@@ -394,8 +436,9 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
     """Run the whole forward recurrence in one kernel.
 
     Args follow ``ops.sequence.recurrence``: ``xp`` [L, B, G*H] (float32/16,
-    bfloat16), ``w_h`` [G*H, H] float32, ``states0`` (each [B, H] float32),
-    ``params`` (GRU: ``(bhn,)``), ``h0_is_zero``; ``lens`` int32 [B] per-row
+    bfloat16), ``w_h`` [G*H, H] float32, ``states0`` (each [B, H] float32; one
+    given as None is zero), ``params`` (GRU: ``(bhn,)``), ``h0_is_zero`` (h_0 is zero:
+    ``states0[0]`` is then never read, whatever it holds); ``lens`` int32 [B] per-row
     lengths (1..L), ``rev`` (bit p: problem p runs from each row's end) and
     ``interleaved`` (``xp`` and ``out`` problem-interleaved): see :mod:`.contract`.
 
@@ -419,13 +462,14 @@ def persistent_sequence(cell_name, xp, w_h, states0, params, h0_is_zero, *, limi
 
 def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_state0, *, limits=None,
                         tpb=256, weights="auto", use_plan=None, header=HEADER, lens=None, rev=0, d_out=None,
-                        interleaved=False):
+                        interleaved=False, zero_states=0):
     """Adjoint of :func:`persistent_sequence` in one reverse-time kernel.
 
     Same meaning as the cells' ``naive.backward_sequence``: ``d_outs`` the
     cotangents of the state sequences ([L, B, H] each), ``xp`` / ``hp`` the
     forward's step inputs, ``prevs`` the state entering each step ([L, B, H]
-    each: ``concat(s0, seq[:-1])``); with ``lens`` / ``rev``, ``d_out`` the
+    each: ``concat(s0, seq[:-1])``, or under ``zero_states`` bit q the state sequence
+    itself, its initial state zero); with ``lens`` / ``rev``, ``d_out`` the
     cotangent of ``out``. Returns ``(dx, dhp, d_states0)`` with ``dx``, ``dhp``
     [L, B, G*H] float32 (``dx`` in position order, ``dhp`` in step order;
     the same array where they coincide) and ``d_states0`` a tuple of [B, H]
@@ -438,7 +482,7 @@ def persistent_backward(cell_name, d_outs, xp, hp, prevs, params, w_h, need_d_st
     if p is None:
         return None
     launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out, header,
-                                  interleaved)
+                                  interleaved, zero_states)
     if launch_args is None:
         return None
     return backward_results(cell_name, launch(*launch_args), need_d_state0, is_varlen(lens, rev, interleaved))

@@ -394,7 +394,8 @@ __device__ __forceinline__ void stage_rows(
 #   WLD   row stride of the W_h slice in shared memory (K; MMA: padded against bank conflicts)
 #   HLD   row stride of the staged rows hs (KCH; MMA: padded)
 #   CLU   the batch group is a thread-block cluster: its barrier is the cluster barrier
-#   H0Z   forward: the initial state is zero (step 0 skips the projection)
+#   ZS    bit q: initial state q is zero, never read (forward: bit 0 also skips step 0's
+#         projection, H0Z in the bodies; backward: prev<q> is state q's own sequence): contract.py
 #   NEED_D0  backward: also produce the initial states' cotangents
 #   RELU  RNN: relu instead of tanh
 # Block b of the grid owns units [j0, j0+U) with j0 = (b % NU) * U and batch rows

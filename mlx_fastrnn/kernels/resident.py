@@ -110,6 +110,7 @@ def forward_body(cell, varlen=False):
   constexpr int GHP = GH + 1 - GH % 2;  // transposed_stride()
   constexpr int HP = TPB / (RS * KSP);
   constexpr int KS = (H + 3) / 4 * 4;
+  constexpr bool H0Z = (ZS & 1) != 0;  // h_0 zero: no recurrent product at step 0
 """ + _PROLOGUE + (_VARLEN_PROLOGUE if varlen else "") + r"""  constexpr int WNCH = WREG ? (KS / 4 + KSP - 1) / KSP : 1;  // the thread's chunks of K (WREG)
   float* hb;  // [2][BB][KS]: h_{t-1} and h_t
   WT* Wt;     // [KS][GHP]: W_h transposed, rows k >= H zero
@@ -125,7 +126,7 @@ def forward_body(cell, varlen=False):
   for (int rr = 0; rr < RPT; ++rr) {
 #pragma unroll
     for (int q = 0; q < S; ++q) {
-      st[rr][q] = ok[rr] ? inits[q][(long long)(r0 + rs + rr * RS) * H + j] : 0.0f;
+      st[rr][q] = ok[rr] && !(""" + C.zero_bit("ZS", "q") + r""") ? inits[q][(long long)(r0 + rs + rr * RS) * H + j] : 0.0f;
     }
   }
   // x of step t is loaded during step t-1 (its latency hidden behind a whole step)
@@ -220,8 +221,7 @@ def backward_body(cell, varlen=False):
     call = "frnn_cell::backward" + getattr(mod, "POINT_TEMPLATE", "")
     used = C.prev_used(cell)
     prev_loads = "".join(
-        f"        ps[rr][{q}] = la ? prevs[{q}][row * H + j] : 0.0f;\n" if used[q] else f"        ps[rr][{q}] = 0.0f;\n"
-        for q in range(S))
+        f"        ps[rr][{q}] = {C.previous_state(q, 'la', 'row') if used[q] else '0.0f'};\n" for q in range(S))
     lines = (C.declarations(cell, "const float* gseqs", "gseq", "const float* prevs", "prev")
              + f"  float* dinits[S] = {{{', '.join(f'dinit{k}' for k in range(S))}}};\n")
     return lines + r"""  constexpr int GH = G * H;
@@ -381,9 +381,10 @@ def header_for(cell, tpb):
 
 
 @functools.lru_cache(maxsize=512)
-def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False):
-    """``lens`` / ``rev`` / ``interleaved``: the varlen body (:mod:`.contract`).
-    Cached (a launch pays a lookup)."""
+def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False, zero_states=0):
+    """``flag``: the forward's ``ZS`` mask (an int; True: h_0 zero), the backward's
+    NEED_D0; ``zero_states``: the backward's ``ZS`` mask (:mod:`.contract`).
+    ``lens`` / ``rev`` / ``interleaved``: the varlen body. Cached (a launch pays a lookup)."""
     fwd = p.direction == "forward"
     varlen = bool(lens or rev or interleaved)
     header = header_for(p.cell, p.TPB)
@@ -394,7 +395,7 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False):
         ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
         ("NP", p.NP), ("KSP", p.KSP), ("WREG", bool(p.WREG)),
-        ("H0Z" if fwd else "NEED_D0", bool(flag)),
+        *P.flag_template(fwd, flag, zero_states),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *P.cell_module(p.cell).template_extras(p.cell),
     )
@@ -426,20 +427,23 @@ def select(direction, cell_name, xp, w_h, limits=None):
 
 def forward_launch(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, interleaved=False):
     """(spec, inputs, output shapes, output dtypes) of the forward, or None
-    (outputs as the tiled class's: :func:`.persistent.forward_arrays`)."""
+    (outputs as the tiled class's: :func:`.persistent.forward_arrays`; a state
+    given as None is zero)."""
     arrays = P.forward_arrays(p, xp, w_h, states0, params, lens, rev, SYNC_WORDS, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, h0_is_zero, lens is not None, rev, interleaved), *arrays)
+    flag = P.zero_states_mask(states0, h0_is_zero)
+    return (kernel_spec(p, xp.dtype, flag, lens is not None, rev, interleaved), *arrays)
 
 
 def backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
-                    interleaved=False):
-    """As :func:`forward_launch`, for the backward."""
+                    interleaved=False, zero_states=0):
+    """As :func:`forward_launch`, for the backward (``zero_states``:
+    :func:`.persistent.backward_launch`)."""
     arrays = P.backward_arrays(p, d_outs, xp, hp, prevs, params, w_h, lens, rev, d_out, SYNC_WORDS, interleaved)
     if arrays is None:
         return None
-    return (kernel_spec(p, xp.dtype, need_d_state0, lens is not None, rev, interleaved), *arrays)
+    return (kernel_spec(p, xp.dtype, need_d_state0, lens is not None, rev, interleaved, zero_states), *arrays)
 
 
 def run_forward(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, interleaved=False):
@@ -450,9 +454,9 @@ def run_forward(p, xp, w_h, states0, params, h0_is_zero, lens=None, rev=0, inter
 
 
 def run_backward(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens=None, rev=0, d_out=None,
-                 interleaved=False):
+                 interleaved=False, zero_states=0):
     launch_args = backward_launch(p, d_outs, xp, hp, prevs, params, w_h, need_d_state0, lens, rev, d_out,
-                                  interleaved)
+                                  interleaved, zero_states)
     if launch_args is None:
         return None
     return P.backward_results(p.cell, launch(*launch_args), need_d_state0, P.is_varlen(lens, rev, interleaved))

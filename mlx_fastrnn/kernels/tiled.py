@@ -49,6 +49,7 @@ def forward_body(cell, varlen=False):
     return (
         C.declarations(cell, "const float* inits", "init", "float* seqs", "seq")
         + "  constexpr int N = G * U;\n  constexpr int GH = G * H;\n"
+        + "  constexpr bool H0Z = (ZS & 1) != 0;  // h_0 zero: no recurrent product at step 0\n"
         + block_prologue("forward", "G")
         + (_VARLEN_PROLOGUE if varlen else "")
         + r"""  float st[EPT][S], xv[EPT][G], prm[EPT][NPRM > 0 ? NPRM : 1];
@@ -60,7 +61,7 @@ def forward_body(cell, varlen=False):
     const int j = j0 + eu[e];
 #pragma unroll
     for (int q = 0; q < S; ++q) {
-      st[e][q] = ok[e] ? inits[q][b * H + j] : 0.0f;
+      st[e][q] = ok[e] && !(""" + C.zero_bit("ZS", "q") + r""") ? inits[q][b * H + j] : 0.0f;
     }
 #pragma unroll
     for (int q = 0; q < NPRM; ++q) {
@@ -122,8 +123,7 @@ def backward_body(cell, varlen=False):
     dhp_name = "dhp" if writes_dhp(cell, varlen) else "dx"
     used = C.prev_used(cell)
     prev_loads = "".join(
-        f"      ps[e][{q}] = ld ? prevs[{q}][row * H + j] : 0.0f;\n" if used[q] else f"      ps[e][{q}] = 0.0f;\n"
-        for q in range(S))
+        f"      ps[e][{q}] = {C.previous_state(q, 'ld', 'row') if used[q] else '0.0f'};\n" for q in range(S))
     return (
         C.declarations(cell, "const float* gseqs", "gseq", "const float* prevs", "prev")
         + f"  float* dinits[S] = {{{', '.join(f'dinit{k}' for k in range(S))}}};\n"

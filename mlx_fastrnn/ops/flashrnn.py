@@ -183,7 +183,7 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
         fn.cell, steps, length, batch, fn.gates_x, heads, dim, Wx.dtype) == "tiled"
     xh = (_head_major_preactivations_half if half else _head_major_preactivations)(Wx, b[fn.b_x])
     if states is None:
-        states0 = (mx.zeros((batch, hidden), f32),) * fn.num_states  # one zeros array for all
+        states0 = (None,) * fn.num_states  # zero: no array (ops.sequence.recurrence)
         given = (False,) * fn.num_states
     else:
         s = states.astype(f32).reshape(fn.num_states, batch, hidden)

@@ -86,10 +86,9 @@ def _problems(cell, steps, xs, r, states0, params, given, lo, hi):
     n = hi - lo
     batch = xs.shape[1] // n
     wh = mx.contiguous(f32(r[:, lo:hi]).transpose(1, 0, 2, 3).reshape(n, gates * dim, dim))
-    # a state not given is zero: one zeros array for all of them, not a reordered copy of each
-    zero = mx.zeros((n * batch, dim), mx.float32) if not all(given) else None
+    # a state not given is zero: no array (ops.sequence.recurrence), not a reordered copy
     s0 = tuple(mx.contiguous(s[:, lo * dim:hi * dim].reshape(batch, n, dim).swapaxes(0, 1)
-                             .reshape(n * batch, dim)) if g else zero for s, g in zip(states0, given))
+                             .reshape(n * batch, dim)) if g else None for s, g in zip(states0, given))
     prm = tuple(p[lo * dim:hi * dim].reshape(n, dim) for p in params)
     seqs = recurrence(cell, steps, xs, wh, s0, prm, given)
     return tuple(s.reshape(length, n, batch, dim) for s in seqs)

@@ -190,9 +190,9 @@ def _run(cell, x, w_x, b, w_h, batch, states, params, extras, steps, whole_seque
     n_batch = 1
     for d in batch:
         n_batch *= d
-    # the states not given share one zero array (each op is a graph node, a kernel on a GPU)
-    zero = mx.zeros((n_batch, hidden_size)) if any(s is None for s in states) else None
-    states0 = tuple(zero if s is None else _state(s, batch, n_batch, hidden_size) for s in states)
+    # the states not given are zero and no array (ops.sequence.recurrence): a zeros array
+    # would be a graph node, a fill on a GPU
+    states0 = tuple(None if s is None else _state(s, batch, n_batch, hidden_size) for s in states)
     given = tuple(s is not None for s in states)
     # Input projection for the whole sequence in one matmul, produced time-major.
     xt = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])

@@ -31,11 +31,13 @@ def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0, i
             kernels where ``steps.accepts`` says they take them, else on the
             per-step kernels (one batched matmul per step) for a cell without
             params and steps with a ``backward_step``.
-        states0: initial states, each [B, H] float32.
+        states0: initial states, each [B, H] float32; those not ``given`` are
+            zero whatever is passed (None, or an array never read).
         params: the cell's extra float32 params (GRU: ``(bhn,)``).
         given: per state, whether the caller passed it. States not given are
-            zero: the first recurrent matmul is skipped when h is not given,
-            and no cotangent is formed for them.
+            zero and not inputs of the op: no cotangent is formed for them, the
+            first recurrent matmul is skipped when h is not given, and the
+            whole-sequence kernels take no array for them (no zero fill).
         lens, rev: per-row lengths (int32 [B], each in 1..L: the caller
             validates them) and directions (bit p set: problem p runs from each
             row's end to its start), inside the whole-sequence kernels
@@ -58,6 +60,7 @@ def recurrence(cell, steps, xp, w_h, states0, params, given, lens=None, rev=0, i
     if fn is None:
         fn = _FUNCTIONS[key] = _make_function(cell, steps, tuple(given), len(params), varlen)
     n = cell.num_states
+    states0 = tuple(s for s, g in zip(states0, given) if g)
     if varlen is None:
         return fn(xp, w_h, *states0, *params)[:n]
     outs = fn(xp, w_h, *states0, *params, *(() if lens is None else (lens,)))
@@ -68,11 +71,16 @@ def _make_function(cell, steps, given, n_params, varlen):
     n = cell.num_states
     h0_is_zero, need_d_states0 = not given[0], any(given)
     has_lens, rev, interleaved = varlen or (False, 0, False)
-    n_primals = 2 + n + n_params + has_lens
+    n_given = sum(given)
+    n_primals = 2 + n_given + n_params + has_lens
+    # the kernels' ZS mask (kernels/contract.py): the states not given are zero
+    zero_states = sum(1 << q for q, g in enumerate(given) if not g)
 
     def split(rest):
-        """states0, params, lens (or None) from the primals after xp, w_h."""
-        return tuple(rest[:n]), tuple(rest[n:n + n_params]), (rest[n + n_params] if has_lens else None)
+        """states0 (None where not given), params, lens (or None) from the primals after xp, w_h."""
+        it = iter(rest[:n_given])
+        states0 = tuple(next(it) if g else None for g in given)
+        return states0, tuple(rest[n_given:n_given + n_params]), (rest[n_given + n_params] if has_lens else None)
 
     @mx.custom_function
     def run(xp, w_h, *rest):
@@ -92,6 +100,7 @@ def _make_function(cell, steps, given, n_params, varlen):
             raise RuntimeError("mlx_fastrnn: a multi-problem recurrence without a backward needs the "
                                "whole-sequence kernels")
         length, batch = xp.shape[0], xp.shape[1]
+        states = _zero_filled(states, batch, w_h.shape[-1])
         w_h_t = transposed(w_h, length * batch)  # reused by every step; per problem: [NP, H, G*H]
         params = _per_row(params, w_h, batch)
         seqs = [[] for _ in range(n + 1)]  # each state, then hp
@@ -128,25 +137,28 @@ def _make_function(cell, steps, given, n_params, varlen):
         d_outs = d_outs[:n]
         length, hidden = xp.shape[0], w_h.shape[-1]
         hp = outputs[n]
-        # The state entering each step.
-        prevs = tuple(
-            mx.concatenate([s0[None], seq[:-1]], axis=0) for s0, seq in zip(states0, outputs)
-        )
+        # The state entering each step, for the kernels: a state that started at zero
+        # as its sequence itself (the kernels shift it by a step, ZS); no join, no zeros.
+        kernel_prevs = tuple(seq if s0 is None else mx.concatenate([s0[None], seq[:-1]], axis=0)
+                             for s0, seq in zip(states0, outputs))
         whole = None
         if varlen is not None:
             whole = steps.backward_sequence_kernel(
-                d_outs, xp, hp, prevs, params, w_h, need_d_states0, lens=lens, rev=rev, d_out=d_out,
-                interleaved=interleaved,
+                d_outs, xp, hp, kernel_prevs, params, w_h, need_d_states0, lens=lens, rev=rev, d_out=d_out,
+                interleaved=interleaved, zero_states=zero_states,
             )
             if whole is None:
                 raise RuntimeError("mlx_fastrnn: lengths inside the recurrence need the whole-sequence kernels")
         elif steps.backward_sequence_kernel is not None:
             whole = steps.backward_sequence_kernel(
-                d_outs, xp, hp, prevs, params, w_h, need_d_states0
+                d_outs, xp, hp, kernel_prevs, params, w_h, need_d_states0, zero_states=zero_states
             )
         if whole is not None:
             dx, dhp, d_states0 = whole
         else:  # a whole-sequence backward (the CPU's) or one per step; per-problem params per row
+            zero_filled = _zero_filled(states0, xp.shape[1], hidden)
+            prevs = tuple(p if s0 is not None else mx.concatenate([z[None], p[:-1]], axis=0)
+                          for p, s0, z in zip(kernel_prevs, states0, zero_filled))
             step_params = _per_row(params, w_h, xp.shape[1])
             if steps.backward_sequence is not None:
                 dx, dhp, d_states0 = steps.backward_sequence(
@@ -156,13 +168,14 @@ def _make_function(cell, steps, given, n_params, varlen):
                 dx, dhp, d_states0 = _backward_by_steps(
                     steps.backward_step, d_outs, xp, hp, prevs, step_params, w_h, need_d_states0
                 )
-        d_states0 = tuple(
-            d if g else mx.zeros_like(s) for d, g, s in zip(d_states0 or states0, given, states0)
-        )
+        # cotangents of the given states only (the others are not inputs)
+        d_states0 = tuple(d for d, g in zip(d_states0 or (), given) if g)
         # d W_h = sum_t dhp_t^T h_{t-1}: one matmul over the whole sequence. A zero
         # initial state contributes nothing, so its step is left out (and so do a
         # varlen row's frozen steps: the kernel leaves their dhp zero).
         first = 1 if h0_is_zero else 0
+        # h_{t-1} of steps first..L-1: h's sequence shifted by a step (h_0 zero: a view)
+        h_prev = outputs[0][:-1] if h0_is_zero else kernel_prevs[0]
         gh = dhp.shape[-1]
         if w_h.ndim == 3:  # per problem: its rows only
             n_prob = w_h.shape[0]
@@ -170,7 +183,7 @@ def _make_function(cell, steps, given, n_params, varlen):
             steps_used = length - first
             if steps_used > 0:
                 d = dhp[first:].reshape(steps_used, n_prob, batch, gh).transpose(1, 3, 0, 2)
-                h = prevs[0][first:].reshape(steps_used, n_prob, batch, hidden).transpose(1, 0, 2, 3)
+                h = h_prev.reshape(steps_used, n_prob, batch, hidden).transpose(1, 0, 2, 3)
                 d_w_h = d.reshape(n_prob, gh, -1) @ h.reshape(n_prob, -1, hidden)
             else:
                 d_w_h = mx.zeros_like(w_h)
@@ -179,7 +192,7 @@ def _make_function(cell, steps, given, n_params, varlen):
             return (dx.astype(xp.dtype), d_w_h, *d_states0, *d_params)
         if length > first:
             rows = (length - first) * xp.shape[1]
-            d_w_h = dhp[first:].reshape(rows, gh).T @ prevs[0][first:].reshape(rows, hidden)
+            d_w_h = dhp[first:].reshape(rows, gh).T @ h_prev.reshape(rows, hidden)
         else:
             d_w_h = mx.zeros_like(w_h)
         return (dx.astype(xp.dtype), d_w_h, *d_states0, *cell.param_grads(dhp))
@@ -203,7 +216,7 @@ def _make_function(cell, steps, given, n_params, varlen):
         if w_h.ndim == 3:
             raise ValueError("mlx_fastrnn: vmap over a multi-problem recurrence is not supported; "
                              "use MLX_RNN_IMPL=legacy.")
-        if w_axis is not None or any(a is not None for a in rest_axes[n:]):
+        if w_axis is not None or any(a is not None for a in rest_axes[n_given:]):
             raise ValueError(
                 "mlx_fastrnn: vmap over the recurrent weights is not supported; "
                 "map over the inputs and states, or use MLX_RNN_IMPL=legacy."
@@ -216,13 +229,21 @@ def _make_function(cell, steps, given, n_params, varlen):
         length, batch = xp.shape[0], xp.shape[2]
         xp = mx.contiguous(xp.reshape(length, size * batch, xp.shape[-1]))
         states = []
-        for state, ax in zip(rest[:n], rest_axes[:n]):
+        for state, ax in zip(rest[:n_given], rest_axes[:n_given]):
             state = mx.broadcast_to(state, (size, *state.shape)) if ax is None else mx.moveaxis(state, ax, 0)
             states.append(state.reshape(size * batch, state.shape[-1]))
-        outs = run(xp, w_h, *states, *rest[n:])
+        outs = run(xp, w_h, *states, *rest[n_given:])
         return tuple(o.reshape(length, size, batch, o.shape[-1]) for o in outs), (1,) * len(outs)
 
     return run
+
+
+def _zero_filled(states, batch, hidden):
+    """``states`` with each None (a zero state) as zeros [batch, hidden] float32 (one array)."""
+    if all(s is not None for s in states):
+        return tuple(states)
+    zero = mx.zeros((batch, hidden), mx.float32)
+    return tuple(zero if s is None else s for s in states)
 
 
 def _per_row(params, w_h, rows):

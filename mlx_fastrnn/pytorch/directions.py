@@ -56,14 +56,12 @@ def _stacked(recurs, x_dtype, varlen, length):
     if not accepts(mx.zeros((length, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden)), varlen=varlen):
         return None
     w = mx.stack([fwd.w_hh, rev.w_hh])
-    # the states not given: one zero array for both directions and every state, not two
-    # joined per state (each op is a graph node of its own on the GPU)
+    # the states not given are zero and no array (ops.sequence.recurrence: no fill)
     given = [ga or gb for ga, gb in zip(fwd.given, rev.given)]
-    zero = None if all(given) else mx.zeros((2 * batch, hidden))
-    states0 = tuple(mx.concatenate([a, b], axis=0) if g else zero
+    states0 = tuple(mx.concatenate([a, b], axis=0) if g else None
                     for a, b, g in zip(fwd.states0, rev.states0, given))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
-    return KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, fwd.given)
+    return KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, tuple(given))
 
 
 def direction_streams(directions, stackable=False):
