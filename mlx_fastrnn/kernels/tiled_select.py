@@ -83,7 +83,8 @@ def ept_fallback_enabled():
 # A streamed W_h (``Plan.w_global``) re-reads the whole W_h from L2 (or memory) every
 # step, so it beats the per-step cells (one cuBLAS matmul + one kernel per step) only
 # while the planner's per-step cost stays moderate. Measured on the H200 (2026-12-04,
-# benchmarks/RESULTS.md "Capacity", the kernel that stages each K-chunk of W_h in shared
+# benchmarks/RESULTS.md "Column splits, and the streamed W_h past a slice's capacity": the
+# kernel that stages each K-chunk of W_h in shared
 # memory, in alternating rounds against MLX_FASTRNN_PERSISTENT_STREAMED=0): faster at
 # every plan costed up to 168,536 cycles per step (LSTM 16x256x1024 0.31-0.36x the
 # per-step time, LSTM 4x50x2048 0.51-0.64x, GRU 8x128x2048 0.61-0.68x, LSTM 8x128x2048
