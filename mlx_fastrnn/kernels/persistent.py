@@ -119,9 +119,9 @@ def kernel_spec(p, x_dtype, flag, header=HEADER, lens=False, rev=0, interleaved=
 
 
 def flag_template(forward, flag, zero_states=0):
-    """The template arguments of a kernel's zero initial states and their cotangents:
-    forward ``ZS`` (``flag``: the zero initial states' mask), backward ``NEED_D0``
-    (``flag``) and ``ZS`` (:mod:`.contract`)."""
+    """The template arguments of a kernel's zero initial states (and, backward, whether
+    it forms the initial states' cotangents): forward ``ZS`` (``flag``: the zero
+    initial states' mask), backward ``NEED_D0`` (``flag``) and ``ZS`` (:mod:`.contract`)."""
     if forward:
         if zero_states:
             raise ValueError("a forward kernel takes its zero states' mask as flag, not zero_states")
