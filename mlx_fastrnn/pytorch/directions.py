@@ -15,6 +15,7 @@ import functools
 
 import mlx.core as mx
 
+from ..kernels.classes import Operand
 from ..ops.direction import run_both_directions, run_both_in_kernels, run_direction, run_in_kernels
 from ..ops.sequence import recurrence
 
@@ -39,27 +40,28 @@ class KernelRecurrence:
 
     def accepts_varlen(self, xp):
         accepts = self.steps.accepts
-        # shapes and dtypes are all the planner reads: a stand-in (never evaluated)
-        return accepts is not None and accepts(mx.zeros((1, *xp.shape[1:]), xp.dtype), self.w_hh, varlen=True)
+        # shapes and dtypes are all the planner reads: a stand-in, no array
+        return accepts is not None and accepts(Operand((1, *xp.shape[1:]), xp.dtype, 3), self.w_hh, varlen=True)
 
 
-def _stacked(recurs, x_dtype, varlen, length):
-    """Both directions as one two-problem recurrence, when the whole-sequence
-    kernels take it (CUDA; forward and backward plans both fit; with ``varlen``
-    the second problem reversed inside the kernels); else None."""
+def _stacked(recurs, xp, varlen):
+    """Both directions as one two-problem recurrence over ``xp`` [L, B, 2 * G*H], when
+    the whole-sequence kernels take it (CUDA; forward and backward plans both fit; with
+    ``varlen`` the second problem reversed inside the kernels); else None."""
     fwd, rev = recurs
     accepts = fwd.steps.accepts
     if accepts is None:
         return None
-    batch, (gates_h, hidden) = fwd.states0[0].shape[0], fwd.w_hh.shape
-    # shapes and dtypes are all the planner reads: stand-ins (never evaluated)
-    if not accepts(mx.zeros((length, 2 * batch, gates_h), x_dtype), mx.zeros((2, gates_h, hidden)), varlen=varlen):
+    length, batch, (gates_h, hidden) = xp.shape[0], xp.shape[1], fwd.w_hh.shape
+    # shapes and dtypes are all the planner reads: stand-ins, no arrays
+    if not accepts(Operand((length, 2 * batch, gates_h), xp.dtype, 3), Operand((2, gates_h, hidden), mx.float32, 3),
+                   varlen=varlen):
         return None
     w = mx.stack([fwd.w_hh, rev.w_hh])
     # the states not given are zero and no array (ops.sequence.recurrence: no fill)
     given = [ga or gb for ga, gb in zip(fwd.given, rev.given)]
-    states0 = tuple(mx.concatenate([a, b], axis=0) if g else None
-                    for a, b, g in zip(fwd.states0, rev.states0, given))
+    states0 = tuple(mx.concatenate([mx.zeros_like(b) if a is None else a, mx.zeros_like(a) if b is None else b])
+                    if g else None for a, b, g in zip(fwd.states0, rev.states0, given))
     params = tuple(mx.stack([a, b]) for a, b in zip(fwd.params, rev.params))
     return KernelRecurrence(fwd.cell, fwd.steps, w, states0, params, tuple(given))
 
@@ -113,12 +115,11 @@ def run_layer_directions(recurs, xp, lens, use_kernels, streams):
     join); else gathers around each direction's recurrence (``ops/direction.py``),
     each direction on its stream (``streams``: :func:`direction_streams`)."""
     if use_kernels and len(recurs) == 2 and isinstance(xp, mx.array):
-        length = xp.shape[0]
-        both = _stacked(recurs, xp.dtype, varlen=True, length=length)
+        both = _stacked(recurs, xp, varlen=True)
         if both is not None:
             return run_both_in_kernels(both.varlen, xp, lens)
         xps = _split(xp, 2)
-        both = _stacked(recurs, xp.dtype, varlen=False, length=length)
+        both = _stacked(recurs, xp, varlen=False)
         if both is not None:
             return _join(run_both_directions(both, xps, lens))
     xps = _split(xp, len(recurs)) if isinstance(xp, mx.array) else xp

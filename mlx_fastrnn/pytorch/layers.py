@@ -290,7 +290,7 @@ class _RNNBase(nn.Module):
         cell = self._cell
         hidden = self.hidden_size
         if s0 is None:
-            states0 = (mx.zeros((batch, hidden)),) * cell.num_states  # one zero array for all
+            states0 = (None,) * cell.num_states  # zero: no array (ops.sequence.recurrence)
             given = (False,) * cell.num_states
         else:
             states0 = tuple(s if s.dtype == mx.float32 else s.astype(mx.float32) for s in s0)
