@@ -109,6 +109,7 @@ def main(argv=None):
         if cell not in P.CELLS:
             raise SystemExit(f"unknown cell {cell!r}")
         n = P.CELLS[cell].num_states
+        none = (None,) * n  # no initial states: zero, no arrays (ZS)
         for dname in args.dtypes.split(","):
             dtype = getattr(mx, dname)
             for H in (int(v) for v in args.hiddens.split(",")):
@@ -128,22 +129,27 @@ def main(argv=None):
                             fp = (P.select if k0 == "tiled" else R.select)("forward", cell, xp, w_h)
                             if fp is None:
                                 continue
-                            fwd_out = (P.persistent_sequence(cell, xp, w_h, s0, params, True, use_plan=fp)
-                                       if k0 == "tiled" else R.run_forward(fp, xp, w_h, s0, params, True))
+                            fwd_out = (P.persistent_sequence(cell, xp, w_h, none, params, True, use_plan=fp)
+                                       if k0 == "tiled" else R.run_forward(fp, xp, w_h, none, params, True))
+                            # as a layer called without states runs it: each state's own
+                            # sequence, shifted by a step in the kernel (ZS; kernels/contract.py)
                             seqs, hp = fwd_out[:n], fwd_out[n]
-                            prevs = tuple(mx.concatenate([a[None], s[:-1]], axis=0) for a, s in zip(s0, seqs))
+                            prevs = seqs
                             mx.eval(hp, prevs)
                         first = None
                         for klass, p in cands:
                             if direction == "forward":
-                                fn = (lambda p=p, a=(xp, w_h, s0, params): P.persistent_sequence(
-                                    cell, a[0], a[1], a[2], a[3], True, use_plan=p)) if klass == "tiled" else \
-                                    (lambda p=p, a=(xp, w_h, s0, params): R.run_forward(p, *a, True))
+                                # (every name a job uses bound now: jobs run after the loops)
+                                fn = (lambda p=p, a=(xp, w_h, none, params), c=cell: P.persistent_sequence(
+                                    c, a[0], a[1], a[2], a[3], True, use_plan=p)) if klass == "tiled" else \
+                                    (lambda p=p, a=(xp, w_h, none, params): R.run_forward(p, *a, True))
                             else:
                                 a = (cots, xp, hp, prevs, params, w_h)
-                                fn = (lambda p=p, a=a: P.persistent_backward(cell, *a, False, use_plan=p)[:2]) \
+                                zs = (1 << n) - 1  # every initial state zero
+                                fn = (lambda p=p, a=a, zs=zs, c=cell: P.persistent_backward(
+                                    c, *a, False, use_plan=p, zero_states=zs)[:2]) \
                                     if klass == "tiled" else \
-                                    (lambda p=p, a=a: R.run_backward(p, *a, False)[:2])
+                                    (lambda p=p, a=a, zs=zs: R.run_backward(p, *a, False, zero_states=zs)[:2])
                             split = (f"U{p.U} NU{p.NU} BB{p.BB}x{p.NBB}" if klass == "tiled"
                                      else f"BB{p.BB} RPT{p.RPT} RS{p.RS} K{p.KSP} T{p.TPB}")
                             rec = {"cell": cell, "dtype": dname, "B": B, "H": H, "L": L, "direction": direction,
