@@ -14,6 +14,7 @@ collected. SIGTERM / SIGINT (e.g. ``timeout``) stop the shards too, exit 143 /
 """
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -40,7 +41,11 @@ def deal(ids, shards):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: what to select")
+    ap.add_argument("--log-dir", default=None,
+                    help="keep each shard's whole pytest log there (shard<n>.log); else a temporary directory")
+    ap.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                    help="after --: what to select, and pytest options for every shard (-x, -rs, --durations=N: "
+                         "an option's value joined to it by '=', except -m / -k)")
     args = ap.parse_args(argv)
     pytest_args = [a for a in args.pytest_args if a != "--"] or ["tests"]
     ids, res = collect(pytest_args)
@@ -48,15 +53,22 @@ def main(argv=None):
         print(res.stdout[-2000:], res.stderr[-2000:])
         print("run_sharded: nothing collected")
         return 5
-    # -m / -k stay: they also filter at run time; paths are replaced by the ids.
-    keep = []
+    # -m / -k stay (they also filter at run time) and so do the other options (-x, -rs,
+    # --durations=N); paths are replaced by the ids. -r's characters join the runner's own.
+    keep, report = [], "fE"
     it = iter(pytest_args)
     for a in it:
         if a in ("-m", "-k"):
             keep += [a, next(it, "")]
+        elif a.startswith("-r") and len(a) > 2:
+            report += "".join(c for c in a[2:] if c not in report)
+        elif a.startswith("-"):
+            keep.append(a)
     groups = deal(ids, max(1, args.shards))
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as d:
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    with contextlib.nullcontext(args.log_dir) if args.log_dir else tempfile.TemporaryDirectory() as d:
         procs = []
 
         def stop(signum, frame):
@@ -75,7 +87,7 @@ def main(argv=None):
         signal.signal(signal.SIGINT, stop)
         for n, group in enumerate(groups):
             log = open(os.path.join(d, f"shard{n}.log"), "w+")
-            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *keep, *group]
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-r" + report, *keep, *group]
             procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, len(group)))
         print(f"run_sharded: {len(ids)} tests in {len(groups)} processes", flush=True)
         worst, failed = 0, []

@@ -78,3 +78,24 @@ def test_sigterm_stops_the_shards(tmp_path):
                 break
             time.sleep(0.1)
         assert not alive, f"shard {pid} still running"
+
+
+def test_options_reach_every_shard_and_logs_are_kept(tmp_path):
+    """Options after ``--`` reach every shard (-rs: skip reasons; --durations=N), and
+    ``--log-dir`` keeps each shard's whole log (the device's GPU suite reads them)."""
+    (tmp_path / "test_skips.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_skipped(i):
+            pytest.skip(f"reason number {i}")
+    """))
+    logs = tmp_path / "logs"
+    res = subprocess.run([sys.executable, os.path.join(HERE, "run_sharded.py"), "--shards", "2",
+                          "--log-dir", str(logs), "--", "-rs", "--durations=3", str(tmp_path / "test_skips.py")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    texts = [(logs / f"shard{n}.log").read_text() for n in range(2)]
+    joined = "".join(texts)
+    assert all(f"reason number {i}" in joined for i in range(4)), joined
+    assert all("slowest" in t for t in texts), texts  # --durations' report, in each shard
