@@ -39,7 +39,7 @@ rounding), as the multi-head layers' own input projections come: the recurrent
 product then runs in that type (bfloat16 / float16 tensor cores, half the weight
 and input bytes) instead of TF32, 1.2-2x faster bfloat16 calls at B = 64 with
 N*D >= 1024 on the H200. On the resident class a float32 operand measured faster
-(0.6-0.86x with bfloat16 there, 2026-12-04), and elsewhere nothing runs a half
+(0.59-0.97x as fast with bfloat16 there, 2026-12-04), and elsewhere nothing runs a half
 product: float32 there (benchmarks/RESULTS.md). With the half operand the
 cotangent of ``Wx + b`` comes back in Wx's dtype, so the bias gradient sums those
 rounded values (in float32).
