@@ -68,6 +68,7 @@ thread_local frnn_dim3 threadIdx, blockIdx;
 frnn_dim3 blockDim, gridDim;
 
 struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 struct __nv_bfloat16 { uint16_t bits; };
 struct __half { uint16_t bits; };
 inline float __bfloat162float(__nv_bfloat16 v) {

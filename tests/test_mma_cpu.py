@@ -35,7 +35,8 @@ KIND = {mx.bfloat16: gpu.MMA_BF16, mx.float16: gpu.MMA_F16, mx.float32: gpu.MMA_
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
               "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA", "MLX_FASTRNN_PERSISTENT_MMA_FIT",
-              "MLX_FASTRNN_PERSISTENT_PIPELINE", "MLX_FASTRNN_PERSISTENT_STREAMED"):
+              "MLX_FASTRNN_PERSISTENT_PIPELINE", "MLX_FASTRNN_PERSISTENT_STREAMED",
+              "MLX_FASTRNN_PERSISTENT_HALF_ROWS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLX_ENABLE_TF32", "1")
 
@@ -374,6 +375,51 @@ def test_emulated_pipelined_projection(case, monkeypatch):
     test_emulated_mma_forward_backward(case)
 
 
+HALF_ROW_CASES = [c for c in EMU_CASES if c[4] != mx.float32 and c[7] != "cluster plans"]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", HALF_ROW_CASES, ids=_emu_id)
+def test_emulated_half_rows(case, monkeypatch):
+    """``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1``: a bfloat16 / float16 tensor-core plan stages
+    its rows as that type (``Plan.hrows``, ``stage_rows_half``), on the same split, in less
+    shared memory; its kernels give the float32-staged kernels' numbers bit for bit (each
+    value rounded once while staged, as every fragment load rounded it), forward and
+    backward (a float16 backward keeps the FMA projection: no 16-bit rows there)."""
+    cell, L, B, H, xdt, zero, limits, what = case
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    if zero:
+        s0 = tuple(mx.zeros_like(s) for s in s0)
+    nbb = 1 if what == "row-tile groups" else None
+    weights = "mma_global" if what.startswith("streamed") else "mma"
+    plans = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_HALF_ROWS", flag)
+        plans[flag] = [TP.plan(d, cell, H, B, limits, x_dtype=xdt, tpb=64, weights=weights, nbb=nbb)
+                       for d in ("forward", "backward")]
+    for q, p in zip(plans["0"], plans["1"]):
+        if q is None:
+            assert p is None and xdt == mx.float16  # the float16 backward: no tensor-core plan
+            continue
+        assert not q.hrows and p.hrows and p.smem < q.smem
+        assert (p.U, p.NU, p.BB, p.KS, p.KCH, p.cost, p.w_global) == (q.U, q.NU, q.BB, q.KS, q.KCH, q.cost,
+                                                                        q.w_global)
+    (qf, qb), (pf, pb) = plans["0"], plans["1"]
+    h0_zero = zero
+    want, _ = emu.forward(cell, xp, w_h, s0, params, h0_zero, limits, plan=qf)
+    got, _ = emu.forward(cell, xp, w_h, s0, params, h0_zero, limits, plan=pf)
+    for a, e in zip(got, want):
+        assert ref.max_rel_err(a, e) == 0.0
+    if pb is not None:
+        seqs, hp = want[:-1], want[-1]
+        prevs = ref.prevs_of(s0, seqs)
+        d_outs = ref.cotangents(cell, L, B, H)
+        want_b, _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, not zero, limits, plan=qb)
+        got_b, _ = emu.backward(cell, d_outs, xp, hp, prevs, params, w_h, not zero, limits, plan=pb)
+        for a, e in zip(got_b[:2], want_b[:2]):
+            assert ref.max_rel_err(a, e) == 0.0
+
+
 STREAMED_VARLEN_CASES = [
     ("lstm", 4, 6, 24, mx.bfloat16, False, [4, 1, 3, 2, 4, 2] * 2, 0b10, 2, True),
     ("gru", 3, 5, 32, mx.float32, True, None, 0b01, 2, False),
@@ -465,3 +511,23 @@ def test_nvrtc_compiles_pipelined_mma(cell, direction, monkeypatch):
         _compiles_plain_and_varlen(p, xdt)
         compiled += 1
     assert compiled  # every cell and direction has a pipelined plan among these shapes
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_compiles_half_rows(cell, direction, monkeypatch):
+    """The 16-bit staged rows (``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1``) of H200 plans,
+    streamed and slice, bfloat16 and float16, plain and as two problems with lengths,
+    directions and interleaved I/O."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_HALF_ROWS", "1")
+    compiled = 0
+    for (B, H, NP), xdt, weights in (((128, 1024, 1), mx.bfloat16, "mma_global"), ((64, 256, 4), mx.bfloat16, "mma"),
+                                     ((16, 1024, 2), mx.bfloat16, "mma_global"), ((16, 128, 1), mx.float16, "mma")):
+        p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights=weights, problems=NP)
+        if p is None:
+            continue
+        assert p.hrows
+        _compiles_plain_and_varlen(p, xdt)
+        compiled += 1
+    assert compiled

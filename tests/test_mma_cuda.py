@@ -30,7 +30,8 @@ TOL = {gpu.MMA_BF16: 3e-3, gpu.MMA_F16: 1e-3, gpu.MMA_TF32: 1e-3}
 def _env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
               "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_MMA", "MLX_FASTRNN_PERSISTENT_MMA_FIT",
-              "MLX_FASTRNN_PERSISTENT_PIPELINE", "MLX_FASTRNN_PERSISTENT_STREAMED"):
+              "MLX_FASTRNN_PERSISTENT_PIPELINE", "MLX_FASTRNN_PERSISTENT_STREAMED",
+              "MLX_FASTRNN_PERSISTENT_HALF_ROWS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLX_ENABLE_TF32", "1")  # our planner reads it per call (MLX's own matmuls: once)
 
@@ -67,6 +68,20 @@ def test_pipelined_mma_parity(cell, xdt, L, B, H, problems, weights, monkeypatch
     plans = [P.select(d, cell, xp, w, weights=weights) for d in ("forward", "backward")]
     if not any(p is not None and p.pipe for p in plans):
         pytest.skip("no pipelined plan for this shape")
+    _check_parity(cell, xdt, L, B, H, problems, weights)
+
+
+@pytest.mark.parametrize("cell", ref.CELL_NAMES)
+@pytest.mark.parametrize("xdt", [mx.bfloat16, mx.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("L,B,H,problems,weights", [(4, 8, 1024, 1, "mma_global"), (5, 64, 256, 4, "mma"),
+                                                    (3, 128, 1024, 1, "mma_global")])
+def test_half_rows_mma_parity(cell, xdt, L, B, H, problems, weights, monkeypatch):
+    """``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1``: the staged rows held as the MMA's 16-bit type."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_HALF_ROWS", "1")
+    xp, w, s0, params = _stacked(cell, L, B, H, xdt, problems)
+    plans = [P.select(d, cell, xp, w, weights=weights) for d in ("forward", "backward")]
+    if not any(p is not None and p.hrows for p in plans):
+        pytest.skip("no tensor-core plan with 16-bit rows for this shape")
     _check_parity(cell, xdt, L, B, H, problems, weights)
 
 

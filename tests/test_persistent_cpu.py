@@ -31,7 +31,8 @@ SMALL = P.Limits(num_sms=6, smem_per_block=48 * 1024, smem_per_sm=100 * 1024)
 def _clean_env(monkeypatch):
     for k in ("MLX_FASTRNN_PERSISTENT", "MLX_FASTRNN_PERSISTENT_SMEM", "MLX_FASTRNN_PERSISTENT_BLOCKS",
               "MLX_FASTRNN_PERSISTENT_SWITCHES", "MLX_FASTRNN_PERSISTENT_CLUSTER", "MLX_USE_CUDA_GRAPHS",
-              "MLX_FASTRNN_PERSISTENT_MMA_FIT", "MLX_FASTRNN_PERSISTENT_PIPELINE"):
+              "MLX_FASTRNN_PERSISTENT_MMA_FIT", "MLX_FASTRNN_PERSISTENT_PIPELINE",
+              "MLX_FASTRNN_PERSISTENT_HALF_ROWS"):
         monkeypatch.delenv(k, raising=False)
     # each test a process of its own for the graphs switch, started with the environment it sets
     monkeypatch.setattr(G, "_GRAPHS_AT_FIRST_USE", [])

@@ -162,6 +162,7 @@ def _kernel_spec(p, x_dtype, flag, header, switches, lens, rev, interleaved, zer
         ("HLD", p.hld),
         ("CLU", bool(p.CL)),
         ("PIPE", p.pipe),
+        ("HR", p.hrows),
         *flag_template(fwd, flag, zero_states),
         *((("LENS", bool(lens)), ("REV", int(rev)), ("XIL", bool(interleaved))) if varlen else ()),
         *mod.template_extras(p.cell),

@@ -271,12 +271,14 @@ __device__ __forceinline__ void group_barrier(unsigned* counter, unsigned target
 }
 
 // HLD: the row stride of hs (KCH; a tensor-core plan pads it against bank conflicts);
-// PIPE: two hs buffers (a pipelined projection stages the next K-chunk into the other)
-template <int BBP, int HLD, int KS, int N, bool PIPE = false, typename WT>
+// PIPE: two hs buffers (a pipelined projection stages the next K-chunk into the other);
+// HR: hs holds 16-bit values (HLD of them a row: stage_rows_half)
+template <int BBP, int HLD, int KS, int N, bool PIPE = false, bool HR = false, typename WT>
 __device__ __forceinline__ void carve(float*& hs, float*& part, WT*& Ws) {
+  static_assert(!HR || HLD % 4 == 0, "16-bit staged rows: whole 8-byte pairs of words");
   unsigned char* base = dyn_smem();
   hs = reinterpret_cast<float*>(base);
-  part = hs + (PIPE ? 2 : 1) * BBP * HLD;
+  part = hs + (PIPE ? 2 : 1) * BBP * HLD / (HR ? 2 : 1);
   Ws = reinterpret_cast<WT*>(part + KS * BBP * N);
 }
 
@@ -374,6 +376,61 @@ __device__ __forceinline__ void stage_rows(
   }
 }
 
+// Two values as the 16-bit type of tensor-core plan MMA (1 bfloat16, 2 float16), one
+// 32-bit word (lo in the low half): what the fragment loads give the mma.
+template <int MMA>
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+  return MMA == 2 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
+}
+
+// stage_rows for 16-bit staged rows (Plan.hrows, template HR): hs holds HLD / 2 words a
+// row, word r*HLD/2 + k/2 the pair (k, k + 1) of row r, rounded by pack_half2 as
+// mma_chunk would round them at every fragment load: the same numbers, rounded once.
+// Through registers (the conversion), 16-byte loads where the rows allow.
+template <int BBP, int KCH, int TPB, int HLD, int MMA>
+__device__ __forceinline__ void stage_rows_half(
+    unsigned* hs, const float* src, int ld, int nrows, int k0, int klen) {
+#if defined(FRNN_DIAG_NO_STAGE)
+  return;
+#endif
+  static_assert(KCH % 2 == 0 && HLD % 4 == 0, "whole pairs");
+  constexpr int HW = HLD / 2;
+  if ((KCH % 4) == 0 && (ld % 4) == 0 && (k0 % 4) == 0 &&
+      (reinterpret_cast<unsigned long long>(src) % 16) == 0) {
+    constexpr int KQ = KCH / 4;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
+      const int r = i / KQ;
+      const int k = 4 * (i - r * KQ);
+      const float* p = src + (long long)(r < nrows ? r : 0) * ld + k0 + k;
+      float4 v;
+      if (r < nrows && k + 3 < klen) {
+        v = ldcg4(p);
+      } else {
+        v.x = (r < nrows && k < klen) ? ldcg(p) : 0.0f;
+        v.y = (r < nrows && k + 1 < klen) ? ldcg(p + 1) : 0.0f;
+        v.z = (r < nrows && k + 2 < klen) ? ldcg(p + 2) : 0.0f;
+        v.w = 0.0f;
+      }
+      uint2 w;
+      w.x = pack_half2<MMA>(v.x, v.y);
+      w.y = pack_half2<MMA>(v.z, v.w);
+      *reinterpret_cast<uint2*>(hs + r * HW + k / 2) = w;
+    }
+  } else {
+    constexpr int KP = KCH / 2;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < BBP * KP; i += TPB) {
+      const int r = i / KP;
+      const int k = 2 * (i - r * KP);
+      const float* p = src + (long long)(r < nrows ? r : 0) * ld + k0 + k;
+      const float lo = (r < nrows && k < klen) ? ldcg(p) : 0.0f;
+      const float hi = (r < nrows && k + 1 < klen) ? ldcg(p + 1) : 0.0f;
+      hs[r * HW + k / 2] = pack_half2<MMA>(lo, hi);
+    }
+  }
+}
+
 """ + PROJECTION + r"""
 } // namespace frnn
 
@@ -432,7 +489,7 @@ def block_prologue(direction, gates):
   float* hs;
   float* part;
   WT* Ws;
-  frnn::carve<BBP, HLD, KS, {width}, PIPE>(hs, part, Ws);
+  frnn::carve<BBP, HLD, KS, {width}, PIPE, HR>(hs, part, Ws);
   constexpr int NR = MMA ? (({width} + 15) / 16) * 16 : {width};  // W_h slice rows (MMA: whole 16-row tiles)
   // WG: W_h streamed from global memory (L2) every step instead of a shared-memory slice
   static_assert(!WG || H % U == 0, "a streamed W_h needs U | H: no block has rows past H");

@@ -210,9 +210,13 @@ __host__ __device__ constexpr int mma_tiles_per_task(int nt) {
 // Each lane owns the same part elements in every chunk, as in matvec_chunk.
 // RAW_W (tf32): the W tiles hold float32 values as loaded (a pipelined streamed chunk,
 // copied by cp.async), rounded to tf32 here at the fragment load instead.
-template <int KCH, int BBP, int N, int KS, int TPB, int MMA, int WLD, int HLD, bool RAW_W = false, typename WT>
+// HR (16-bit MMA): hs holds the rows rounded already (stage_rows_half: HLD / 2 words a row),
+// so a fragment is two words as they are.
+template <int KCH, int BBP, int N, int KS, int TPB, int MMA, int WLD, int HLD, bool RAW_W = false, bool HR = false,
+          typename WT>
 __device__ __forceinline__ void mma_chunk(
     const float* hs, const WT* Ws, int k0, int klen, float* part, bool accumulate) {
+  static_assert(!HR || MMA == 1 || MMA == 2, "16-bit staged rows: bfloat16 / float16 plans");
 #if defined(FRNN_DIAG_NO_MATVEC)
   return;
 #endif
@@ -265,7 +269,11 @@ __device__ __forceinline__ void mma_chunk(
       for (int j = 0; j < NTT; ++j) {
         const float* hr = hb + j * 8 * HLD + k;
         unsigned b[2];
-        if (MMA == 3) {
+        if constexpr (HR) {  // words of the tile's row g: (k + 2t, +1) and (k + 2t + 8, +9)
+          const unsigned* hw = reinterpret_cast<const unsigned*>(hs) + (ng * NTT * 8 + j * 8 + g) * (HLD / 2) + k / 2;
+          b[0] = hw[t];
+          b[1] = hw[t + 4];
+        } else if (MMA == 3) {
           b[0] = tf32_bits(hr[t]);
           b[1] = tf32_bits(hr[t + 4]);
         } else if (MMA == 2) {
@@ -397,11 +405,12 @@ __device__ __forceinline__ void stage_w_mma(WT* Wc, const WT* W, int k0, int kle
 // thread is done with chunk c - 1's MMAs, so c + 1 may go into that chunk's buffers.
 template <int K, int KCH, int BBP, int N, int RB, int KS, int TPB, int RU = N, int GS = 0,
           bool STREAM_W = false, int NCS = 1, int MMA = 0, int WLD = K, int HLD = KCH, bool PIPE = false,
-          typename WT>
+          bool HR = false, typename WT>
 __device__ __forceinline__ void project(
     const float* src, int ld, int nrows, const WT* Ws, float* hs, float* part, float* Wc = nullptr) {
   static_assert(MMA == 0 || STREAM_W || RU == N, "a tensor-core slice holds the block's rows consecutively");
   static_assert(!PIPE || (MMA != 0 && K > KCH), "a pipelined projection: tensor cores, several K-chunks");
+  static_assert(!HR || ((MMA == 1 || MMA == 2) && !PIPE), "16-bit staged rows: 16-bit MMA plans, unpipelined");
   constexpr int NR = ((N + 15) / 16) * 16;  // a tensor-core chunk's rows: whole 16-row tiles
   if constexpr (PIPE) {
     WT* wc = reinterpret_cast<WT*>(Wc);
@@ -425,7 +434,7 @@ __device__ __forceinline__ void project(
         }
         cp_async_commit();
       }
-      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, STREAM_W, WT>(hs + b * BBP * HLD,
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, STREAM_W, false, WT>(hs + b * BBP * HLD,
                                                                    STREAM_W ? wc + b * NR * WLD : Ws,
                                                                    STREAM_W ? 0 : k0, klen, part, k0 > 0);
     }
@@ -434,7 +443,11 @@ __device__ __forceinline__ void project(
   }
   for (int k0 = 0; k0 < K; k0 += KCH) {
     const int klen = imin(KCH, K - k0);
-    stage_rows<BBP, KCH, TPB, HLD>(hs, src, ld, nrows, k0, klen);
+    if constexpr (HR) {
+      stage_rows_half<BBP, KCH, TPB, HLD, MMA>(reinterpret_cast<unsigned*>(hs), src, ld, nrows, k0, klen);
+    } else {
+      stage_rows<BBP, KCH, TPB, HLD>(hs, src, ld, nrows, k0, klen);
+    }
     if (STREAM_W && MMA != 0) {
       stage_w_mma<K, KCH, N, NR, WLD, TPB, RU, GS, MMA>(reinterpret_cast<WT*>(Wc), Ws, k0, klen);
     } else if (STREAM_W) {
@@ -442,10 +455,10 @@ __device__ __forceinline__ void project(
     }
     __syncthreads();
     if (MMA != 0 && STREAM_W) {
-      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, false, WT>(hs, reinterpret_cast<const WT*>(Wc), 0, klen, part,
-                                                                k0 > 0);
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, false, HR, WT>(hs, reinterpret_cast<const WT*>(Wc), 0, klen,
+                                                                    part, k0 > 0);
     } else if (MMA != 0) {
-      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, false, WT>(hs, Ws, k0, klen, part, k0 > 0);
+      mma_chunk<KCH, BBP, N, KS, TPB, MMA, WLD, HLD, false, HR, WT>(hs, Ws, k0, klen, part, k0 > 0);
     } else if (STREAM_W) {
       matvec_chunk<KCH, KCH, BBP, N, RB, KS, TPB, float, N, 0, NCS>(hs, Wc, 0, klen, part, k0 > 0);
     } else {

@@ -77,7 +77,7 @@ def forward_body(cell, varlen=False):
       // Frozen rows (past their length) repeat their state in seqs[0]: any row's
       // previous state is at step t - 1 of it.
       const float* hprev = t == 0 ? inits[0] : seqs[0] + (long long)(t - 1) * B * H;
-      frnn::project<H, KCH, BBP, N, RB, KS, TPB, WG ? U : N, WG ? H * H : 0, WG, NCS, MMA, WLD, HLD, PIPE>(
+      frnn::project<H, KCH, BBP, N, RB, KS, TPB, WG ? U : N, WG ? H * H : 0, WG, NCS, MMA, WLD, HLD, PIPE, HR>(
           hprev + (long long)r0 * H, H, nrows, Wsrc, hs, part, reinterpret_cast<float*>(Ws));
     }
 #pragma unroll
@@ -173,7 +173,7 @@ def backward_body(cell, varlen=False):
     if (rec) {
       // dh_rec = dhp_{s+1} @ W_h, for this block's rows and units (zero for
       // rows frozen at step s+1: their dhp was never written).
-      frnn::project<GH, KCH, BBP, U, RB, KS, TPB, U, 0, WG, NCS, MMA, WLD, HLD, PIPE>(
+      frnn::project<GH, KCH, BBP, U, RB, KS, TPB, U, 0, WG, NCS, MMA, WLD, HLD, PIPE, HR>(
           """ + dhp_name + r""" + ((long long)(s + 1) * B + r0) * GH, GH, nrows, Wsrc, hs, part,
           reinterpret_cast<float*>(Ws));
     }

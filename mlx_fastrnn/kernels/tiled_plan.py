@@ -59,6 +59,10 @@ class Plan:
     # buffers of staged rows (and of a streamed W_h's chunk), the next chunk's copies in
     # flight while this chunk's MMAs run
     pipe: bool = False
+    # Staged rows as the MMA's 16-bit type (template HR; bfloat16 / float16 plans, not
+    # pipelined): each element rounded once while staged instead of at every fragment load
+    # of every warp task, half the shared memory and half the fragment loads (same numbers)
+    hrows: bool = False
 
     @property
     def w_dtype(self):
@@ -75,8 +79,8 @@ class Plan:
 
     @property
     def hld(self):
-        """Row stride of the staged rows (template HLD)."""
-        return mma_strides(self.mma, self.K, self.KCH)[1]
+        """Row stride of the staged rows (template HLD; elements of the rows' type)."""
+        return mma_strides(self.mma, self.K, self.KCH, self.hrows)[1]
 
     @property
     def K(self):
@@ -104,31 +108,33 @@ class Plan:
         return self.NBB * self.NP * SYNC_STRIDE  # >= 128 bytes: never the scalar pool
 
 
-def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False, mma=0, pipe=False):
+def smem_bytes(K, N, BBP, KCH, KS, w_bytes, w_global=False, mma=0, pipe=False, hrows=False):
     """Shared memory of one block (``frnn::carve``'s layout); ``w_global``: a
     streamed W_h, whose rows' K-chunk ([N][KCH] float) is staged instead of a slice;
     ``mma``: a tensor-core plan's padded slice (whole 16-row tiles, ``mma_strides``),
     streamed: its K-chunk in the same padded layout (row stride from KCH); ``pipe``
-    (tensor-core plans): two buffers of staged rows (streamed: and of the W chunk)."""
+    (tensor-core plans): two buffers of staged rows (streamed: and of the W chunk);
+    ``hrows``: the staged rows as 16-bit values (``Plan.hrows``)."""
     if mma:
-        wld, hld = mma_strides(mma, KCH if w_global else K, KCH)
+        wld, hld = mma_strides(mma, KCH if w_global else K, KCH, hrows)
         nb = 2 if pipe else 1
         w = _cdiv(N, 16) * 16 * wld * w_bytes
-        return 4 * (nb * BBP * hld + KS * BBP * N) + (nb * w if w_global else w)
+        return (2 if hrows else 4) * nb * BBP * hld + 4 * KS * BBP * N + (nb * w if w_global else w)
     return 4 * (BBP * KCH + KS * BBP * N) + (4 * N * KCH if w_global else N * K * w_bytes)
 
 
-def mma_strides(mma, K, KCH):
+def mma_strides(mma, K, KCH, hrows=False):
     """(WLD, HLD): the row strides of the W_h slice and of the staged rows. For the
     FMA projection K and KCH. A tensor-core plan pads both so that a warp's fragment
     loads hit 32 different banks: the 8 fragment rows (lanes g) of a 16-bit W row
     pair start 4 words apart (WLD = 8 mod 64 elements), the rows' float pairs 8
-    words apart (HLD = 8 mod 32); tf32 reads single words, 4 apart (4 mod 32)."""
+    words apart (HLD = 8 mod 32); tf32 reads single words, 4 apart (4 mod 32); 16-bit
+    staged rows (``hrows``) are read as W is (8 mod 64 elements)."""
     if not mma:
         return K, KCH
     if mma == MMA_TF32:
         return _cdiv(K, 32) * 32 + 4, _cdiv(KCH, 32) * 32 + 4
-    return _cdiv(K, 64) * 64 + 8, _cdiv(KCH, 32) * 32 + 8
+    return _cdiv(K, 64) * 64 + 8, (_cdiv(KCH, 64) * 64 + 8 if hrows else _cdiv(KCH, 32) * 32 + 8)
 
 
 def _weight_options(weights, x_dtype):
@@ -208,7 +214,8 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     # overrides the search reads are part of the key.
     return _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems,
                  _env_int("MLX_FASTRNN_PERSISTENT_SMEM"), _env_int("MLX_FASTRNN_PERSISTENT_BLOCKS"),
-                 column_splits_enabled(), int(mma), ept, cluster, mma_fit_enabled(), pipeline_enabled())
+                 column_splits_enabled(), int(mma), ept, cluster, mma_fit_enabled(), pipeline_enabled(),
+                 half_rows_enabled())
 
 
 def clusters_enabled():
@@ -283,6 +290,14 @@ def pipeline_enabled():
     return _env_switch("MLX_FASTRNN_PERSISTENT_PIPELINE") is True
 
 
+def half_rows_enabled():
+    """Whether bfloat16 / float16 tensor-core plans (not pipelined) stage their rows as
+    that type (``Plan.hrows``: the same split, the same numbers, half the staged bytes in
+    shared memory and no rounding at the fragment loads). Off until measured:
+    ``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1`` turns it on (for the A/B)."""
+    return _env_switch("MLX_FASTRNN_PERSISTENT_HALF_ROWS") is True
+
+
 def column_splits_enabled():
     """Whether the planner may split the projection's warp tasks by columns (``Plan.NCS``);
     ``MLX_FASTRNN_PERSISTENT_COLSPLIT=0`` keeps whole-column tasks (the kernels before)."""
@@ -291,7 +306,7 @@ def column_splits_enabled():
 
 @functools.lru_cache(maxsize=256)
 def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _smem_env, _blocks_env, colsplit,
-          mma=MMA_NONE, ept=None, cluster=False, mma_fit=True, pipelined=False):
+          mma=MMA_NONE, ept=None, cluster=False, mma_fit=True, pipelined=False, half_rows=False):
     if direction not in ("forward", "backward") or cell not in CELLS:
         raise ValueError(f"unknown direction/cell {direction!r}/{cell!r}")
     if limits is None or H < 1 or B < 1 or tpb % 32 or not 32 <= tpb <= 1024:
@@ -327,7 +342,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
                 continue
             if mma:
                 p = _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma,
-                                   CL, glob, mma_fit, pipelined)
+                                   CL, glob, mma_fit, pipelined, half_rows)
                 if p is not None and (best_mma is None or (p.cost, p.nblocks) < (best_mma.cost, best_mma.nblocks)):
                     best_mma = p
             for RB, NCS in _task_shapes(N, BB, colsplit):
@@ -378,14 +393,15 @@ def mma_tiles_per_task(nt):
 
 
 def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, budget, problems, mma, CL=0,
-                   glob=False, fit=True, pipelined=False):
+                   glob=False, fit=True, pipelined=False, half_rows=False):
     """The tensor-core plan of one (U, BB) split, or None where its padded W_h slice
     (the MMA's type; tf32 as float32) and a K-chunk of at least 32 do not fit; ``glob``:
     W_h streamed (``Plan.w_global``), each K-chunk of its rows staged in the slice's
     layout beside the chunk of h. The K-split that gives every warp a task where it
     fits, else (``fit``) the most that fits (its partial sums take shared memory too).
     ``pipelined``: a plan of several K-chunks takes the pipelined form (``Plan.pipe``)
-    where its smaller chunk is at least 32."""
+    where its smaller chunk is at least 32. ``half_rows``: a bfloat16 / float16 plan not
+    pipelined stages its rows as that type (``Plan.hrows``), on the same split."""
     nw = tpb // 32
     kstep = 8 if mma == MMA_TF32 else 16
     w_bytes = 4 if mma == MMA_TF32 else 2
@@ -411,9 +427,10 @@ def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, bud
                 if KS2 < KS:  # fewer partial sums: room for a larger chunk
                     KCH2 = _mma_chunk_pipelined(K, N, BBP, KS2, w_bytes, budget, mma, glob) or KCH2
                 KCH, KS, pipe = KCH2, KS2, True
-        smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma, pipe)
+        hrows = half_rows and mma != MMA_TF32 and not pipe
+        smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma, pipe, hrows)
         return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32 and
-                    mma != MMA_F16, smem, cost, problems, glob, 1, mma, CL, pipe)
+                    mma != MMA_F16, smem, cost, problems, glob, 1, mma, CL, pipe, hrows)
     return None
 
 
