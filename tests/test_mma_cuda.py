@@ -57,31 +57,25 @@ def test_streamed_mma_parity(cell, xdt, L, B, H, problems):
     _check_parity(cell, xdt, L, B, H, problems, "mma_global")
 
 
-@pytest.mark.parametrize("cell", ref.CELL_NAMES)
-@pytest.mark.parametrize("xdt", [mx.float32, mx.bfloat16], ids=["tf32", "bf16"])
-@pytest.mark.parametrize("L,B,H,problems,weights", [(4, 8, 1024, 1, "mma_global"), (5, 64, 256, 4, "mma"),
-                                                    (3, 128, 1024, 1, "mma_global")])
-def test_pipelined_mma_parity(cell, xdt, L, B, H, problems, weights, monkeypatch):
-    """``MLX_FASTRNN_PERSISTENT_PIPELINE=1``: the next K-chunk staged while this one's MMAs run."""
-    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PIPELINE", "1")
-    xp, w, s0, params = _stacked(cell, L, B, H, xdt, problems)
-    plans = [P.select(d, cell, xp, w, weights=weights) for d in ("forward", "backward")]
-    if not any(p is not None and p.pipe for p in plans):
-        pytest.skip("no pipelined plan for this shape")
-    _check_parity(cell, xdt, L, B, H, problems, weights)
+# the opt-in forms of the tensor-core projection: (switch, the plan field it sets, dtypes)
+FORMS = [("MLX_FASTRNN_PERSISTENT_PIPELINE", "pipe", (mx.float32, mx.bfloat16)),
+         ("MLX_FASTRNN_PERSISTENT_HALF_ROWS", "hrows", (mx.bfloat16, mx.float16))]
 
 
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)
-@pytest.mark.parametrize("xdt", [mx.bfloat16, mx.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("form,xdt", [(f, x) for f, _, xs in FORMS for x in xs],
+                         ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1])
 @pytest.mark.parametrize("L,B,H,problems,weights", [(4, 8, 1024, 1, "mma_global"), (5, 64, 256, 4, "mma"),
                                                     (3, 128, 1024, 1, "mma_global")])
-def test_half_rows_mma_parity(cell, xdt, L, B, H, problems, weights, monkeypatch):
-    """``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1``: the staged rows held as the MMA's 16-bit type."""
-    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_HALF_ROWS", "1")
+def test_opt_in_mma_form_parity(cell, form, xdt, L, B, H, problems, weights, monkeypatch):
+    """``MLX_FASTRNN_PERSISTENT_PIPELINE=1`` (the next K-chunk staged while this one's MMAs
+    run) and ``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1`` (the staged rows as the MMA's 16-bit type)."""
+    field = dict((f, a) for f, a, _ in FORMS)[form]
+    monkeypatch.setenv(form, "1")
     xp, w, s0, params = _stacked(cell, L, B, H, xdt, problems)
     plans = [P.select(d, cell, xp, w, weights=weights) for d in ("forward", "backward")]
-    if not any(p is not None and p.hrows for p in plans):
-        pytest.skip("no tensor-core plan with 16-bit rows for this shape")
+    if not any(p is not None and getattr(p, field) for p in plans):
+        pytest.skip(f"no plan with {field} for this shape")
     _check_parity(cell, xdt, L, B, H, problems, weights)
 
 

@@ -318,6 +318,21 @@ __device__ __forceinline__ void load_w_cols(WT* Ws, const WT* w, int j0) {
   __syncthreads();
 }
 
+// Four staged values of row r from k (p: their address), zero past nrows / klen (the last
+// of the four only with the whole four: K % 4 == 0 wherever the 16-byte paths run).
+__device__ __forceinline__ float4 row_quad(const float* p, int r, int nrows, int k, int klen) {
+  float4 v;
+  if (r < nrows && k + 3 < klen) {
+    v = ldcg4(p);
+  } else {
+    v.x = (r < nrows && k < klen) ? ldcg(p) : 0.0f;
+    v.y = (r < nrows && k + 1 < klen) ? ldcg(p + 1) : 0.0f;
+    v.z = (r < nrows && k + 2 < klen) ? ldcg(p + 2) : 0.0f;
+    v.w = 0.0f;
+  }
+  return v;
+}
+
 // hs[r*HLD + k] = src[r*ld + k0 + k] for r < nrows, k < klen; 0 elsewhere (k < KCH).
 // 16-byte loads when every row start is 16-byte aligned (KCH, HLD, ld, k0 and the
 // pointer multiples of 4 floats), else scalar loads.
@@ -353,17 +368,8 @@ __device__ __forceinline__ void stage_rows(
     for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
       const int r = i / KQ;
       const int k = 4 * (i - r * KQ);
-      const float* p = src + (long long)r * ld + k0 + k;
-      float4 v;
-      if (r < nrows && k + 3 < klen) {
-        v = ldcg4(p);
-      } else {
-        v.x = (r < nrows && k < klen) ? ldcg(p) : 0.0f;
-        v.y = (r < nrows && k + 1 < klen) ? ldcg(p + 1) : 0.0f;
-        v.z = (r < nrows && k + 2 < klen) ? ldcg(p + 2) : 0.0f;
-        v.w = 0.0f;
-      }
-      *reinterpret_cast<float4*>(hs + r * HLD + k) = v;
+      *reinterpret_cast<float4*>(hs + r * HLD + k) =
+          row_quad(src + (long long)r * ld + k0 + k, r, nrows, k, klen);
     }
 #endif
   } else {
@@ -402,16 +408,7 @@ __device__ __forceinline__ void stage_rows_half(
     for (int i = threadIdx.x; i < BBP * KQ; i += TPB) {
       const int r = i / KQ;
       const int k = 4 * (i - r * KQ);
-      const float* p = src + (long long)(r < nrows ? r : 0) * ld + k0 + k;
-      float4 v;
-      if (r < nrows && k + 3 < klen) {
-        v = ldcg4(p);
-      } else {
-        v.x = (r < nrows && k < klen) ? ldcg(p) : 0.0f;
-        v.y = (r < nrows && k + 1 < klen) ? ldcg(p + 1) : 0.0f;
-        v.z = (r < nrows && k + 2 < klen) ? ldcg(p + 2) : 0.0f;
-        v.w = 0.0f;
-      }
+      const float4 v = row_quad(src + (long long)(r < nrows ? r : 0) * ld + k0 + k, r, nrows, k, klen);
       uint2 w;
       w.x = pack_half2<MMA>(v.x, v.y);
       w.y = pack_half2<MMA>(v.z, v.w);
