@@ -538,3 +538,27 @@ def test_nvrtc_compiles_half_rows(cell, direction, monkeypatch):
         _compiles_plain_and_varlen(p, xdt)
         compiled += 1
     assert compiled
+
+
+def test_half_rows_never_with_the_pipelined_form(monkeypatch):
+    """Both opt-in forms switched on: a plan of several K-chunks takes the pipelined form
+    and stages float32 rows (the kernel's static_assert rules out ``pipe`` with ``hrows``);
+    a bfloat16 / float16 plan of one chunk stages 16-bit rows; a float32 (tf32) plan never."""
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_PIPELINE", "1")
+    monkeypatch.setenv("MLX_FASTRNN_PERSISTENT_HALF_ROWS", "1")
+    seen = set()
+    for cell in ref.CELL_NAMES:
+        for direction in ("forward", "backward"):
+            for (B, H), weights in (((128, 1024), "mma_global"), ((8, 2048), "mma_global"), ((64, 256), "mma"),
+                                    ((16, 128), "mma")):
+                for xdt in (mx.float32, mx.bfloat16, mx.float16):
+                    p = TP.plan(direction, cell, H, B, H200, x_dtype=xdt, weights=weights)
+                    if p is None or not p.mma:
+                        continue
+                    assert not (p.pipe and p.hrows), p
+                    if xdt == mx.float32:
+                        assert not p.hrows, p
+                    else:
+                        assert p.hrows == (not p.pipe), p
+                    seen.add((p.pipe, p.hrows))
+    assert seen >= {(True, False), (False, True)}  # both forms among these plans

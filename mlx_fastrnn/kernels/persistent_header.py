@@ -15,7 +15,8 @@ of this header and every cell body run unchanged on the host under test.
 Layout of the dynamic shared memory of one block (``carve``), in this order:
   hs   float [BBP][HLD]       the block's rows of the projected operand (one K-chunk, KCH
                               of each row's HLD: HLD = KCH, padded for a tensor-core plan;
-                              PIPE: two such buffers)
+                              PIPE: two such buffers; HR: 16-bit values, pairs packed in
+                              words, half the bytes: unsigned [BBP][HLD / 2])
   part float [KS][BBP][N]     per-K-split partial sums of the projection
   Ws   WT    [NR][WLD]        the block's slice of W_h (rows, or transposed columns; NR = N,
                               WLD = K, a tensor-core plan pads both with zeros);
