@@ -45,15 +45,19 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEFAULT_SHAPES = "32x40x200,64x256x256,16x1024x512"
 
 
-def make_problem(cell_name, B, L, H, dtype, seed=0):
+def make_problem(cell_name, B, L, H, dtype, seed=0, heads=1):
+    """Pre-activations, W_h, zero states, parameters and output cotangents of one problem,
+    or of ``heads`` independent ones (B rows each, stacked head-major; W_h [heads, G*H, H])."""
     cell = CELLS[cell_name]
     G = P.CELLS[cell_name].num_gates
     ks = mx.random.split(mx.random.key(seed), 6)
-    xp = mx.random.normal((L, B, G * H), key=ks[0]).astype(dtype)
-    w_h = mx.random.uniform(-1, 1, (G * H, H), key=ks[1]) / (H ** 0.5)
-    states0 = tuple(mx.zeros((B, H)) for _ in range(cell.num_states))
-    params = (mx.random.normal((H,), key=ks[2]) * 0.1,) if cell_name == "gru" else ()
-    cots = tuple(mx.random.normal((L, B, H), key=ks[3 + i]) for i in range(cell.num_states))
+    rows = heads * B
+    lead = (heads,) if heads > 1 else ()
+    xp = mx.random.normal((L, rows, G * H), key=ks[0]).astype(dtype)
+    w_h = mx.random.uniform(-1, 1, (*lead, G * H, H), key=ks[1]) / (H ** 0.5)
+    states0 = tuple(mx.zeros((rows, H)) for _ in range(cell.num_states))
+    params = (mx.random.normal((*lead, H), key=ks[2]) * 0.1,) if cell_name == "gru" else ()
+    cots = tuple(mx.random.normal((L, rows, H), key=ks[3 + i]) for i in range(cell.num_states))
     mx.eval(xp, w_h, states0, params, cots)
     return xp, w_h, states0, params, cots
 

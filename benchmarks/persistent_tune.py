@@ -70,9 +70,9 @@ def max_abs_diff(a, b):
 
 
 class Problem:
-    def __init__(self, cell, B, L, H, dtype):
+    def __init__(self, cell, B, L, H, dtype, heads=1):
         self.cell, self.B, self.L, self.H = cell, B, L, H
-        self.xp, self.w_h, self.states0, self.params, self.cots = make_problem(cell, B, L, H, dtype)
+        self.xp, self.w_h, self.states0, self.params, self.cots = make_problem(cell, B, L, H, dtype, heads=heads)
         n = P.CELLS[cell].num_states
         out = P.persistent_sequence(cell, self.xp, self.w_h, self.states0, self.params, True)
         if out is None:
@@ -143,6 +143,8 @@ def main(argv=None):
     ap.add_argument("--cells", default="gru,lstm")
     ap.add_argument("--shapes", default="64x256x256,16x1024x512")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--heads", type=int, default=1,
+                    help="independent problems of B x H each in one launch (a multi-head layer's heads)")
     ap.add_argument("--directions", default="forward,backward")
     ap.add_argument("--parts", default="diag,plans")
     ap.add_argument("--variants", default=",".join(DIAG), help="diag variants to run")
@@ -180,12 +182,13 @@ def main(argv=None):
     for cell in args.cells.split(","):
         for shape in args.shapes.split(","):
             B, L, H = (int(v) for v in shape.split("x"))
-            prob = Problem(cell, B, L, H, dtype)
+            prob = Problem(cell, B, L, H, dtype, args.heads)
             for direction in args.directions.split(","):
                 base_plan = P.select(direction, cell, prob.xp, prob.w_h)
                 ref = prob.fn(direction)()
                 mx.eval(ref)
-                common = {"cell": cell, "shape": shape, "B": B, "L": L, "H": H, "direction": direction}
+                common = {"cell": cell, "shape": shape, "B": B, "L": L, "H": H, "heads": args.heads,
+                          "direction": direction}
                 if "diag" in args.parts:
                     for name in args.variants.split(","):
                         defines = DIAG[name]
@@ -207,7 +210,7 @@ def main(argv=None):
                         except Exception as e:  # noqa: BLE001
                             rec["error"] = repr(e)
                         record(rec)
-                if "plans" in args.parts:
+                if "plans" in args.parts and args.heads == 1:
                     cands = sorted(candidate_plans(direction, cell, H, B, limits, dtype), key=lambda p: p.cost)
                     for p in cands[: args.max_plans]:
                         for hname in ("current", "fence_barrier"):
