@@ -293,8 +293,10 @@ def pipeline_enabled():
 def half_rows_enabled():
     """Whether bfloat16 / float16 tensor-core plans (not pipelined) stage their rows as
     that type (``Plan.hrows``: the same split, the same numbers, half the staged bytes in
-    shared memory and no rounding at the fragment loads). Off until measured:
-    ``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1`` turns it on (for the A/B)."""
+    shared memory and no rounding at the fragment loads). Off: on the H200 (2026-12-05,
+    benchmarks/RESULTS.md "16-bit staged rows", alternating rounds) it took 0.98-1.31x the
+    float32-staged plans' time (LSTM / GRU 128x50x1024 bfloat16 forward 1.24x / 1.31x; no case
+    below 0.98x). ``MLX_FASTRNN_PERSISTENT_HALF_ROWS=1`` turns it on."""
     return _env_switch("MLX_FASTRNN_PERSISTENT_HALF_ROWS") is True
 
 
