@@ -144,7 +144,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="64x256x256,16x1024x512")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--heads", type=int, default=1,
-                    help="independent problems of B x H each in one launch (a multi-head layer's heads)")
+                    help="independent problems of B x H each in one launch (a multi-head layer's heads; "
+                         "diag only: the layer and plans parts are skipped)")
     ap.add_argument("--directions", default="forward,backward")
     ap.add_argument("--parts", default="diag,plans")
     ap.add_argument("--variants", default=",".join(DIAG), help="diag variants to run")
@@ -202,7 +203,7 @@ def main(argv=None):
                         except Exception as e:  # noqa: BLE001
                             rec["error"] = repr(e)
                         record(rec)
-                if "layer" in args.parts and direction == "forward":
+                if "layer" in args.parts and direction == "forward" and args.heads == 1:
                     for name, fn in layer_fns(cell, B, L, H, dtype, prob):
                         rec = {**common, "part": "layer", "variant": name, "plan": plan_text(base_plan)}
                         try:
