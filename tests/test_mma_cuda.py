@@ -83,7 +83,9 @@ def test_opt_in_mma_form_parity(cell, form, xdt, L, B, H, problems, weights, mon
         # k-step: the same numbers as the float32-staged plan, bit for bit
         monkeypatch.delenv(form)
         plain = _check_parity(cell, xdt, L, B, H, problems, weights)
-        for a, b in zip(tree_flatten(got), tree_flatten(plain)):
+        got, plain = tree_flatten(got), tree_flatten(plain)
+        assert len(got) == len(plain) > 0
+        for a, b in zip(got, plain):
             assert mx.array_equal(a[1], b[1]).item(), f"{a[0]} differs with {form} on and off"
 
 
