@@ -110,11 +110,12 @@ def main(argv=None):
             raise SystemExit(f"unknown cell {cell!r}")
         n = P.CELLS[cell].num_states
         none = (None,) * n  # no initial states: zero, no arrays (ZS)
+        zs = (1 << n) - 1  # the backward's mask of them: every initial state zero
         for dname in args.dtypes.split(","):
             dtype = getattr(mx, dname)
             for H in (int(v) for v in args.hiddens.split(",")):
                 for B in (int(v) for v in args.batches.split(",")):
-                    xp, w_h, s0, params, cots = make_problem(cell, B, L, H, dtype) if cell != "slstm" else \
+                    xp, w_h, _, params, cots = make_problem(cell, B, L, H, dtype) if cell != "slstm" else \
                         _slstm_problem(B, L, H, dtype)
                     for direction in args.directions.split(","):
                         cands = [("tiled", P.select(direction, cell, xp, w_h))]
@@ -145,7 +146,6 @@ def main(argv=None):
                                     (lambda p=p, a=(xp, w_h, none, params): R.run_forward(p, *a, True))
                             else:
                                 a = (cots, xp, hp, prevs, params, w_h)
-                                zs = (1 << n) - 1  # every initial state zero
                                 fn = (lambda p=p, a=a, zs=zs, c=cell: P.persistent_backward(
                                     c, *a, False, use_plan=p, zero_states=zs)[:2]) \
                                     if klass == "tiled" else \
