@@ -130,7 +130,7 @@ def plan_text(p):
     if p is None:
         return "-"
     return (f"U{p.U} NU{p.NU} BB{p.BB}x{p.NBB} RB{p.RB}/{p.NCS} KS{p.KS} {p.smem // 1024}K"
-            f"{' bf16W' if p.w_bf16 else ''}{' WG' if p.w_global else ''}"
+            f"{' W16' if p.w_half and not getattr(p, 'mma', 0) else ''}{' WG' if p.w_global else ''}"
             f"{' MMA-' + {1: 'bf16', 2: 'f16', 3: 'tf32'}[p.mma] if getattr(p, 'mma', 0) else ''}"
             f"{f' CL{p.CL}' if getattr(p, 'CL', 0) else ''}")
 

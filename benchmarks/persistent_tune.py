@@ -108,7 +108,7 @@ def candidate_plans(direction, cell, H, B, limits, x_dtype):
                             p = P.plan(direction, cell, H, B, capped, x_dtype=x_dtype, tpb=tpb, nbb=nbb,
                                        weights=weights, mma=mma)
                             if p is not None:
-                                out.setdefault((p.U, p.NU, p.BB, p.NBB, p.RB, p.NCS, p.KS, p.KCH, p.TPB, p.w_bf16,
+                                out.setdefault((p.U, p.NU, p.BB, p.NBB, p.RB, p.NCS, p.KS, p.KCH, p.TPB, p.w_half,
                                                 p.mma, p.CL), p)
                         nbb *= 2
     finally:

@@ -491,18 +491,17 @@ def ptxas_info(log):
             int(stack[-1]) if stack else None)
 
 
-def compile_spec(spec, x_dtype, w_bf16, ptx=False):
+def compile_spec(spec, x_dtype, w_dtype, ptx=False):
     """NVRTC + ptxas of a kernel spec of either class, with its inputs' dtypes and
-    ranks as the launch gives them. Returns (ok, log, (registers, spill stores,
-    spill loads, stack bytes)); with ``ptx``, the PTX for compute_90 instead (ok, log, PTX)."""
+    ranks as the launch gives them (``w_dtype``: the plan's ``w_dtype``). Returns (ok, log,
+    (registers, spill stores, spill loads, stack bytes)); with ``ptx``, the PTX for
+    compute_90 instead (ok, log, PTX)."""
     def dtype(n):
         if n == "x":
             return x_dtype
         if n == "lens":
             return mx.int32
-        if n == "w" and w_bf16 in (mx.float32, mx.float16, mx.bfloat16):
-            return w_bf16  # the W operand's dtype itself (Plan.w_dtype)
-        return mx.bfloat16 if n == "w" and w_bf16 is True else mx.float32
+        return w_dtype if n == "w" else mx.float32
 
     def rank(n):
         if n == "lens" or n.startswith("prm"):

@@ -442,7 +442,7 @@ def test_nvrtc_compiles_zero_initial_states(klass, cell, varlen):
             specs = [R.kernel_spec(p, mx.float32, flag, **kw, zero_states=zs)
                      for flag, zs in ((0, 0), ((1 << S) - 1, 0)) if direction == "forward"] or \
                     [R.kernel_spec(p, mx.float32, True, **kw, zero_states=zs) for zs in (0, (1 << S) - 1)]
-            w_dtype = p.w_bf16
+            w_dtype = p.w_dtype
         else:
             p = P.plan(direction, cell, 200, 32, H100, x_dtype=mx.float32, problems=2 if varlen else 1)
             specs = [P.kernel_spec(p, mx.float32, flag, **kw, zero_states=zs)

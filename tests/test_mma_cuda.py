@@ -121,8 +121,8 @@ def _check_parity(cell, xdt, L, B, H, problems, weights):
     for k in range(problems):
         sl = slice(k * rows, (k + 1) * rows)
         wk = w if problems == 1 else w[k]
-        if pb.w_bf16 and not pb.mma:  # an FMA backward that holds its W_h slice as bfloat16
-            wk = wk.astype(mx.bfloat16).astype(mx.float32)  # (a float16 layer's, where float32 does not fit)
+        if not pb.mma:  # an FMA backward holds its W_h slice as w_dtype (a float16 layer's as float16
+            wk = wk.astype(pb.w_dtype).astype(mx.float32)  # where float32 does not fit)
         pk = params if problems == 1 else tuple(q[k] for q in params)
         rdx, rdhp, rd0 = ref.on_cpu(ref.backward, cell, tuple(d[:, sl] for d in d_outs), xp[:, sl], hp[:, sl],
                                     tuple(p[:, sl] for p in prevs), pk, wk, True, pb.mma)

@@ -68,9 +68,9 @@ def test_plan_invariants(cell, direction, B, H, limits):
     assert p.N % p.NCS == 0 and p.N <= P.MAX_N
     assert p.RB * p.N <= max(32, p.N) if p.NCS == 1 else p.RB * (p.N // p.NCS) <= 32
     assert 1 <= p.KCH <= p.K and (p.KCH == p.K or p.KCH % 32 == 0)
-    assert p.smem == P.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, 2 if p.w_bf16 else 4)
+    assert p.smem == P.smem_bytes(p.K, p.N, p.BBP, p.KCH, p.KS, p.w_dtype.size)
     assert p.sync_words * 4 >= 16  # never MLX's scalar pool
-    assert not p.w_bf16  # float32 inputs never get bfloat16 weights
+    assert not p.w_half and p.w_dtype == mx.float32  # float32 inputs never get 16-bit weights
 
 
 def test_plan_benchmark_shapes_fit_h100():
@@ -94,16 +94,22 @@ def test_plan_none_when_weights_do_not_fit():
     assert P.plan("forward", "gru", 8, 4, P.Limits(num_sms=0, smem_per_block=1 << 16)) is None
 
 
-def test_bf16_weights_only_for_half_inputs_when_needed():
-    # GRU H=1024, B=64 does not fit in float32 with one chunk...
-    p32 = P.plan("forward", "lstm", 1024, 16, H100, x_dtype=mx.float32)
-    pbf = P.plan("forward", "lstm", 1024, 16, H100, x_dtype=mx.bfloat16)
-    assert p32 is None
-    assert pbf is not None and pbf.w_bf16
-    small = P.plan("forward", "gru", 64, 4, H100, x_dtype=mx.bfloat16)
-    assert small is not None and not small.w_bf16  # float32 fits: keep it
-    forced = P.plan("forward", "gru", 64, 4, H100, x_dtype=mx.float32, weights="bfloat16")
-    assert forced.w_bf16
+def test_half_weights_only_for_half_inputs_when_needed():
+    # LSTM H=1024, B=16 does not fit in float32 (FMA plans only: a tensor-core plan's W
+    # is the MMA's type)...
+    assert P.plan("forward", "lstm", 1024, 16, H100, x_dtype=mx.float32, mma=0) is None
+    for xdt in (mx.bfloat16, mx.float16):
+        for direction in ("forward", "backward"):
+            p = P.plan(direction, "lstm", 1024, 16, H100, x_dtype=xdt, mma=0)
+            # ... so a half input's slice is held in its own type: a float16 layer's weights
+            # exactly (bfloat16 would drop 3 of their 11 significant bits)
+            assert p is not None and p.w_half and p.w_dtype == xdt, (xdt, direction, p)
+        small = P.plan("forward", "gru", 64, 4, H100, x_dtype=xdt)
+        assert small is not None and not small.w_half and small.w_dtype == mx.float32  # float32 fits: keep it
+        forced = P.plan("forward", "gru", 64, 4, H100, x_dtype=xdt, weights="half")
+        assert forced.w_half and forced.w_dtype == xdt
+    forced = P.plan("forward", "gru", 64, 4, H100, x_dtype=mx.float32, weights="half")
+    assert forced.w_half and forced.w_dtype == mx.bfloat16  # float32's exponent range
     with pytest.raises(ValueError):
         P.plan("forward", "gru", 64, 4, H100, weights="int8")
 
@@ -404,21 +410,24 @@ def test_emulated_streamed_weights_with_lengths_and_directions():
 
 
 @needs_cxx
-def test_emulated_chunked_and_bf16_weights():
-    """K in several chunks (tiny shared memory) and bfloat16 W slices."""
+@pytest.mark.parametrize("xdt", [mx.bfloat16, mx.float16], ids=["bf16", "f16"])
+def test_emulated_chunked_and_half_weights(xdt):
+    """K in several chunks (tiny shared memory) and W slices in the input's 16-bit type
+    (the float16 one to float16-rounded weights: what a float16 layer holds)."""
     limits = P.Limits(num_sms=8, smem_per_block=4 * 1024, smem_per_sm=10 * 1024)
     cell, L, B, H = "gru", 3, 4, 64
-    xp, w_h, s0, params = ref.problem(cell, L, B, H, mx.bfloat16)
-    p = P.plan("forward", cell, H, B, limits, x_dtype=mx.bfloat16, tpb=64, weights="bfloat16")
-    assert p is not None and p.KCH < p.K and p.w_bf16
-    got, _ = emu.forward(cell, xp, w_h, s0, params, False, limits, weights="bfloat16")
-    w_rounded = w_h.astype(mx.bfloat16).astype(mx.float32)
+    xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
+    p = P.plan("forward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights="half")
+    assert p is not None and p.KCH < p.K and p.w_dtype == xdt
+    got, (used, _) = emu.forward(cell, xp, w_h, s0, params, False, limits, weights="half")
+    assert used == p
+    w_rounded = w_h.astype(xdt).astype(mx.float32)
     expected = ref.forward(cell, xp, w_rounded, s0, params, False)
     for a, e in zip(got, expected):
         assert ref.max_rel_err(a, e) < 2e-6
-    pb = P.plan("backward", cell, H, B, limits, x_dtype=mx.bfloat16, tpb=64, weights="bfloat16")
-    assert pb is not None and pb.KCH < pb.K
-    _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, limits, weights="bfloat16",
+    pb = P.plan("backward", cell, H, B, limits, x_dtype=xdt, tpb=64, weights="half")
+    assert pb is not None and pb.KCH < pb.K and pb.w_dtype == xdt
+    _assert_emulated_backward(cell, (xp, w_h, s0, params), expected, True, limits, weights="half",
                               w_ref=w_rounded)
 
 
@@ -470,9 +479,10 @@ def test_emulated_slstm_backward_ept_fallback(monkeypatch):
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_nvrtc_compiles_without_spills(cell, direction, varlen):
-    for (B, H), xdt in (((32, 200), mx.float32), ((16, 512), mx.bfloat16), ((1, 1), mx.float16)):
+    for (B, H), xdt in (((32, 200), mx.float32), ((16, 512), mx.bfloat16), ((16, 512), mx.float16),
+                        ((1, 1), mx.float16)):
         for problems, rev, xil in (((1, 1, False), (2, 0b10, False), (2, 0b10, True)) if varlen else ((1, 0, False),)):
-            p = P.plan(direction, cell, H, B, H100, x_dtype=xdt, weights="bfloat16" if H == 512 else "auto",
+            p = P.plan(direction, cell, H, B, H100, x_dtype=xdt, weights="half" if H == 512 else "auto",
                        problems=problems)
             _assert_compiles(p, xdt, lens=varlen, rev=rev, interleaved=xil)
 

@@ -34,11 +34,12 @@ def test_plan_fits_one_block_or_declines():
                     assert p.NBB * p.BB >= B > (p.NBB - 1) * p.BB
                     assert p.RS * p.RPT >= p.BB and p.TPB % 32 == 0 and p.TPB <= R.MAX_TPB
                     assert p.TPB // p.RS >= H
-    # bfloat16 weights only for half inputs, and only when float32 does not fit
+    # 16-bit weights (the input's type) only for half inputs, and only when float32 does not fit
     assert R.plan("forward", "lstm", 128, 8, H100) is None
-    p = R.plan("forward", "lstm", 128, 8, H100, mx.bfloat16)
-    assert p is not None and p.w_bf16
-    assert not R.plan("forward", "lstm", 64, 8, H100, mx.bfloat16).w_bf16
+    for xdt in (mx.bfloat16, mx.float16):
+        p = R.plan("forward", "lstm", 128, 8, H100, xdt)
+        assert p is not None and p.w_half and p.w_dtype == xdt
+        assert R.plan("forward", "lstm", 64, 8, H100, xdt).w_dtype == mx.float32
 
 
 CASES = [
@@ -69,7 +70,8 @@ def _check_plans(cell, L, B, H, xdt, zero, pf, pb):
     xp, w_h, s0, params = ref.problem(cell, L, B, H, xdt)
     if zero:
         s0 = tuple(mx.zeros_like(s) for s in s0)
-    expected = ref.forward(cell, xp, w_h, s0, params, zero)
+    # the reference on the W_h each kernel reads (rounded where it holds a 16-bit copy)
+    expected = ref.forward(cell, xp, w_h.astype(pf.w_dtype).astype(mx.float32), s0, params, zero)
     got, _ = emu.resident_forward(cell, xp, w_h, s0, params, zero, SMALL, plan=pf)
     for a, e in zip(got, expected):
         assert ref.max_rel_err(a, e) < 2e-6
@@ -78,7 +80,8 @@ def _check_plans(cell, L, B, H, xdt, zero, pf, pb):
     prevs = ref.prevs_of(s0, seqs)
     d_outs = ref.cotangents(cell, L, B, H)
     (dx, dhp, d0), _ = emu.resident_backward(cell, d_outs, xp, hp, prevs, params, w_h, need, SMALL, plan=pb)
-    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h, need)
+    rdx, rdhp, rd0 = ref.backward(cell, d_outs, xp, hp, prevs, params, w_h.astype(pb.w_dtype).astype(mx.float32),
+                                  need)
     assert ref.max_rel_err(dx, rdx) < 2e-6
     assert ref.max_rel_err(dhp, rdhp) < 2e-6
     if need:
@@ -86,6 +89,21 @@ def _check_plans(cell, L, B, H, xdt, zero, pf, pb):
             assert ref.max_rel_err(a, e) < 2e-6
     else:
         assert d0 is None
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell,H", [("lstm", 16), ("gru", 20)])
+@pytest.mark.parametrize("xdt", [mx.bfloat16, mx.float16], ids=["bf16", "f16"])
+def test_emulated_resident_half_weights(cell, H, xdt):
+    """Where a float32 W_h does not fit the block, a half input's is held in its own
+    16-bit type (float16: a float16 layer's weights exactly), forward and backward."""
+    tiny = P.Limits(num_sms=6, smem_per_block=4000, smem_per_sm=8000)
+    L, B = 4, 3
+    assert R.plan("forward", cell, H, B, tiny, mx.float32) is None
+    pf = R.plan("forward", cell, H, B, tiny, xdt)
+    pb = R.plan("backward", cell, H, B, tiny, xdt)
+    assert pf.w_dtype == pb.w_dtype == xdt
+    _check_plans(cell, L, B, H, xdt, False, pf, pb)
 
 
 @needs_cxx
@@ -174,7 +192,7 @@ def test_nvrtc_compiles_without_spills(cell, direction, varlen):
         p = R.plan(direction, cell, H, B, H100, xdt, 2 if varlen else 1)
         for xil in (False, True) if varlen else (False,):  # problem-major / -interleaved x, out, dx
             spec = R.kernel_spec(p, xdt, True, lens=varlen, rev=0b10 if varlen else 0, interleaved=xil)
-            ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
+            ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_dtype)
             assert ok, log[-4000:]
             assert spill_st == 0 and spill_ld == 0 and stack == 0, log
 
@@ -238,7 +256,7 @@ def test_nvrtc_compiles_the_k_split_without_spills(cell, ksp, direction):
         if p is None:  # W_h does not fit one block (LSTM / sLSTM float32 H=128) or too many threads
             continue
         spec = R.kernel_spec(p, xdt, True)
-        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
+        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_dtype)
         assert ok, log[-4000:]
         assert spill_st == 0 and spill_ld == 0 and stack == 0, log
 
@@ -341,7 +359,7 @@ def test_nvrtc_compiles_w_in_registers_without_spills(cell, direction, monkeypat
         if p is None or not p.WREG:
             continue
         spec = R.kernel_spec(p, xdt, True)
-        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_bf16)
+        ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(spec, xdt, p.w_dtype)
         assert ok, log[-4000:]
         assert spill_st == 0 and spill_ld == 0 and stack == 0, log
         assert regs <= R.register_estimate(p) and _launchable(regs, p.TPB), (regs, p)
@@ -369,6 +387,7 @@ def test_plans_fit_their_registers():
     ("slstm", "backward", 128, 64, 16, 8, mx.bfloat16),  # 16 heads of 128 grown to one block per SM
     ("slstm", "backward", 128, 256, 4, 8, mx.bfloat16),
     ("lstm", "backward", 128, 64, 16, 8, mx.bfloat16),
+    ("lstm", "forward", 128, 64, 16, 8, mx.float16),  # W_h as float16
     ("gru", "backward", 64, 16, 1, 16, mx.float32),
 ])
 def test_nvrtc_register_fitting_plans_do_not_spill(cell, direction, H, B, NP, rows, xdt):
@@ -376,7 +395,7 @@ def test_nvrtc_register_fitting_plans_do_not_spill(cell, direction, H, B, NP, ro
     without spilling, and within the estimate (NVRTC 13.0)."""
     p = R.plan(direction, cell, H, B, H100, xdt, NP, rows)
     assert p is not None and R.registers_fit(p, H100)
-    ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(R.kernel_spec(p, xdt, True), xdt, p.w_bf16)
+    ok, log, (regs, spill_st, spill_ld, stack) = emu.compile_spec(R.kernel_spec(p, xdt, True), xdt, p.w_dtype)
     assert ok, log[-4000:]
     assert spill_st == 0 and spill_ld == 0 and stack == 0, log
     assert regs <= R.base_register_estimate(p) and _launchable(regs, p.TPB), (regs, p)
@@ -397,6 +416,6 @@ def test_nvrtc_large_blocks_stay_launchable(cell, direction):
     for rows, ksp in ((16, 2), (16, 4)):
         p = R.plan(direction, cell, 64, 16, H100, mx.float32, 1, rows, 4, ksp=ksp)
         assert p is not None and p.RPT == 4 and p.TPB >= 512
-        ok, log, (regs, *_) = emu.compile_spec(R.kernel_spec(p, mx.float32, True), mx.float32, p.w_bf16)
+        ok, log, (regs, *_) = emu.compile_spec(R.kernel_spec(p, mx.float32, True), mx.float32, p.w_dtype)
         assert ok, log[-4000:]
         assert _launchable(regs, p.TPB), (regs, p)

@@ -50,8 +50,9 @@ def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1, wreg=False):
     mx.eval(dx, dhp, d0)
     for k, (pxp, pw, ps0, pprm) in enumerate(parts):
         rows = slice(k * B, (k + 1) * B)
-        w_ref = pw.astype(mx.bfloat16).astype(mx.float32) if pf.w_bf16 else pw
+        w_ref = pw.astype(pf.w_dtype).astype(mx.float32)  # the W_h each kernel reads
         expected = ref.on_cpu(ref.forward, cell, pxp, w_ref, ps0, pprm, zero)
+        w_ref = pw.astype(pb.w_dtype).astype(mx.float32)
         for i, (a, e) in enumerate(zip(got, expected)):
             err = ref.max_rel_err(a[:, rows], e)
             assert err < ref.gpu_tol(L), f"forward output {i} of problem {k}: rel err {err:.2e} ({pf})"
@@ -71,6 +72,15 @@ def _check(cell, L, B, H, xdt, zero, problems=1, ksp=1, wreg=False):
 @pytest.mark.parametrize("L,B,H", [(1, 1, 1), (3, 1, 33), (7, 5, 64), (12, 33, 100), (100, 8, 32)])
 def test_resident_parity(cell, xdt, L, B, H):
     _check(cell, L, B, H, xdt, False)
+
+
+@pytest.mark.parametrize("cell,H", [("lstm", 128), ("slstm", 128), ("gru", 160)])
+def test_resident_float16_weights(cell, H):
+    """A float16 launch whose W_h does not fit as float32 holds it as float16 (exact for a
+    float16 layer's weights), forward and backward."""
+    xp, w, _, _ = ref.problem(cell, 2, 3, H, mx.float16)
+    assert R.select("forward", cell, xp, w).w_dtype == R.select("backward", cell, xp, w).w_dtype == mx.float16
+    _check(cell, 9, 3, H, mx.float16, False)
 
 
 @pytest.mark.parametrize("cell", ref.CELL_NAMES)

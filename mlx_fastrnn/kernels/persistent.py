@@ -8,8 +8,9 @@ One launch runs all L steps of a GRU / LSTM / RNN layer (FlashRNN-style):
   Block ``b`` owns hidden units ``[j0, j0+U)`` (all G gates of them) and batch
   rows ``[r0, r0+BB)``: ``j0 = (b % NU) * U``, ``r0 = (b // NU) * BB``.
 * It keeps its slice of W_h (G*U rows of H forward, the U columns transposed
-  backward) in shared memory for the whole sequence, as float32 (bfloat16 only
-  when float32 does not fit and the input is already half precision).
+  backward) in shared memory for the whole sequence, as float32 (in the input's
+  16-bit type only when float32 does not fit and the input is already half precision:
+  float16 for float16, so a float16 layer's weights stay exact).
 * Per step it stages its rows of h_{t-1} (backward: of dhp_{t+1}) from L2,
   projects them on the W_h slice (fp32 FMA, warp-per-task, lanes over K; or on
   tensor cores: ``Plan.mma``, mma.sync tiles), applies

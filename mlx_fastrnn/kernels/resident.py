@@ -1,7 +1,7 @@
 """Resident whole-sequence kernels: the latency class (no grid-wide barrier).
 
 When one problem's whole W_h fits in one block's shared memory (float32, or
-bfloat16 for half-precision inputs), a block owns ALL hidden units of a few
+the input's 16-bit type for half-precision inputs), a block owns ALL hidden units of a few
 batch rows and runs the whole sequence alone: W_h resident in shared memory,
 h_{t-1} in shared memory (never through L2), one ``__syncthreads`` per step.
 Blocks never wait on each other, so the grid may be any size (no
@@ -28,8 +28,6 @@ as :mod:`.persistent`.
 """
 
 import functools
-
-import mlx.core as mx
 
 from . import contract as C
 from .cuda_source import KernelSpec, launch, source_digest
@@ -392,7 +390,7 @@ def kernel_spec(p, x_dtype, flag, lens=False, rev=0, interleaved=False, zero_sta
     inputs, outputs = forward_io(p.cell, varlen) if fwd else backward_io(p.cell, varlen)
     template = (
         ("T", x_dtype),
-        ("WT", mx.bfloat16 if p.w_bf16 else mx.float32),
+        ("WT", p.w_dtype),
         ("H", p.H), ("BB", p.BB), ("RS", p.RS), ("RPT", p.RPT), ("TPB", p.TPB),
         ("NP", p.NP), ("KSP", p.KSP), ("WREG", bool(p.WREG)),
         *P.flag_template(fwd, flag, zero_states),

@@ -18,10 +18,6 @@ __device__ __forceinline__ void resident_carve(float*& buf, WT*& W) {
   W = reinterpret_cast<WT*>(buf + NF);
 }
 
-template <typename WT> __device__ __forceinline__ WT from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
 // The prologue's W_h copy: each thread first issues UNR independent global
 // loads, then stores them - the copy is bound by the latency of the loads in
 // flight, and one block of few warps must keep many in flight (one load per

@@ -30,7 +30,7 @@ class ResidentPlan:
     RS: int  # row slices (threads per unit)
     RPT: int  # rows per thread = ceil(BB / RS)
     TPB: int
-    w_bf16: bool
+    w_half: bool  # W_h held in 16 bits (``w_dtype``: the input's half type)
     smem: int
     NP: int = 1
     cost: float = 0.0
@@ -42,6 +42,8 @@ class ResidentPlan:
     # from the shared copy): the step's projection then loads only its operand.
     # Where it fits (``with_registers``, which the class choice applies).
     WREG: bool = False
+    # float16 input: a 16-bit W_h is float16, the layer's own weights' type (exact); else bfloat16
+    f16: bool = False
 
     @property
     def nblocks(self):
@@ -50,7 +52,9 @@ class ResidentPlan:
     @property
     def w_dtype(self):
         """The dtype of the W_h operand the kernel reads."""
-        return mx.bfloat16 if self.w_bf16 else mx.float32
+        if not self.w_half:
+            return mx.float32
+        return mx.float16 if self.f16 else mx.bfloat16
 
     @property
     def K(self):
@@ -115,10 +119,10 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
         return None
     per_sm = limits.smem_per_sm or (limits.smem_per_block + limits.reserved_smem_per_block)
     best = best_fit = None
-    for w_bf16 in (False, True):
-        if w_bf16 and x_dtype not in (mx.float16, mx.bfloat16):
+    for w_half in (False, True):
+        if w_half and x_dtype not in (mx.float16, mx.bfloat16):
             break
-        w_bytes = 2 if w_bf16 else 4
+        w_bytes = 2 if w_half else 4
         for BB in (rows,) if rows else sorted({min(B, b) for b in ROWS_PER_BLOCK}):
             smem = smem_bytes(direction, G, H, BB, w_bytes)
             if smem > limits.smem_per_block:
@@ -136,14 +140,14 @@ def plan(direction, cell, H, B, limits, x_dtype=mx.float32, problems=1, rows=Non
                 if TPB > MAX_TPB:
                     continue
                 cost = waves * _step_cost(direction, G, H, RPT, RS, TPB, w_bytes, ksp)
-                p = ResidentPlan(direction, cell, G, H, B, BB, NBB, RS, RPT, TPB, w_bf16, smem, problems,
-                                 cost, ksp)
+                p = ResidentPlan(direction, cell, G, H, B, BB, NBB, RS, RPT, TPB, w_half, smem, problems,
+                                 cost, ksp, f16=x_dtype == mx.float16)
                 if best is None or cost < best.cost:
                     best = p
                 if registers_fit(p, limits) and (best_fit is None or cost < best_fit.cost):
                     best_fit = p
         if best is not None:
-            break  # float32 W_h fits: no bfloat16
+            break  # float32 W_h fits: no 16-bit copy
     return best_fit or best
 
 

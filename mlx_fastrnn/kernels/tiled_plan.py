@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .gpu import CELLS, MMA_F16, MMA_NONE, MMA_TF32, _env_int, _env_switch, mlx_cuda_graphs, mma_kind, smem_budget
+from .gpu import CELLS, MMA_BF16, MMA_F16, MMA_NONE, MMA_TF32, _env_int, _env_switch, mlx_cuda_graphs, mma_kind, smem_budget
 
 SYNC_STRIDE = 32  # uint32 words between the barrier counters of two batch groups (FRNN_SYNC_STRIDE)
 MAX_N = 64  # most projection columns per block (accumulators per lane = RB * N)
@@ -34,7 +34,7 @@ class Plan:
     KCH: int  # K-chunk staged at once
     TPB: int  # threads per block
     EPT: int  # cell elements per thread
-    w_bf16: bool  # W_h slice held as bfloat16
+    w_half: bool  # W_h slice held in 16 bits (``w_dtype``: the input's half type)
     smem: int  # dynamic shared memory bytes
     cost: float = field(default=0.0, compare=False)  # model cycles per step
     # Independent problems in one launch (the directions of a bidirectional
@@ -63,13 +63,18 @@ class Plan:
     # pipelined): each element rounded once while staged instead of at every fragment load
     # of every warp task, half the shared memory and half the fragment loads (same numbers)
     hrows: bool = False
+    # float16 input: a 16-bit W_h is float16, the layer's own weights' type (exact; a
+    # bfloat16 copy would drop 3 of their 11 significant bits); else bfloat16
+    f16: bool = False
 
     @property
     def w_dtype(self):
         """The dtype of the W_h operand the kernel reads."""
-        if self.mma == MMA_F16:
-            return mx.float16
-        return mx.bfloat16 if self.w_bf16 else mx.float32
+        if self.mma:
+            return {MMA_BF16: mx.bfloat16, MMA_F16: mx.float16}.get(self.mma, mx.float32)
+        if not self.w_half:
+            return mx.float32
+        return mx.float16 if self.f16 else mx.bfloat16
 
     @property
     def wld(self):
@@ -142,12 +147,12 @@ def _weight_options(weights, x_dtype):
         return ()  # no FMA candidates
     if weights in ("float32", "global"):
         return (False,)
-    if weights == "bfloat16":
+    if weights == "half":
         return (True,)
     if weights != "auto":
-        raise ValueError(f"weights must be 'auto', 'float32', 'bfloat16', 'global', 'mma' or 'mma_global', "
+        raise ValueError(f"weights must be 'auto', 'float32', 'half', 'global', 'mma' or 'mma_global', "
                          f"not {weights!r}")
-    # bfloat16 W only when float32 does not fit and the input is already half.
+    # 16-bit W only when float32 does not fit and the input is already half.
     return (False, True) if x_dtype in (mx.float16, mx.bfloat16) else (False,)
 
 
@@ -185,7 +190,9 @@ def plan(direction, cell, H, B, limits, *, x_dtype=mx.float32, tpb=256, weights=
     gets ``1/problems`` of the blocks. ``weights="global"``: W_h streamed from
     global memory every step (``Plan.w_global``; hidden units per block a divisor
     of H), shared memory only for the staged rows and partial sums (and each K-chunk
-    of the block's W_h rows).
+    of the block's W_h rows). ``weights="auto"``: the W_h slice as float32 where that
+    fits, else, for a float16 / bfloat16 input, in that 16-bit type (``Plan.w_dtype``);
+    ``"float32"`` / ``"half"`` force either (``"half"`` with a float32 input: bfloat16).
     ``mma``: the tensor-core operand type the candidates may use (``gpu.MMA_*``;
     default ``gpu.mma_kind(x_dtype)`` with ``weights="auto"``, and with ``"global"``
     where ``mma_fit_enabled()``, else none); the FMA candidates compete with them on
@@ -350,8 +357,8 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
             for RB, NCS in _task_shapes(N, BB, colsplit):
                 BBP = -(-BB // RB) * RB
                 rg = BBP // RB * NCS  # warp tasks of one K-split
-                for w_bf16 in _weight_options(weights, x_dtype):
-                    w_bytes = 0 if glob else 2 if w_bf16 else 4
+                for w_half in _weight_options(weights, x_dtype):
+                    w_bytes = 0 if glob else 2 if w_half else 4
                     KS = 1 if rg >= nw else max(1, min(nw // rg, -(-K // 32)))
                     room = budget - smem_bytes(K, N, BBP, 0, KS, w_bytes, glob)
                     per_k = 4 * (BBP + (N if glob else 0))  # staged bytes per k of a chunk
@@ -365,9 +372,9 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
                     cost = _cost(direction, G, K, N, U, BBP, BB, RB, KS, KCH, tpb, EPT, w_bytes, glob, NCS)
                     cost -= cluster_saving(CL)
                     p = Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, RB, KS, KCH, tpb, EPT,
-                             w_bf16, smem, cost, problems, glob, NCS, CL=CL)
-                    key = (cost, p.nblocks, w_bf16, NCS)
-                    if best is None or key < (best.cost, best.nblocks, best.w_bf16, best.NCS):
+                             w_half, smem, cost, problems, glob, NCS, CL=CL, f16=x_dtype == mx.float16)
+                    key = (cost, p.nblocks, w_half, NCS)
+                    if best is None or key < (best.cost, best.nblocks, best.w_half, best.NCS):
                         best = p
                     break  # float32 fits: no need for bfloat16
     # The tensor-core plan where its model cost is clearly lower (MMA_MARGIN): at small
@@ -431,8 +438,8 @@ def _mma_candidate(direction, cell, G, H, B, K, U, NU, BB, NBB, N, EPT, tpb, bud
                 KCH, KS, pipe = KCH2, KS2, True
         hrows = half_rows and mma != MMA_TF32 and not pipe
         smem = smem_bytes(K, N, BBP, KCH, KS, w_bytes, glob, mma, pipe, hrows)
-        return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32 and
-                    mma != MMA_F16, smem, cost, problems, glob, 1, mma, CL, pipe, hrows)
+        return Plan(direction, cell, G, H, B, U, NU, BB, NBB, BBP, 8, KS, KCH, tpb, EPT, mma != MMA_TF32, smem,
+                    cost, problems, glob, 1, mma, CL, pipe, hrows, mma == MMA_F16)
     return None
 
 
