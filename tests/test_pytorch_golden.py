@@ -253,6 +253,15 @@ def test_load_pytorch_weights_without_prefix_and_strictness(tmp_path):
     after = dict(tree_flatten(layer.parameters()))
     assert mx.array_equal(after["weight_hh_l0"], sd["weight_hh_l0"]).item()
     assert all(mx.array_equal(after[k], before[k]).item() for k in before if k != "weight_hh_l0")
+    # strict=False still refuses a size mismatch (as torch's load_state_dict), before loading
+    # anything, and skips keys the module does not have
+    with pytest.raises(ValueError, match="weight_ih_l0"):
+        load_pytorch_weights(layer, {"weight_hh_l0": sd["weight_hh_l0"] + 1, "weight_ih_l0": mx.zeros((1, 1))},
+                             strict=False)
+    assert mx.array_equal(layer.weight_hh_l0, sd["weight_hh_l0"]).item()
+    load_pytorch_weights(layer, {"weight_hh_l0": sd["weight_hh_l0"] + 1, "not_a_key": mx.zeros((1,))},
+                         strict=False)
+    assert mx.array_equal(layer.weight_hh_l0, sd["weight_hh_l0"] + 1).item() and "not_a_key" not in layer
 
 
 def _torch_model(kind):

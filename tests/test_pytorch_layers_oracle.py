@@ -472,6 +472,61 @@ def test_positional_argument_order():
     assert mx.all(out["output"] >= 0).item(), "RNN's 4th positional argument is nonlinearity"
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_dtype_and_device_arguments(kind):
+    cls, extra, _ = KINDS[kind]
+    kw = dict(extra, num_layers=2, bidirectional=True, **({"proj_size": P} if kind == "lstm" else {}))
+    for dtype in (mx.float16, mx.bfloat16, mx.float32):
+        layer = cls(I, H, **kw, device=None, dtype=dtype)
+        assert {v.dtype for _, v in tree_flatten(layer.parameters())} == {dtype}
+        out = run_ours(kind, layer, rand((L, B, I), 0).astype(dtype))
+        assert all(v.dtype == dtype for v in out.values())
+    with pytest.raises(ValueError, match="device must be None"):
+        cls(I, H, **kw, device="cuda")
+    for bad in (mx.int32, "float16", float):
+        with pytest.raises(TypeError, match="floating dtype"):
+            cls(I, H, **kw, dtype=bad)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_all_weights_flatten_and_reset_parameters(kind):
+    cls, extra, _ = KINDS[kind]
+    kw = dict(extra, num_layers=2, bidirectional=True, **({"proj_size": P} if kind == "lstm" else {}))
+    for bias in (True, False):
+        layer = cls(I, H, **kw, bias=bias, dtype=mx.bfloat16)
+        names = [k for k, _ in tree_flatten(layer.parameters())]
+        per = 2 + 2 * bias + (kind == "lstm")
+        groups = layer.all_weights
+        assert len(groups) == 4 and all(len(g) == per for g in groups)
+        # torch's order: per (layer, direction) w_ih, w_hh[, b_ih, b_hh][, w_hr], the arrays themselves
+        flat = [w for g in groups for w in g]
+        assert all(w is getattr(layer, n) for w, n in zip(flat, layer._weight_names()))
+        assert set(layer._weight_names()) == set(names)
+        assert [tuple(w.shape) for w in groups[1][:2]] == [tuple(layer.weight_ih_l0_reverse.shape),
+                                                        tuple(layer.weight_hh_l0_reverse.shape)]
+        assert layer.flatten_parameters() is None
+        before = {k: v for k, v in tree_flatten(layer.parameters())}
+        layer.reset_parameters()
+        after = {k: v for k, v in tree_flatten(layer.parameters())}
+        bound = 1 / math.sqrt(H)
+        for k, v in after.items():
+            assert v.dtype == mx.bfloat16 and v.shape == before[k].shape
+            assert not mx.array_equal(v, before[k]).item(), k
+            assert mx.all(mx.abs(v.astype(mx.float32)) <= bound * 1.01).item(), k
+
+
+def test_all_weights_match_torchs_structure():
+    torch = pytest.importorskip("torch")
+    for tcls, ours, kw in ((torch.nn.LSTM, LSTM, dict(proj_size=P)), (torch.nn.GRU, GRU, {}),
+                           (torch.nn.RNN, RNN, dict(nonlinearity="relu"))):
+        for bias in (True, False):
+            t = tcls(I, H, num_layers=2, bidirectional=True, bias=bias, **kw)
+            o = ours(I, H, num_layers=2, bidirectional=True, bias=bias, **kw)
+            assert [[tuple(w.shape) for w in g] for g in o.all_weights] == \
+                [[tuple(w.shape) for w in g] for g in t.all_weights]
+            assert [n for g in t._all_weights for n in g] == o._weight_names()
+
+
 # --------------------------------------------------------------------------- bad input
 
 DROPOUT_MSG = ("dropout should be a number in range [0, 1] representing the probability "
@@ -538,6 +593,14 @@ def test_bad_lengths_raise_value_error(kind, case):
     layer = build(kind, {})
     with pytest.raises(ValueError):
         mx.eval(layer(x, lengths=lengths))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_lengths_of_an_empty_batch_raise_input_error(kind):
+    layer = build(kind, {})
+    for catch in (ValueError, RuntimeError):  # MLX's error type and torch's ("Cannot pack empty tensors")
+        with pytest.raises(catch, match="empty batch"):
+            layer(mx.zeros((L, 0, I)), lengths=mx.zeros((0,), mx.int32))
 
 
 def _bad_call_cases(kind, nl=2):

@@ -66,6 +66,8 @@ def prepare_lengths(lengths, length, batch):
         raise InputError(
             f"lengths must have shape ({batch},) (one length per sequence), got {tuple(lengths.shape)}"
         )
+    if batch == 0:
+        raise InputError("lengths of an empty batch (B = 0): PyTorch cannot pack empty tensors either")
     lo, hi = (int(v) for v in mx.stack([lengths.min(), lengths.max()]).tolist())
     if lo <= 0:
         raise InputError(

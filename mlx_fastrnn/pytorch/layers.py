@@ -4,7 +4,7 @@ Constructors, defaults, validation errors, parameter names and shapes,
 initialisation, call signature and results are PyTorch's::
 
     lstm = LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                dropout=0.0, bidirectional=False, proj_size=0)
+                dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)
     output, (h_n, c_n) = lstm(input, hx=None, lengths=None)
     output, h_n = gru(input, hx=None, lengths=None)
 
@@ -24,7 +24,19 @@ Parameters (PyTorch's names, so a converted ``state_dict`` loads with
 ``weight_hh_l{k}`` ``[G*H, H_out]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` ``[G*H]``,
 ``weight_hr_l{k}`` ``[H_out, H]`` (projection), suffix ``_reverse`` for the
 second direction; gate order LSTM i, f, g, o, GRU r, z, n. Every parameter is
-initialised from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)).
+initialised from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) (``reset_parameters()``
+draws them again), in ``dtype`` (an MLX floating dtype; default float32). ``device``
+must be None: MLX arrays live in unified memory and run on ``mx.default_device()``.
+``all_weights`` and ``flatten_parameters()`` (nothing to flatten: there is no
+cuDNN weight buffer) are there for code that calls them.
+
+Where PyTorch differs (deliberately): dtypes follow MLX's promotion, as ``mlx.nn``
+layers do, where PyTorch refuses an input (or ``hx``) whose dtype differs from the
+weights': a float16 input to float32 weights gives float32 results, a float32
+input to bfloat16 weights float32, an integer input its float promotion, float64
+anywhere float64 (on the per-step float64 path). Lengths must be integers, one
+per row (PyTorch casts float lengths and drops extra ones), need batched input,
+and are always taken as ``enforce_sorted=False``.
 
 Per layer the input projection is one matmul over the whole sequence (on the
 CPU one per direction) and the recurrence runs on the drop-in layers' path
@@ -57,8 +69,13 @@ class _RNNBase(nn.Module):
     """What the three layers share: PyTorch's ``RNNBase`` checks and parameters."""
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0):
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
         super().__init__()
+        if device is not None:
+            raise ValueError(f"device must be None (MLX arrays live in unified memory and run on "
+                             f"mx.default_device()), got {device!r}")
+        if dtype is not None and not (isinstance(dtype, mx.Dtype) and mx.issubdtype(dtype, mx.floating)):
+            raise TypeError(f"dtype must be an MLX floating dtype such as mx.float16, got {dtype!r}")
         # The checks and messages of torch.nn.RNNBase, in its order.
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
             raise ValueError(
@@ -100,7 +117,6 @@ class _RNNBase(nn.Module):
         self.proj_size = proj_size
         gate_size = _GATES[mode] * hidden_size
         out_size = proj_size or hidden_size
-        scale = 1.0 / math.sqrt(hidden_size)
         # Plain attributes named as torch names them, so that parameters() has
         # exactly the keys (and order) of torch's state_dict.
         for layer in range(num_layers):
@@ -114,7 +130,36 @@ class _RNNBase(nn.Module):
                 if proj_size:
                     shapes += [(f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size))]
                 for name, shape in shapes:
-                    setattr(self, name, mx.random.uniform(-scale, scale, shape))
+                    setattr(self, name, mx.zeros(shape, dtype or mx.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Draw every parameter again from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)),
+        in its dtype, as PyTorch's ``reset_parameters``."""
+        scale = 1.0 / math.sqrt(self.hidden_size)
+        for name in self._weight_names():
+            w = getattr(self, name)
+            setattr(self, name, mx.random.uniform(-scale, scale, w.shape).astype(w.dtype))
+
+    def _weight_names(self):
+        """The parameters' names per (layer, direction), in PyTorch's order."""
+        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else []) + (
+            ["weight_hr"] if self.proj_size else [])
+        return [f"{kind}_l{layer}{suffix}" for layer in range(self.num_layers) for suffix in self._suffixes
+                for kind in kinds]
+
+    @property
+    def all_weights(self):
+        """The parameters as PyTorch's ``all_weights``: one list per (layer, direction),
+        ``[weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]`` (the biases with ``bias``, ``weight_hr``
+        with ``proj_size``)."""
+        names = self._weight_names()
+        per = len(names) // (self.num_layers * self.num_directions)
+        return [[getattr(self, n) for n in names[i:i + per]] for i in range(0, len(names), per)]
+
+    def flatten_parameters(self):
+        """Nothing to do (PyTorch packs cuDNN's weight buffer here; there is none): for code
+        that calls it."""
 
     @property
     def num_directions(self):
@@ -342,9 +387,9 @@ class LSTM(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0):
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size)
+                         bidirectional, proj_size, device, dtype)
 
     def __call__(self, input, hx=None, lengths=None):
         """Returns ``(output, (h_n, c_n))``."""
@@ -361,13 +406,13 @@ class GRU(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, **kwargs):
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
             raise TypeError(f"GRU got unexpected keyword arguments {sorted(kwargs)}")
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional)
+                         bidirectional, device=device, dtype=dtype)
 
     def __call__(self, input, hx=None, lengths=None):
         """Returns ``(output, h_n)``."""
@@ -382,7 +427,7 @@ class RNN(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, **kwargs):
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
@@ -394,7 +439,7 @@ class RNN(_RNNBase):
         else:
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional)
+                         bidirectional, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
 
     def __call__(self, input, hx=None, lengths=None):
