@@ -25,7 +25,7 @@ class GRU(_stock.GRU):
         if _run_stock(x):
             return super().__call__(x, hidden)
         w_x, w_h, b, bhn = self.Wx, self.Wh, self.b, self.bhn
-        if not ops.fast_path_supports(x, w_x, w_h, b, bhn, hidden):
+        if not ops.fast_path_supports(x, w_x, w_h, b, bhn, hidden) or not _vectors(b, w_x, bhn, w_h):
             return super().__call__(x, hidden)
         if _is_step(x):
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
@@ -41,7 +41,7 @@ class LSTM(_stock.LSTM):
         if _run_stock(x):
             return super().__call__(x, hidden, cell)
         w_x, w_h, bias = self.Wx, self.Wh, self.bias
-        if not ops.fast_path_supports(x, w_x, w_h, bias, hidden, cell):
+        if not ops.fast_path_supports(x, w_x, w_h, bias, hidden, cell) or not _vectors(bias, w_x):
             return super().__call__(x, hidden, cell)
         if _is_step(x):
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden, cell):
@@ -57,6 +57,8 @@ class RNN(_stock.RNN):
         if _run_stock(x):
             return super().__call__(x, hidden)
         w_x, w_h, bias = self.Wxh, self.Whh, self.bias
+        if not _vectors(bias, w_x):
+            return super().__call__(x, hidden)
         if isinstance(x, mx.array) and _is_step(x):
             if streaming.is_plain(x, w_x.shape[1], w_h.shape[1], hidden):
                 return streaming.rnn_step(x, w_x, w_h, bias, hidden, self.nonlinearity)
@@ -69,6 +71,17 @@ class RNN(_stock.RNN):
 
 def _run_stock(x):
     return current_impl() == "legacy"
+
+
+def _vectors(b, w, bhn=None, w_h=None):
+    """Whether the biases are the vectors stock makes (``b`` [rows of ``w``], GRU's
+    ``bhn`` [H]) or None. A bias a user replaced by one that merely broadcasts (say
+    shape (1,)) runs stock's code: the kernels read a bias of full length, and stock's
+    autodiff sums its gradient back to its shape."""
+    def vector(v, n):
+        return v is None or isinstance(v, mx.array) and v.ndim == 1 and v.shape[0] == n()
+
+    return vector(b, lambda: w.shape[0]) and vector(bhn, lambda: w_h.shape[1])
 
 
 def _is_step(x):

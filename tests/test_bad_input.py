@@ -261,3 +261,49 @@ def test_empty_batch(kind, case):
         assert len(out) == len(ref)
         for a, b in zip(out, ref):
             assert a.shape == b.shape and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("length", [1, 5])
+@pytest.mark.parametrize("shape", [(1,), ()], ids=["1", "scalar"])
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_bias_that_broadcasts_same_as_stock(kind, shape, length):
+    """A bias replaced by one that only broadcasts (stock's addmm takes it): the same
+    outputs and gradients, each of its parameter's shape (an optimizer step must not
+    change a parameter's shape), on every path (the sequence, a streaming step)."""
+    stock, ours = make_pair(kind, D, H)
+    for layer in (stock, ours):
+        if kind == "gru":
+            layer.b = mx.full(shape, 0.1)
+            layer.bhn = mx.full(shape, -0.2)
+        else:
+            layer.bias = mx.full(shape, 0.1)
+    x = rand((3, length, D), 7)
+    ref_out, ref_grads = forward_and_grads(stock, x)
+    for impl in ("legacy", "fast"):
+        out, grads = forward_and_grads(ours, x, impl=impl)
+        assert_all_close(out, grads, ref_out, ref_grads, impl)
+        for k, g in grads.items():
+            assert g.shape == ref_grads[k].shape, (impl, k, g.shape, ref_grads[k].shape)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_rnn_step_nonlinearity_sees_stock_shapes(batched):
+    """RNN's ``nonlinearity`` may be any callable, and stock calls it on a step's
+    [..., H] slice: a length-1 call without a hidden state must too (an axis-0 softmax
+    gives other numbers on [..., 1, H])."""
+    seen = []
+
+    def act(v):
+        seen.append(v.shape)
+        return mx.softmax(v, axis=0)
+
+    stock, ours = make_pair("rnn_tanh", D, H, nonlinearity=act)
+    x = rand((2, 1, D) if batched else (1, D), 3)
+    ref = forward(stock, x)
+    stock_shapes, seen[:] = list(seen), []
+    for impl in ("legacy", "fast"):
+        (out,) = forward(ours, x, impl=impl)
+        assert out.shape == ref[0].shape
+        assert_close(out, ref[0], impl)
+        assert seen == stock_shapes, (impl, seen, stock_shapes)
+        seen.clear()

@@ -203,8 +203,8 @@ def rnn_step(x, w_xh, w_hh, bias, hidden, nonlinearity):
     """Stock's RNN step, in stock's forms, without the stack of its one output
     (a copy, and a slice in the backward): a free reshape instead."""
     y = _project(x, w_xh, bias)
-    if hidden is None:
-        return nonlinearity(y)
+    if hidden is None:  # stock applies it to the step's [..., H] slice (a callable may care)
+        return mx.expand_dims(nonlinearity(y[..., 0, :]), -2)
     return mx.expand_dims(nonlinearity(mx.addmm(y[..., 0, :], hidden, w_hh.T)), -2)
 
 
