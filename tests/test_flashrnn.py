@@ -183,6 +183,30 @@ def test_half_inputs_keep_float32_state(function, dtype, backend, tiled, monkeyp
     assert grads.dtype == dtype and mx.all(mx.isfinite(grads)).item()
 
 
+@pytest.mark.parametrize("states", ["none", "random"])
+@pytest.mark.parametrize("function", FUNCTION_NAMES)
+def test_jvp_agrees_with_the_vjp(function, states, backend):
+    """Forward mode (mx.jvp) gives the directional derivative the reverse mode does:
+    <d_out, J u> == <J^T d_out, u> for random tangents u of every input (the sLSTM's
+    max(u, 1) has a constant operand, which has no tangent)."""
+    case = golden.make_case(function, 2, 5, 2, 3, states=states, seed=5)
+    names = ["Wx", "R", "b"] + (["states"] if case["states"] is not None else [])
+    primals = [mx.array(case[k]) for k in names]
+    tangents = [mx.random.normal(p.shape, key=mx.random.key(20 + i)) for i, p in enumerate(primals)]
+    cots = [mx.array(case["d_seq"]), mx.array(case["d_last"])]
+
+    def fn(*args):
+        given = dict(zip(names, args))
+        return flashrnn(given["Wx"], given["R"], given["b"], given.get("states"), function, backend)
+
+    _, jus = mx.jvp(fn, primals, tangents)
+    _, grads = mx.vjp(fn, primals, cots)
+    forward_mode = sum((c * ju).sum() for c, ju in zip(cots, jus))
+    reverse_mode = sum((g * u).sum() for g, u in zip(grads, tangents))
+    scale = max(1.0, abs(reverse_mode.item()))
+    assert abs(forward_mode.item() - reverse_mode.item()) <= 1e-4 * scale, (forward_mode, reverse_mode)
+
+
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
 def test_empty_sequence_returns_the_states(function):
     gx, gr, gb, ns = golden.GATES[function]

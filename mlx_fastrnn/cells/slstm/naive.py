@@ -60,7 +60,9 @@ def _tie_maximum_vjp(primals, cotangent, output):
 def _tie_maximum_jvp(primals, tangents):
     a, b = primals
     weight = _tie_weight(a, b)
-    return (tangents[0] * weight + tangents[1] * (1 - weight),)
+    # a constant operand (the normalizer's max(u, 1)) has no tangent: None
+    parts = [t * w for t, w in ((tangents[0], weight), (tangents[1], 1 - weight)) if t is not None]
+    return (parts[0] if len(parts) == 1 else parts[0] + parts[1],)
 
 
 def _tie_weight(a, b):
