@@ -416,6 +416,44 @@ def test_under_vmap(kind, length):
             assert_close(a, b, "vmap")
 
 
+WEIGHTS = {"gru": ("Wh", "bhn", "Wx"), "lstm": ("Wh", "Wx"), "rnn_tanh": ("Whh", "Wxh"), "rnn_relu": ("Whh",)}
+
+
+@pytest.mark.parametrize("length", [5, 1])
+@pytest.mark.parametrize("kind,name", [(k, n) for k, names in WEIGHTS.items() for n in names])
+def test_under_vmap_over_a_parameter(kind, name, length):
+    """vmap over the weights (an ensemble): each mapped W_h a problem of its own; outputs and
+    the gradient w.r.t. the mapped weights as stock's. (Biases: MLX's addmm refuses a mapped
+    bias, stock's and ours alike.)"""
+    stock, ours = make_pair(kind, 3, 4)
+    x = rand((2, length, 3), 22)
+    ws = rand((3, *getattr(stock, name).shape), 23) * 0.5
+
+    def mapped(layer):
+        orig = getattr(layer, name)
+
+        def one(w):
+            layer.update({name: w})
+            try:
+                return call(layer, x)
+            finally:
+                layer.update({name: orig})
+
+        return lambda w: mx.vmap(one)(w)
+
+    def loss(fn):
+        return lambda w: sum((o * o).sum() for o in fn(w))
+
+    ref, ref_grad = mapped(stock)(ws), mx.grad(loss(mapped(stock)))(ws)
+    with _gpu_kernels_may_refuse():
+        with mlx_fastrnn.use_impl("fast"):
+            got, grad = mapped(ours)(ws), mx.grad(loss(mapped(ours)))(ws)
+            mx.eval(got, grad)
+        for a, b in zip(got, ref):
+            assert_close(a, b, "vmap over " + name)
+        assert_close(grad, ref_grad, "gradient w.r.t. the mapped " + name)
+
+
 @contextlib.contextmanager
 def _gpu_kernels_may_refuse():
     """On the CPU the result must be right. On a GPU the fused kernels (custom

@@ -117,6 +117,40 @@ def test_options(kind, case):
         _compare(kind, (2, 3), 4, 3, 15, 5, with_states=True)
 
 
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_vmap_over_inputs_and_weights_is_a_loop(kind):
+    """mx.vmap over the input, the recurrent weights R (an ensemble) or GRU's bhn: the heads
+    stay separate problems, each map index's (its own R: problems of their own); outputs
+    and gradients as a Python loop over the mapped items."""
+    layer = _layer(kind, 3, 8, 2)
+    x = mx.random.normal((2, 5, 3), key=mx.random.key(1))
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    cases = [("x", mx.random.normal((3, 2, 5, 3), key=mx.random.key(2)))]
+    for name in ("R", "bhn") if kind == "gru" else ("R",):
+        orig = getattr(layer, name)
+        cases.append((name, orig[None] + 0.3 * mx.random.normal((3, *orig.shape), key=mx.random.key(3))))
+    for name, items in cases:
+        if name == "x":
+            def call(v):
+                return first(layer(v))
+        else:
+            def call(v, name=name, orig=getattr(layer, name)):
+                layer.update({name: v})
+                try:
+                    return first(layer(x))
+                finally:
+                    layer.update({name: orig})
+        got = mx.vmap(call)(items)
+        ref = mx.stack([call(v) for v in items])
+        assert mx.allclose(got, ref, rtol=1e-5, atol=1e-6).item(), name
+        g = mx.grad(lambda v: (mx.vmap(call)(v) ** 2).sum())(items)
+        g_ref = mx.grad(lambda v: sum((call(w) ** 2).sum() for w in v))(items)
+        assert mx.allclose(g, g_ref, rtol=1e-4, atol=1e-5).item(), name
+
+
 def test_block_diagonal_gradient_stays_in_the_blocks():
     r = mx.random.normal((2, 3, 2, 2))
     g = mx.grad(lambda r: (block_diagonal(r) * mx.arange(2 * 6 * 6).reshape(12, 6)).sum())(r)

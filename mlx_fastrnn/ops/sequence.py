@@ -201,39 +201,64 @@ def _make_function(cell, steps, given, n_params, varlen):
     def backward_vjp(primals, cotangents, outputs):
         raise NotImplementedError(
             "mlx_fastrnn: second-order gradients through the fused recurrence are not "
-            "supported; run this model with MLX_RNN_IMPL=legacy (or use_impl('legacy'))."
+            "supported. The drop-in and mlx_fastrnn.pytorch layers run stock-style ops under "
+            "MLX_RNN_IMPL=legacy (or use_impl('legacy')), flashrnn() with backend='vanilla'; the "
+            "multi-head layers have no such path."
         )
 
     @run.vmap
     def run_vmap(inputs, axes):
-        # A vmapped batch of sequences is just a bigger batch: fold the mapped
-        # axis into B. Mapping over the weights has no such reading.
+        # A vmapped batch of sequences is just a bigger batch: fold the mapped axis
+        # into each problem's rows (rows problem-major: problem, map index, row). Mapped
+        # weights (or params) make each map index a set of problems of its own: problems
+        # (map index, problem), W_h stacked [size * NP, G*H, H], params [size * NP, ...].
         xp, w_h, *rest = inputs
         x_axis, w_axis, *rest_axes = axes
         if varlen is not None:
             raise ValueError("mlx_fastrnn: vmap over a recurrence with lengths inside the kernels is not "
-                             "supported; use MLX_RNN_IMPL=legacy.")
-        if w_h.ndim == 3:
-            raise ValueError("mlx_fastrnn: vmap over a multi-problem recurrence is not supported; "
-                             "use MLX_RNN_IMPL=legacy.")
-        if w_axis is not None or any(a is not None for a in rest_axes[n_given:]):
-            raise ValueError(
-                "mlx_fastrnn: vmap over the recurrent weights is not supported; "
-                "map over the inputs and states, or use MLX_RNN_IMPL=legacy."
-            )
+                             "supported; use MLX_RNN_IMPL=legacy (mlx_fastrnn.pytorch layers).")
         size = next(a.shape[ax] for a, ax in zip(inputs, axes) if ax is not None)
-        if x_axis is None:
-            xp = mx.broadcast_to(xp[:, None], (xp.shape[0], size, *xp.shape[1:]))
+        state_axes, param_axes = rest_axes[:n_given], rest_axes[n_given:]
+        per_item = w_axis is not None or any(a is not None for a in param_axes)
+
+        def mapped_first(a, ax):  # [size, ...]: the mapped axis first, or a broadcast
+            return mx.broadcast_to(a, (size, *a.shape)) if ax is None else mx.moveaxis(a, ax, 0)
+
+        w_h = mapped_first(w_h, w_axis) if per_item else w_h[None]
+        stacked = w_h.ndim == 4  # NP problems before the map (heads, directions)
+        problems = w_h.shape[1] if stacked else 1
+
+        def rows(a, ax):
+            """[size, ..., NP*B, X] (mapped axis first) as the run's rows [..., rows, X]."""
+            a = mapped_first(a, ax)
+            lead, (n, width) = a.shape[1:-2], a.shape[-2:]
+            a = a.reshape(size, *lead, problems, n // problems, width)
+            k = len(lead)
+            if not per_item:  # (problem, map index, row)
+                a = mx.moveaxis(a, 0, k + 1)
+            else:  # (map index, problem, row)
+                a = mx.moveaxis(a, 0, k)
+            return a.reshape(*lead, size * n, width)
+
+        xp = mx.contiguous(rows(xp, x_axis))
+        length = xp.shape[0]
+        states = [rows(q, ax) for q, ax in zip(rest[:n_given], state_axes)]
+        params = rest[n_given:]
+        if per_item:
+            w_h = mx.contiguous(w_h.reshape(-1, *w_h.shape[-2:]) if stacked else w_h)
+            params = tuple(mapped_first(q, ax).reshape(-1, *q.shape[(ax is not None) + stacked:])
+                           if stacked else mapped_first(q, ax) for q, ax in zip(params, param_axes))
         else:
-            xp = mx.moveaxis(xp, x_axis, 1)
-        length, batch = xp.shape[0], xp.shape[2]
-        xp = mx.contiguous(xp.reshape(length, size * batch, xp.shape[-1]))
-        states = []
-        for state, ax in zip(rest[:n_given], rest_axes[:n_given]):
-            state = mx.broadcast_to(state, (size, *state.shape)) if ax is None else mx.moveaxis(state, ax, 0)
-            states.append(state.reshape(size * batch, state.shape[-1]))
-        outs = run(xp, w_h, *states, *rest[n_given:])
-        return tuple(o.reshape(length, size, batch, o.shape[-1]) for o in outs), (1,) * len(outs)
+            w_h = w_h[0]
+        outs = run(xp, w_h, *states, *params)
+        batch = xp.shape[1] // (size * problems)
+
+        def unfold(o):  # the run's rows back to [L, size, NP*B, X]
+            if not per_item:
+                o = o.reshape(length, problems, size, batch, o.shape[-1]).swapaxes(1, 2)
+            return o.reshape(length, size, problems * batch, o.shape[-1])
+
+        return tuple(unfold(o) for o in outs), (1,) * len(outs)
 
     return run
 
