@@ -27,14 +27,15 @@ initialised from U(-1/sqrt(H), 1/sqrt(H)) (``R`` from U(-1/sqrt(D), 1/sqrt(D)):
 its fan-in is a head). Calls follow the drop-in layers: input ``[..., L, in]``
 (batched or not), states in and every state's sequence out.
 
-How it runs (``ops/heads.py``): on CUDA the heads are independent problems of
-the whole-sequence kernels (each head's R block its own W_h, its own blocks of
-the grid), and where those kernels decline the shape, of the per-step cells
-with one batched matmul per step (cells without params: not the GRU's
-``bhn``); elsewhere the block-diagonal matrix is formed densely (``[G*H, H]``,
-one differentiable op, so only the head blocks get gradients) and runs on the
-drop-in layers' path (fused step kernels on Metal, compiled cells on the CPU),
-doing ``num_heads`` times the recurrent work of the head blocks alone.
+How it runs (``ops/heads.py``): the heads are independent problems. On CUDA,
+of the whole-sequence kernels (each head's R block its own W_h, its own blocks
+of the grid); where those decline the shape, and on Metal and the CPU, of the
+step loop with one batched matmul per step (each head's rows by its own block:
+1/N of the dense product's work), the drop-in layers' cells and fused backward.
+
+The recurrence runs in float32 whatever the input dtype: half inputs keep a
+float32 state, and float64 inputs (a CPU-only dtype in MLX) are computed in
+float32 and returned as float64.
 """
 
 import math

@@ -207,6 +207,25 @@ def test_jvp_agrees_with_the_vjp(function, states, backend):
     assert abs(forward_mode.item() - reverse_mode.item()) <= 1e-4 * scale, (forward_mode, reverse_mode)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("function", FUNCTION_NAMES)
+def test_nonfinite_r_propagates_from_the_first_step(function, bad, backend):
+    """Without states, vanilla forms step 0's 0 @ R: NaN in the rows of a gate where R
+    holds a NaN or an inf. The fused backend (which skips that product) gives the same
+    NaNs and the same finite values, for each gate of R."""
+    gx, gr, gb, _ = golden.GATES[function]
+    for gate in range(gr):
+        case = golden.make_case(function, 2, 3, 2, 4, seed=6)
+        r = case["R"].copy()
+        r[gate, 1, 2, 3] = bad
+        args = (mx.array(case["Wx"]), mx.array(r), mx.array(case["b"]), None, function)
+        got, ref = flashrnn(*args, backend)[0], flashrnn(*args, "vanilla")[0]
+        assert mx.array_equal(mx.isnan(got), mx.isnan(ref)).item(), (gate, mx.isnan(got)[:, :, 0].tolist())
+        assert mx.isnan(ref[:, :, 0]).any().item()  # the first step itself
+        finite = mx.isfinite(ref)
+        assert_close(mx.where(finite, got, 0), mx.where(finite, ref, 0), f"gate {gate}", **OUT_TOL)
+
+
 @pytest.mark.parametrize("function", FUNCTION_NAMES)
 def test_empty_sequence_returns_the_states(function):
     gx, gr, gb, ns = golden.GATES[function]

@@ -185,6 +185,12 @@ def test_use_impl_rejects_unknown():
             pass
     assert "fast" in str(info.value) and "legacy" in str(info.value)
     assert set(mlx_fastrnn.IMPLS) == {"fast", "legacy", "cell"}
+    for bad in (None, 1):
+        with pytest.raises(ValueError):
+            with mlx_fastrnn.use_impl(bad):
+                pass
+    with mlx_fastrnn.use_impl("LEGACY"):  # any case, as MLX_RNN_IMPL is read
+        assert mlx_fastrnn.current_impl() == "legacy"
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)
@@ -319,6 +325,19 @@ def test_runner_relative_script_path_and_sibling_import(tmp_path):
                        env=_env(None), cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 42, r.stderr
     assert eval(r.stdout.split(" ", 1)[1]) == ["script.py", "--flag", "x y"]
+
+
+def test_runner_sets_up_the_script_as_python_does(tmp_path):
+    """``sys.path`` as ``python sub/script.py`` makes it: the script's directory first, the
+    working directory not added (``python -m`` adds it)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "probe.py").write_text(
+        "import os, sys\nprint(repr((sys.path[0], os.getcwd() in sys.path[1:])))\n")
+    runs = [subprocess.run([sys.executable, *prefix, os.path.join("sub", "probe.py")], env=_env(None),
+                           cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+            for prefix in ((), ("-m", "mlx_fastrnn"))]
+    plain, ours = (eval(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert ours == plain == (str(tmp_path / "sub"), False), (ours, plain)
 
 
 def test_runner_script_exception_gives_nonzero_exit(tmp_path):

@@ -173,6 +173,8 @@ def test_bad_arguments():
         layer(mx.zeros((2, 3, 4)), states=mx.zeros((2, 6)))
     with pytest.raises(ValueError, match="share one shape"):
         layer(mx.zeros((2, 3, 4)), states=(mx.zeros((2, 6)),) * 3 + (mx.zeros((1, 6)),))
+    with pytest.raises(ValueError, match="four arrays"):
+        layer(mx.zeros((2, 3, 4)), states=(mx.zeros((2, 6)), None, None, None))
 
 
 def test_slstm_large_inputs_stay_finite_and_nan_propagates():

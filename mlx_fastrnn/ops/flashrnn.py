@@ -172,16 +172,26 @@ def _fused(fn, Wx, R, b, states, batch, length, heads, dim):
     f32 = mx.float32
     b = b.astype(f32)
     r = R.astype(f32)
-    params = ()
     if fn.r_order is not None:  # GRU: R (g, r, z) -> the cell's (r, z, n); b_g is the cell's bhn
         r = r[mx.array(fn.r_order)]
-        params = (b[0].reshape(hidden),)
+    x_bias, r_bias = b[fn.b_x], b[0] if fn.r_order is not None else None
+    if states is None:
+        # A zero state skips step 0's product (no array), but vanilla computes 0 @ R: NaN
+        # in the rows where R holds a NaN or an inf. Those rows' bias takes the same NaN
+        # (0 * R summed over a row: exactly 0 where the row is finite, NaN where it is not).
+        nonfinite = (r * 0).sum(axis=-1)  # [Gr, N, D], the cell's gate order
+        if r_bias is not None:  # GRU: the candidate's part goes with bhn, inside r * (...)
+            x_bias = x_bias + mx.concatenate([nonfinite[:2], mx.zeros_like(nonfinite[:1])])
+            r_bias = r_bias + nonfinite[2]
+        else:
+            x_bias = x_bias + nonfinite
+    params = () if r_bias is None else (r_bias.reshape(hidden),)
     # the bias added in float32 (as the reference); rounded once to a half Wx's dtype where
     # the tiled kernels then run a half product (module docstring)
     steps = default_steps(fn.cell)
     half = Wx.dtype in (mx.bfloat16, mx.float16) and forward_class(
         fn.cell, steps, length, batch, fn.gates_x, heads, dim, Wx.dtype) == "tiled"
-    xh = (_head_major_preactivations_half if half else _head_major_preactivations)(Wx, b[fn.b_x])
+    xh = (_head_major_preactivations_half if half else _head_major_preactivations)(Wx, x_bias)
     if states is None:
         states0 = (None,) * fn.num_states  # zero: no array (ops.sequence.recurrence)
         given = (False,) * fn.num_states

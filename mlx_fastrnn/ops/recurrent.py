@@ -78,8 +78,9 @@ def slstm(x, w_x, w_h, bias, states=None, steps=None, whole_sequence=True):
     ``(y, c, n, m)``, each [..., H] (broadcast to the batch); returns the four
     state sequences [..., L, H]."""
     if states is not None:
-        if not isinstance(states, (tuple, list)) or len(states) != 4:
-            raise ValueError("SLSTM expects states as a tuple (y, c, n, m) or None")
+        if not isinstance(states, (tuple, list)) or len(states) != 4 or not all(
+                isinstance(s, mx.array) for s in states):
+            raise ValueError("SLSTM expects states as a tuple of four arrays (y, c, n, m) or None")
         shapes = {tuple(s.shape) for s in states}
         if len(shapes) != 1:
             raise ValueError(f"SLSTM: the states (y, c, n, m) must share one shape, got {sorted(shapes)}")
