@@ -344,6 +344,9 @@ def main(argv=None):
     missing = [q for q in args.json if not os.path.exists(q)]
     for q in missing:
         print(f"report: {q} does not exist (skipped)", file=sys.stderr)
+    if not paths:
+        print("report: none of the result files exists", file=sys.stderr)
+        return 1
     if args.flashrnn:
         pairs = flashrnn_pairs(paths)
         text = (f"## {args.title}\n\n" if args.title else "") + (render_flashrnn(pairs) if pairs else "_no pairs_\n")

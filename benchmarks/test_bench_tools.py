@@ -168,3 +168,10 @@ def test_report_flashrnn_ratios(tmp_path):
     out = tmp_path / "vs.md"
     assert report.main(["--flashrnn", *paths, "--out", str(out)]) == 0
     assert out.read_text() == text
+
+
+def test_report_fails_when_no_result_file_exists(tmp_path, capsys):
+    import report
+
+    assert report.main([str(tmp_path / "nope.json")]) == 1
+    assert "none of the result files exists" in capsys.readouterr().err

@@ -39,9 +39,9 @@ def current_impl():
 @contextlib.contextmanager
 def use_impl(impl):
     """Run the layers with ``impl`` (one of ``IMPLS``) inside the block."""
-    if not isinstance(impl, str) or impl.lower() not in IMPLS:
+    if not isinstance(impl, str) or impl.strip().lower() not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; use one of: {', '.join(IMPLS)}")
-    impl = impl.lower()  # as MLX_RNN_IMPL is read
+    impl = impl.strip().lower()  # as MLX_RNN_IMPL is read
     previous = getattr(_override, "impl", None)
     _override.impl = impl
     try:

@@ -29,9 +29,10 @@ its fan-in is a head). Calls follow the drop-in layers: input ``[..., L, in]``
 
 How it runs (``ops/heads.py``): the heads are independent problems. On CUDA,
 of the whole-sequence kernels (each head's R block its own W_h, its own blocks
-of the grid); where those decline the shape, and on Metal and the CPU, of the
-step loop with one batched matmul per step (each head's rows by its own block:
-1/N of the dense product's work), the drop-in layers' cells and fused backward.
+of the grid); where those decline the heads but take the dense block-diagonal
+W_h (``[G*H, H]``), that; elsewhere, and on Metal and the CPU, of the step loop
+with one batched matmul per step (each head's rows by its own block: 1/N of the
+dense product's work), the drop-in layers' cells and fused backward.
 
 The recurrence runs in float32 whatever the input dtype: half inputs keep a
 float32 state, and float64 inputs (a CPU-only dtype in MLX) are computed in

@@ -436,7 +436,7 @@ __device__ __forceinline__ void stage_rows_half(
 """
 
 # The constants every body reads (template arguments), documented once:
-#   T     dtype of x (float / __half / __nv_bfloat16)      WT   dtype of the W_h slice (float / __nv_bfloat16)
+#   T     dtype of x (float / __half / __nv_bfloat16)      WT   dtype of the W_h slice (float / __half / __nv_bfloat16)
 #   H     hidden size                                     U    hidden units per block
 #   NU    blocks per batch group (= ceil(H / U))          BB   batch rows per block (group)
 #   BBP   BB rounded up to a multiple of RB               RB   rows per warp task

@@ -42,7 +42,7 @@ class ResidentPlan:
     # from the shared copy): the step's projection then loads only its operand.
     # Where it fits (``with_registers``, which the class choice applies).
     WREG: bool = False
-    # float16 input: a 16-bit W_h is float16, the layer's own weights' type (exact); else bfloat16
+    # float16 input: a 16-bit W_h is float16 (exact for a float16 layer's weights); else bfloat16
     f16: bool = False
 
     @property

@@ -63,7 +63,7 @@ class Plan:
     # pipelined): each element rounded once while staged instead of at every fragment load
     # of every warp task, half the shared memory and half the fragment loads (same numbers)
     hrows: bool = False
-    # float16 input: a 16-bit W_h is float16, the layer's own weights' type (exact; a
+    # float16 input: a 16-bit W_h is float16 (a float16 layer's own weights: exact, where a
     # bfloat16 copy would drop 3 of their 11 significant bits); else bfloat16
     f16: bool = False
 
@@ -376,7 +376,7 @@ def _plan(direction, cell, H, B, limits, x_dtype, tpb, weights, nbb, problems, _
                     key = (cost, p.nblocks, w_half, NCS)
                     if best is None or key < (best.cost, best.nblocks, best.w_half, best.NCS):
                         best = p
-                    break  # float32 fits: no need for bfloat16
+                    break  # float32 fits: no 16-bit copy
     # The tensor-core plan where its model cost is clearly lower (MMA_MARGIN): at small
     # shapes the two are within the model's error, and the FMA plan wastes no padding.
     if weights in ("mma", "mma_global"):
