@@ -78,10 +78,10 @@ def _vectors(b, w, bhn=None, w_h=None):
     ``bhn`` [H]) or None. A bias a user replaced by one that merely broadcasts (say
     shape (1,)) runs stock's code: the kernels read a bias of full length, and stock's
     autodiff sums its gradient back to its shape."""
-    def vector(v, n):
-        return v is None or isinstance(v, mx.array) and v.ndim == 1 and v.shape[0] == n()
-
-    return vector(b, lambda: w.shape[0]) and vector(bhn, lambda: w_h.shape[1])
+    # (on every call: plain comparisons, nothing built)
+    if b is not None and not (isinstance(b, mx.array) and b.shape == (w.shape[0],)):
+        return False
+    return bhn is None or isinstance(bhn, mx.array) and bhn.shape == (w_h.shape[1],)
 
 
 def _is_step(x):
