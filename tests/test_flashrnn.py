@@ -183,21 +183,16 @@ def test_half_inputs_keep_float32_state(function, dtype, backend, tiled, monkeyp
     assert grads.dtype == dtype and mx.all(mx.isfinite(grads)).item()
 
 
-def _mx_case(function, batch, length, heads, dim, states, seed):
-    """Random float32 inputs and cotangents as MLX arrays (no numpy: CI has none); the
-    sLSTM's given normalizer >= 1 (a reachable state)."""
-    gx, gr, gb, ns = golden.GATES[function]
-    ks = mx.random.split(mx.random.key(seed), 6)
-    case = dict(Wx=mx.random.normal((batch, length, gx, heads, dim), key=ks[0]),
-                R=mx.random.normal((gr, heads, dim, dim), key=ks[1]) / dim ** 0.5,
-                b=mx.random.normal((gb, heads, dim), key=ks[2]), states=None,
-                d_seq=mx.random.normal((ns, batch, length, heads, dim), key=ks[3]),
-                d_last=mx.random.normal((ns, batch, 1, heads, dim), key=ks[4]))
-    if states == "random":
-        s = mx.random.normal((ns, batch, 1, heads, dim), key=ks[5])
-        if function == "slstm":
-            s = mx.concatenate([s[:2], 1 + mx.abs(s[2:3]), s[3:]])
-        case["states"] = s
+def _case_with_cotangents(function, batch, length, heads, dim, states, seed):
+    """``_mx_case`` (MLX only: CI has no numpy) with ``states`` "none" or "random" and
+    random cotangents of both results."""
+    case = _mx_case(function, batch, length, heads, dim, seed)
+    if states == "none":
+        case["states"] = None
+    ns = golden.GATES[function][3]
+    k_seq, k_last = mx.random.split(mx.random.key(seed + 100), 2)
+    case["d_seq"] = mx.random.normal((ns, batch, length, heads, dim), key=k_seq)
+    case["d_last"] = mx.random.normal((ns, batch, 1, heads, dim), key=k_last)
     return case
 
 
@@ -207,7 +202,7 @@ def test_jvp_agrees_with_the_vjp(function, states, backend):
     """Forward mode (mx.jvp) gives the directional derivative the reverse mode does:
     <d_out, J u> == <J^T d_out, u> for random tangents u of every input (the sLSTM's
     max(u, 1) has a constant operand, which has no tangent)."""
-    case = _mx_case(function, 2, 5, 2, 3, states, seed=5)
+    case = _case_with_cotangents(function, 2, 5, 2, 3, states, seed=5)
     names = ["Wx", "R", "b"] + (["states"] if case["states"] is not None else [])
     primals = [case[k] for k in names]
     tangents = [mx.random.normal(p.shape, key=mx.random.key(20 + i)) for i, p in enumerate(primals)]
@@ -233,7 +228,7 @@ def test_nonfinite_r_propagates_from_the_first_step(function, bad, backend):
     NaNs and the same finite values, for each gate of R."""
     gr = golden.GATES[function][1]
     for gate in range(gr):
-        case = _mx_case(function, 2, 3, 2, 4, "none", seed=6)
+        case = _case_with_cotangents(function, 2, 3, 2, 4, "none", seed=6)
         r = mx.array(case["R"])
         r[gate, 1, 2, 3] = bad
         args = (case["Wx"], r, case["b"], None, function)
