@@ -224,9 +224,9 @@ def _make_function(cell, steps, given, n_params, varlen):
         def mapped_first(a, ax):  # [size, ...]: the mapped axis first, or a broadcast
             return mx.broadcast_to(a, (size, *a.shape)) if ax is None else mx.moveaxis(a, ax, 0)
 
-        w_h = mapped_first(w_h, w_axis) if per_item else w_h[None]
-        stacked = w_h.ndim == 4  # NP problems before the map (heads, directions)
-        problems = w_h.shape[1] if stacked else 1
+        w_dims = [d for i, d in enumerate(w_h.shape) if i != w_axis]  # W_h's own shape
+        stacked = len(w_dims) == 3  # NP problems before the map (heads, directions)
+        problems = w_dims[0] if stacked else 1
 
         def rows(a, ax):
             """[size, ..., NP*B, X] (mapped axis first) as the run's rows [..., rows, X]."""
@@ -245,11 +245,10 @@ def _make_function(cell, steps, given, n_params, varlen):
         states = [rows(q, ax) for q, ax in zip(rest[:n_given], state_axes)]
         params = rest[n_given:]
         if per_item:
+            w_h = mapped_first(w_h, w_axis)
             w_h = mx.contiguous(w_h.reshape(-1, *w_h.shape[-2:]) if stacked else w_h)
             params = tuple(mapped_first(q, ax).reshape(-1, *q.shape[(ax is not None) + stacked:])
                            if stacked else mapped_first(q, ax) for q, ax in zip(params, param_axes))
-        else:
-            w_h = w_h[0]
         outs = run(xp, w_h, *states, *params)
         batch = xp.shape[1] // (size * problems)
 

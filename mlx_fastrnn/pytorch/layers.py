@@ -142,11 +142,9 @@ class _RNNBase(nn.Module):
             setattr(self, name, mx.random.uniform(-scale, scale, w.shape).astype(w.dtype))
 
     def _weight_names(self):
-        """The parameters' names per (layer, direction), in PyTorch's order."""
-        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else []) + (
-            ["weight_hr"] if self.proj_size else [])
-        return [f"{kind}_l{layer}{suffix}" for layer in range(self.num_layers) for suffix in self._suffixes
-                for kind in kinds]
+        """The parameters' names per (layer, direction), in PyTorch's order: the order the
+        constructor made them in (a Module keeps its keys' order)."""
+        return [k for k, v in self.items() if isinstance(v, mx.array) and not k.startswith("_")]
 
     @property
     def all_weights(self):
